@@ -1,0 +1,8 @@
+"""fastbb: fused kernels for ResNet / FPN / RetinaNet detectors, under drop-in PyTorch modules."""
+__version__ = "0.1.0"
+
+from fastbb._backend import backends, use_backend  # noqa: E402  (loads fastbb._C, warns once if unusable)
+from fastbb._registry import build, register, registered  # noqa: E402
+from fastbb import ops, nn  # noqa: E402
+
+__all__ = ["__version__", "backends", "build", "nn", "ops", "register", "registered", "use_backend"]

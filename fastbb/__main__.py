@@ -1,0 +1,76 @@
+"""`python -m fastbb`: the benchmark table on the default RetinaNet R50-FPN shapes.
+
+    python -m fastbb [--device cpu|cuda] [--only WORD ...] [--min-time S] [--json PATH] [--plot PATH.png]
+    python -m fastbb info
+"""
+import argparse
+import platform
+import sys
+
+import torch
+
+
+def info():
+    import fastbb
+    from fastbb import _backend
+
+    print(f"fastbb  {fastbb.__version__}")
+    print(f"python  {platform.python_version()}")
+    print(f"torch   {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    try:
+        import triton
+        print(f"triton  {triton.__version__}")
+    except ImportError:
+        print("triton  not installed")
+    ext = _backend.extension()
+    if ext is None:
+        print(f"fastbb._C: unusable: {_backend._extension_error}")
+    else:
+        print(f"fastbb._C: built for torch {ext.torch_version}, CUDA kernels "
+              f"{'compiled' if ext.with_cuda() else 'not compiled'}, OpenMP {'on' if ext.with_openmp() else 'off'}")
+    if torch.cuda.is_available():
+        print(f"device  {torch.cuda.get_device_name()} (CUDA)")
+    else:
+        print(f"device  CPU only ({torch.get_num_threads()} threads)")
+    print("backends:")
+    for name, state in fastbb.backends().items():
+        usable = ", ".join(state["usable_on"]) or "nowhere"
+        why = f"  ({state['why']})" if state["why"] else ""
+        print(f"  {name:<10} built: {'yes' if state['built'] else 'no ':<4} usable on: {usable}{why}")
+    print(f"registered types: {', '.join(fastbb.registered())}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastbb", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="bench", choices=["bench", "info"])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when a GPU is present, else cpu")
+    parser.add_argument("--only", nargs="+", default=None, help="run only cases whose name contains a word")
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per provider")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--plot", metavar="PATH.png", help="write a speedup bar chart (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info()
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available")
+    from fastbb.benchmarks import runner
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"fastbb benchmarks on {device}: median time per call, (Nx) = speedup over the row's first provider")
+    report = runner.run(device, only=args.only, min_time=args.min_time)
+    print()
+    runner.print_table(report)
+    if args.json:
+        runner.write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        runner.write_plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""What every op file shares: the private kernel namespace and the input checks."""
+import math
+
+import torch
+
+# Schemas of the compiled kernels (namespace fastbb_C) are defined here, in Python, by each op file;
+# fastbb._C only registers implementations for them. A missing or stale binary therefore never removes
+# an op: the public fastbb:: op falls back to its reference.
+kernel_lib = torch.library.Library("fastbb_C", "FRAGMENT")
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(op, name, t, *, ndim=None, last_dim=None, dtypes=None):
+    """Raise a TypeError/ValueError naming `op` and `name` when `t` is not what is expected."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        shape = "(N, 4)" if last_dim == 4 and ndim == 2 else f"{ndim}-D"
+        raise ValueError(f"{op}: {name} must be {shape}, got shape {tuple(t.shape)}")
+    if last_dim is not None and (t.dim() == 0 or t.shape[-1] != last_dim):
+        raise ValueError(f"{op}: {name} must have last dimension {last_dim}, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_same_device(op, **tensors):
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {listed}")
+
+
+def check_float(op, name, value, lo=None, hi=None):
+    """A finite Python number within [lo, hi]."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{op}: {name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be finite, got {value}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{op}: {name} must be in [{lo}, {hi}], got {value}")
+    return value

@@ -1,0 +1,111 @@
+"""Build fastbb and its extension fastbb._C against the torch already installed.
+
+C++ CPU kernels are always compiled. CUDA kernels (csrc/**/*.cu) are compiled when a usable CUDA toolkit
+and a CUDA build of torch are present, or when FASTBB_FORCE_CUDA=1. FASTBB_CUDA_ARCHS picks the
+targets (default "8.0;9.0"). If the extension cannot be compiled (no compiler, no toolkit) and the build
+was not forced, the install still succeeds: every op then runs on its pure-PyTorch reference.
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def _env_flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_toolkit_usable():
+    home = cpp_extension.CUDA_HOME
+    return bool(home) and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+FORCE_CUDA = _env_flag("FASTBB_FORCE_CUDA")
+WITH_CUDA = FORCE_CUDA or (torch.version.cuda is not None and _cuda_toolkit_usable())
+
+
+def _default_max_jobs():
+    # A torch translation unit needs about 1.5 GiB to compile; cap the jobs by memory and cores.
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gib = 8
+    return str(max(1, min(os.cpu_count() or 1, int(mem_gib // 1.5))))
+
+
+os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("FASTBB_CUDA_ARCHS", "8.0;9.0")
+
+
+def _write_build_info():
+    # Read by fastbb._backend before it imports fastbb._C, so that a binary built for another torch
+    # is never loaded (loading it could abort the process instead of raising).
+    path = os.path.join(ROOT, "fastbb", "_build_info.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py; describes the fastbb._C binary next to it.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"WITH_CUDA = {WITH_CUDA!r}\n")
+        f.write(f"CUDA_ARCHS = {os.environ['TORCH_CUDA_ARCH_LIST']!r}\n")
+
+
+def _extension():
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    cxx_flags = ["-O3", "-fopenmp", f"-DFASTBB_TORCH_VERSION=\"{torch.__version__}\""]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not WITH_CUDA:
+        return cpp_extension.CppExtension(
+            "fastbb._C", cpp_sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+    # Some CUDA library headers torch includes (cusparse.h, ...) ship with the nvidia pip wheels.
+    for site in sys.path:
+        wheel_include = os.path.join(site, "nvidia", "cu13", "include")
+        if os.path.isdir(wheel_include):
+            include_dirs.append(wheel_include)
+            break
+    nvcc_flags = ["-O3", "-lineinfo", "-DFASTBB_WITH_CUDA"]
+    return cpp_extension.CUDAExtension(
+        "fastbb._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags + ["-DFASTBB_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"])
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """Falls back to a pure-PyTorch install when compilation fails, unless the build was forced."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # compiler or toolkit missing or broken
+            if FORCE_CUDA or _env_flag("FASTBB_REQUIRE_EXTENSION"):
+                raise
+            sys.stderr.write(
+                f"\nfastbb: building fastbb._C failed ({exc}); installing without it. Every op will run "
+                "on its pure-PyTorch reference. Set FASTBB_REQUIRE_EXTENSION=1 to make this an error.\n")
+            path = os.path.join(ROOT, "fastbb", "_build_info.py")
+            if os.path.exists(path):
+                os.remove(path)
+
+
+_write_build_info()
+
+setup(
+    name="fastbb",
+    version=VERSION,
+    description="Fused CUDA, Triton and C++ kernels for ResNet / FPN / RetinaNet detectors, as drop-in modules",
+    python_requires=">=3.9",
+    packages=find_packages(include=["fastbb", "fastbb.*"]) + ["fastbb.kernels", "fastbb.benchmarks"],
+    package_dir={"fastbb.kernels": "kernels", "fastbb.benchmarks": "benchmarks"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    install_requires=["torch>=2.11"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "torchvision"], "triton": ["triton"]},
+    zip_safe=False,
+)

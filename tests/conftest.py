@@ -1,0 +1,69 @@
+"""Test set-up shared by every test file.
+
+Without a GPU, Triton kernels run on CPU tensors under the Triton interpreter, which must be switched on
+before triton is first imported; fastbb imports triton lazily, so setting it here is early enough.
+"""
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastbb  # noqa: E402
+
+# Tolerances by dtype, for comparing a kernel against its reference computed in the same dtype.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+
+
+def devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def usable_backends(device, kernel_names=None):
+    """Backends usable on `device`; kernel_names maps backend -> the fastbb_C op it needs."""
+    kernel_names = kernel_names or {}
+    return [b for b in fastbb._backend.BACKENDS
+            if fastbb._backend.backend_usable(b, device, kernel_names.get(b))]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: large shapes; deselect with -m 'not slow'")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """A different seed per test (reported on failure), so inputs are fresh random draws each run."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    random.seed(seed)
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Print the failing test's seed, so the same inputs can be drawn again."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for key, value in item.user_properties:
+            if key == "seed":
+                report.sections.append(("random seed", f"torch.manual_seed({value}); random.seed({value})"))

@@ -1,0 +1,113 @@
+"""Backend choice, the extension loader's fallback, and the command-line entry points."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastbb
+from fastbb import _backend
+
+
+def _random_boxes(n):
+    xy = torch.rand(n, 2) * 100
+    return torch.cat([xy, xy + torch.rand(n, 2) * 30 + 1], dim=1), torch.rand(n)
+
+
+def test_backends_report_lists_every_backend():
+    report = fastbb.backends()
+    assert set(report) == set(_backend.BACKENDS)
+    assert report["reference"]["built"] and "cpu" in report["reference"]["usable_on"]
+    for state in report.values():
+        assert isinstance(state["usable_on"], list)
+        if not state["usable_on"]:
+            assert state["why"], "an unusable backend must say why"
+
+
+def test_use_backend_forces_and_nests():
+    assert _backend.forced_backend() is None or os.environ.get("FASTBB_BACKEND")
+    with fastbb.use_backend("reference"):
+        assert _backend.forced_backend() == "reference"
+        with fastbb.use_backend("cpp"):
+            assert _backend.forced_backend() == "cpp"
+        assert _backend.forced_backend() == "reference"
+
+
+def test_use_backend_rejects_unknown_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with fastbb.use_backend("cudnn"):
+            pass
+
+
+def test_forcing_an_unusable_backend_names_the_op():
+    boxes, scores = _random_boxes(10)
+    with fastbb.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match=r"fastbb\.nms: backend 'cuda' was forced"):
+            fastbb.ops.nms(boxes, scores, 0.5)
+
+
+def test_forced_backends_agree():
+    boxes, scores = _random_boxes(300)
+    with fastbb.use_backend("reference"):
+        expected = fastbb.ops.nms(boxes, scores, 0.5)
+    for backend in ("cpp", "triton"):
+        if _backend.backend_usable(backend, "cpu", "fastbb_C::nms_cpu" if backend == "cpp" else None):
+            with fastbb.use_backend(backend):
+                torch.testing.assert_close(fastbb.ops.nms(boxes, scores, 0.5), expected)
+
+
+def _run_python(code, **env):
+    full_env = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_env_var_rejects_unknown_backend():
+    result = _run_python("import torch, fastbb; b = torch.tensor([[0., 0, 1, 1]]); "
+                         "fastbb.ops.nms(b, torch.ones(1), 0.5)", FASTBB_BACKEND="fast")
+    assert result.returncode != 0
+    assert "FASTBB_BACKEND='fast' is not one of" in result.stderr
+
+
+def test_stale_extension_warns_once_and_ops_fall_back():
+    code = (
+        "import sys, types, warnings\n"
+        "sys.modules['fastbb._build_info'] = types.SimpleNamespace(TORCH_VERSION='1.0.0', WITH_CUDA=False)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastbb, fastbb.ops\n"
+        "    import fastbb.nn\n"
+        "msgs = [str(w.message) for w in caught if 'fastbb' in str(w.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert 'built for torch 1.0.0' in msgs[0], msgs[0]\n"
+        "import torch\n"
+        "assert 'fastbb._C' not in sys.modules\n"
+        "b = torch.tensor([[0., 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]])\n"
+        "keep = fastbb.ops.nms(b, torch.tensor([0.9, 0.8, 0.7]), 0.5)\n"
+        "assert keep.tolist() == [0, 2], keep\n"
+        "print('ok')\n")
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_info_command_reports_versions_and_backends():
+    result = subprocess.run([sys.executable, "-m", "fastbb", "info"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"torch   {torch.__version__}" in result.stdout
+    for backend in _backend.BACKENDS:
+        assert f"  {backend}" in result.stdout
+
+
+def test_main_job_runs_a_case_and_writes_json(tmp_path):
+    path = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "fastbb", "--only", "nms 5000", "--min-time", "0.05",
+                             "--json", str(path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    import json
+    report = json.loads(path.read_text())
+    assert report["results"], "no case ran"
+    for row in report["results"]:
+        for provider, m in row["providers"].items():
+            assert "error" not in m, (row["name"], provider, m)
+            assert m["median_s"] > 0
