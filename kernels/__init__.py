@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op (installed as fastbb.kernels). Launchers only; ops live in fastbb.ops."""
