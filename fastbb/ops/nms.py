@@ -1,0 +1,335 @@
+"""Non-maximum suppression: nms, batched_nms (torchvision semantics) and nms_sorted_padded (fixed shapes).
+
+Semantics (torchvision.ops.nms, checked against its CPU kernel):
+- boxes (N, 4) are x1y1x2y2. Boxes are ranked by a stable descending sort of the scores (ties: lower
+  index first; NaN scores rank first, as torch.sort(descending=True, stable=True) puts them).
+- In rank order, a box is kept unless its IoU with an already kept box is > iou_threshold (a box exactly
+  at the threshold is kept). The result holds the kept indices (int64) in rank order.
+- IoU, in float32 for float16/bfloat16 boxes and in the box dtype otherwise, with torchvision's
+  operation order: area = (x2 - x1) * (y2 - y1); w = max(0, min(x2a, x2b) - max(x1a, x1b)), h alike;
+  inter = w * h; iou = inter / (area_a + area_b - inter), compared with the threshold in float64. float32
+  results therefore match torchvision bit for bit.
+- Degenerate boxes: a box without x2 > x1 and y2 > y1 (zero-area, inverted, or with a NaN coordinate)
+  has no positive intersection with anything, so its IoU is 0 or NaN: it is never suppressed and never
+  suppresses (it is kept), exactly as in torchvision. NaN scores rank first and are otherwise ordinary.
+
+batched_nms runs NMS independently per value of idxs with the exact per-class IoU (no coordinate-offset
+trick, which changes rounding and breaks with negative coordinates); the result is in rank order.
+
+nms_sorted_padded(boxes (B, M, 4), labels (B, M), valid_counts (B,), iou_threshold) -> keep (B, M) bool
+is the fixed-shape form for batched post-processing: rows are already in rank order per image, NMS acts
+only between equal labels, rows >= valid_counts[b] are padding (never kept, never suppress). It does not
+synchronise the host and can be captured in a CUDA graph on the cuda and triton backends.
+
+Backends: cpu "cpp" (greedy pass with a spatial grid: only kept boxes a candidate can overlap are
+tested); cuda "cuda" (64x64-tile IoU bitmask + greedy reduction of the mask on the device) and "triton"
+(the bitmask stage in Triton, reduced by the compiled kernel when built).
+"""
+import torch
+
+from fastbb import _backend
+from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, kernel_lib
+
+# Triton on CPU tensors runs only under its interpreter: offered (so it can be forced and tested), never
+# picked ahead of the reference.
+_PREFERENCE = {"cpu": ("cpp", "reference", "triton"), "cuda": ("cuda", "triton")}
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+# Compiled kernels. nms: kept indices in rank order (idxs, when given, separates classes).
+# nms_iou_mask: int64 (B, M, ceil(M / 64)); bit j of word w of row i is set when box i suppresses box
+# w * 64 + j: j > i, equal labels (when given), both rows < valid_counts, IoU > threshold.
+# nms_reduce_mask: the greedy scan of that mask -> keep (B, M) bool.
+kernel_lib.define("nms(Tensor boxes, Tensor scores, Tensor? idxs, float iou_threshold) -> Tensor")
+kernel_lib.define("nms_sorted_padded(Tensor boxes, Tensor labels, Tensor valid_counts, float iou_threshold) -> Tensor")
+kernel_lib.define("nms_iou_mask(Tensor boxes, Tensor? labels, Tensor valid_counts, float iou_threshold) -> Tensor")
+kernel_lib.define("nms_reduce_mask(Tensor mask, Tensor valid_counts) -> Tensor")
+
+_NMS_KERNELS = {"cpp": "fastbb_C::nms", "cuda": "fastbb_C::nms"}
+_PADDED_KERNELS = {"cpp": "fastbb_C::nms_sorted_padded", "cuda": "fastbb_C::nms_sorted_padded"}
+
+
+@torch.library.register_fake("fastbb_C::nms", lib=kernel_lib)
+def _(boxes, scores, idxs, iou_threshold):
+    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+
+@torch.library.register_fake("fastbb_C::nms_sorted_padded", lib=kernel_lib)
+def _(boxes, labels, valid_counts, iou_threshold):
+    return boxes.new_empty(boxes.shape[:2], dtype=torch.bool)
+
+
+@torch.library.register_fake("fastbb_C::nms_iou_mask", lib=kernel_lib)
+def _(boxes, labels, valid_counts, iou_threshold):
+    return boxes.new_empty((boxes.shape[0], boxes.shape[1], (boxes.shape[1] + 63) // 64), dtype=torch.int64)
+
+
+@torch.library.register_fake("fastbb_C::nms_reduce_mask", lib=kernel_lib)
+def _(mask, valid_counts):
+    return mask.new_empty(mask.shape[:2], dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference (plain PyTorch, the ground truth)
+# ---------------------------------------------------------------------------------------------------
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _iou_above(a, b, iou_threshold):
+    """(P, Q) bool: IoU(a[p], b[q]) > iou_threshold, computed as torchvision computes it."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    w = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
+    h = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])).clamp(min=0)
+    inter = w * h
+    iou = inter / (area_a[:, None] + area_b[None, :] - inter)
+    return iou.double() > iou_threshold  # float64 comparison, as torchvision's C++ compares
+
+
+def _greedy_keep(ranked_boxes, iou_threshold, block=512):
+    """Greedy NMS of boxes already in rank order (compute dtype) -> keep (N,) bool.
+
+    Works block by block so memory stays O(N * block): a block is first cleared against every box kept
+    before it, then resolved greedily within itself.
+    """
+    n = ranked_boxes.shape[0]
+    keep = torch.zeros(n, dtype=torch.bool, device=ranked_boxes.device)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        chunk = ranked_boxes[start:stop]
+        alive = torch.ones(stop - start, dtype=torch.bool, device=ranked_boxes.device)
+        kept_before = ranked_boxes[:start][keep[:start]]
+        if kept_before.shape[0]:
+            alive &= ~_iou_above(kept_before, chunk, iou_threshold).any(0)
+        suppresses = _iou_above(chunk, chunk, iou_threshold).triu(1)
+        for i in range(stop - start):
+            if alive[i]:
+                alive &= ~suppresses[i]
+        keep[start:stop] = alive
+    return keep
+
+
+def _greedy_keep_per_label(ranked_boxes, ranked_labels, iou_threshold):
+    keep = torch.zeros(ranked_boxes.shape[0], dtype=torch.bool, device=ranked_boxes.device)
+    for label in torch.unique(ranked_labels):
+        members = torch.nonzero(ranked_labels == label).squeeze(1)  # still in rank order
+        keep[members] = _greedy_keep(ranked_boxes[members], iou_threshold)
+    return keep
+
+
+def _rank(scores):
+    return torch.sort(scores, descending=True, stable=True).indices
+
+
+def nms_reference(boxes, scores, iou_threshold):
+    """torchvision.ops.nms in plain PyTorch (see the module docstring for the exact semantics)."""
+    iou_threshold = _check_nms_inputs("nms_reference", boxes, scores, None, iou_threshold)
+    order = _rank(scores)
+    return order[_greedy_keep(boxes[order].to(_compute_dtype(boxes.dtype)), iou_threshold)]
+
+
+def batched_nms_reference(boxes, scores, idxs, iou_threshold):
+    """NMS independently per value of idxs; kept indices in rank order (ties by lower index)."""
+    iou_threshold = _check_nms_inputs("batched_nms_reference", boxes, scores, idxs, iou_threshold)
+    order = _rank(scores)
+    ranked_boxes = boxes[order].to(_compute_dtype(boxes.dtype))
+    return order[_greedy_keep_per_label(ranked_boxes, idxs[order], iou_threshold)]
+
+
+def nms_sorted_padded_reference(boxes, labels, valid_counts, iou_threshold):
+    """keep (B, M) bool: greedy NMS per image over its first valid_counts[b] rows, per label."""
+    iou_threshold = _check_padded_inputs("nms_sorted_padded_reference", boxes, labels, valid_counts, iou_threshold)
+    batch, rows = labels.shape
+    keep = torch.zeros((batch, rows), dtype=torch.bool, device=boxes.device)
+    for image in range(batch):
+        n = int(valid_counts[image].clamp(0, rows))
+        ranked_boxes = boxes[image, :n].to(_compute_dtype(boxes.dtype))
+        keep[image, :n] = _greedy_keep_per_label(ranked_boxes, labels[image, :n], iou_threshold)
+    return keep
+
+
+def _iou_mask_reference(boxes, labels, valid_counts, iou_threshold):
+    """The suppression bitmask of nms_iou_mask in plain PyTorch (for tests and as documentation)."""
+    batch, rows = boxes.shape[:2]
+    words = (rows + 63) // 64
+    b = boxes.to(_compute_dtype(boxes.dtype))
+    index = torch.arange(rows, device=boxes.device)
+    bits = torch.zeros((batch, rows, words * 64), dtype=torch.bool, device=boxes.device)
+    for image in range(batch):
+        suppress = _iou_above(b[image], b[image], iou_threshold) & (index[None, :] > index[:, None])
+        valid = index < valid_counts[image]
+        suppress &= valid[:, None] & valid[None, :]
+        if labels is not None:
+            suppress &= labels[image][:, None] == labels[image][None, :]
+        bits[image, :, :rows] = suppress
+    shifts = torch.arange(64, device=boxes.device, dtype=torch.int64)
+    return (bits.view(batch, rows, words, 64).long() << shifts).sum(-1)
+
+
+def _reduce_mask_scan(mask, valid_counts):
+    """Greedy scan of a suppression bitmask in Python: the fallback when no compiled kernel is built."""
+    batch, rows, words = mask.shape
+    keep = torch.zeros((batch, rows), dtype=torch.bool)
+    counts = valid_counts.clamp(0, rows).tolist()
+    for image, rows_of_image in enumerate(mask.tolist()):
+        removed = [0] * words
+        for i in range(counts[image]):
+            word, bit = divmod(i, 64)
+            if (removed[word] >> bit) & 1:
+                continue
+            keep[image, i] = True
+            removed[word:] = [r | m for r, m in zip(removed[word:], rows_of_image[i][word:])]
+    return keep.to(mask.device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------------
+
+def _reduce_mask(mask, valid_counts):
+    key = "CUDA" if mask.device.type == "cuda" else "CPU"
+    if _backend.has_kernel("fastbb_C::nms_reduce_mask", key):
+        return torch.ops.fastbb_C.nms_reduce_mask(mask, valid_counts)
+    return _reduce_mask_scan(mask, valid_counts)
+
+
+def _padded_triton(boxes, labels, valid_counts, iou_threshold):
+    from fastbb.kernels import nms as nms_kernels
+
+    mask = nms_kernels.iou_mask(boxes, labels, valid_counts, iou_threshold)
+    return _reduce_mask(mask, valid_counts)
+
+
+def _nms_triton(boxes, scores, idxs, iou_threshold):
+    """Sort, lay the boxes out as one padded image (grouped by class), bitmask, reduce, back to ranks."""
+    n = boxes.shape[0]
+    ranked = _rank(scores)
+    order, labels = ranked, None
+    if idxs is not None:
+        # Grouping by class keeps the rank order within a class and lets whole tiles of two different
+        # classes be skipped; the greedy result per class does not depend on how classes interleave.
+        order = ranked[torch.sort(idxs[ranked], stable=True).indices]
+        labels = idxs[order][None]
+    counts = torch.full((1,), n, dtype=torch.int64, device=boxes.device)
+    keep_in_order = _padded_triton(boxes[order][None], labels, counts, iou_threshold)[0]
+    if idxs is None:
+        return order[keep_in_order]
+    keep = torch.zeros(n, dtype=torch.bool, device=boxes.device)
+    keep[order] = keep_in_order
+    return ranked[keep[ranked]]
+
+
+def _run_nms(op_name, boxes, scores, idxs, iou_threshold):
+    backend = _backend.choose(op_name, boxes.device.type, _PREFERENCE, _NMS_KERNELS)
+    if backend in ("cpp", "cuda"):
+        return torch.ops.fastbb_C.nms(boxes, scores, idxs, iou_threshold)
+    if boxes.shape[0] == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if backend == "triton":
+        return _nms_triton(boxes, scores, idxs, iou_threshold)
+    if idxs is None:
+        return nms_reference(boxes, scores, iou_threshold)
+    return batched_nms_reference(boxes, scores, idxs, iou_threshold)
+
+
+@torch.library.custom_op("fastbb::nms", mutates_args=())
+def _nms_op(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    return _run_nms("nms", boxes, scores, None, iou_threshold)
+
+
+@_nms_op.register_fake
+def _(boxes, scores, iou_threshold):
+    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+
+@torch.library.custom_op("fastbb::batched_nms", mutates_args=())
+def _batched_nms_op(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
+                    iou_threshold: float) -> torch.Tensor:
+    return _run_nms("batched_nms", boxes, scores, idxs, iou_threshold)
+
+
+@_batched_nms_op.register_fake
+def _(boxes, scores, idxs, iou_threshold):
+    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+
+@torch.library.custom_op("fastbb::nms_sorted_padded", mutates_args=())
+def _nms_sorted_padded_op(boxes: torch.Tensor, labels: torch.Tensor, valid_counts: torch.Tensor,
+                          iou_threshold: float) -> torch.Tensor:
+    backend = _backend.choose("nms_sorted_padded", boxes.device.type, _PREFERENCE, _PADDED_KERNELS)
+    if backend in ("cpp", "cuda"):
+        return torch.ops.fastbb_C.nms_sorted_padded(boxes, labels, valid_counts, iou_threshold)
+    if backend == "triton":
+        return _padded_triton(boxes, labels, valid_counts, iou_threshold)
+    return nms_sorted_padded_reference(boxes, labels, valid_counts, iou_threshold)
+
+
+@_nms_sorted_padded_op.register_fake
+def _(boxes, labels, valid_counts, iou_threshold):
+    return boxes.new_empty(labels.shape, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------------
+
+def _check_nms_inputs(op, boxes, scores, idxs, iou_threshold):
+    check_tensor(op, "boxes", boxes, ndim=2, last_dim=4, dtypes=FLOAT_DTYPES)
+    check_tensor(op, "scores", scores, ndim=1, dtypes=FLOAT_DTYPES)
+    if scores.shape[0] != boxes.shape[0]:
+        raise ValueError(f"{op}: scores must have shape (N,) with N = boxes.shape[0] = {boxes.shape[0]}, "
+                         f"got {tuple(scores.shape)}")
+    tensors = {"boxes": boxes, "scores": scores}
+    if idxs is not None:
+        check_tensor(op, "idxs", idxs, ndim=1, dtypes=_INT_DTYPES)
+        if idxs.shape[0] != boxes.shape[0]:
+            raise ValueError(f"{op}: idxs must have shape (N,) with N = boxes.shape[0] = {boxes.shape[0]}, "
+                             f"got {tuple(idxs.shape)}")
+        tensors["idxs"] = idxs
+    check_same_device(op, **tensors)
+    return check_float(op, "iou_threshold", iou_threshold, 0.0, 1.0)
+
+
+def _check_padded_inputs(op, boxes, labels, valid_counts, iou_threshold):
+    check_tensor(op, "boxes", boxes, ndim=3, last_dim=4, dtypes=FLOAT_DTYPES)
+    check_tensor(op, "labels", labels, ndim=2, dtypes=_INT_DTYPES)
+    check_tensor(op, "valid_counts", valid_counts, ndim=1, dtypes=_INT_DTYPES)
+    if tuple(labels.shape) != tuple(boxes.shape[:2]):
+        raise ValueError(f"{op}: labels must have shape (B, M) = {tuple(boxes.shape[:2])}, got {tuple(labels.shape)}")
+    if valid_counts.shape[0] != boxes.shape[0]:
+        raise ValueError(f"{op}: valid_counts must have shape (B,) = ({boxes.shape[0]},), "
+                         f"got {tuple(valid_counts.shape)}")
+    check_same_device(op, boxes=boxes, labels=labels, valid_counts=valid_counts)
+    return check_float(op, "iou_threshold", iou_threshold, 0.0, 1.0)
+
+
+def nms(boxes, scores, iou_threshold):
+    """torchvision.ops.nms: indices (int64) of the boxes kept by greedy NMS, by decreasing score.
+
+    boxes (N, 4) x1y1x2y2, float16/bfloat16/float32/float64; scores (N,) floating; a box is dropped when
+    its IoU with a kept higher-ranked box is > iou_threshold (in [0, 1]). See the module docstring for
+    ties, NaN scores and degenerate boxes.
+    """
+    iou_threshold = _check_nms_inputs("nms", boxes, scores, None, iou_threshold)
+    return torch.ops.fastbb.nms(boxes, scores, iou_threshold)
+
+
+def batched_nms(boxes, scores, idxs, iou_threshold):
+    """torchvision.ops.batched_nms: NMS independently per value of idxs (integer (N,), any values).
+
+    Exact per-class IoU; the kept indices come by decreasing score, ties by lower index.
+    """
+    iou_threshold = _check_nms_inputs("batched_nms", boxes, scores, idxs, iou_threshold)
+    return torch.ops.fastbb.batched_nms(boxes, scores, idxs.to(torch.int64), iou_threshold)
+
+
+def nms_sorted_padded(boxes, labels, valid_counts, iou_threshold):
+    """keep (B, M) bool: per image, greedy NMS of rows already sorted by decreasing score.
+
+    boxes (B, M, 4); labels (B, M) integer (NMS only between equal labels); valid_counts (B,) integer:
+    rows >= valid_counts[b] are padding, never kept and never suppressing. No host synchronisation.
+    """
+    iou_threshold = _check_padded_inputs("nms_sorted_padded", boxes, labels, valid_counts, iou_threshold)
+    return torch.ops.fastbb.nms_sorted_padded(boxes, labels.to(torch.int64), valid_counts.to(torch.int64),
+                                              iou_threshold)

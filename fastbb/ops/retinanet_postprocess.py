@@ -1,0 +1,333 @@
+"""retinanet_postprocess: torchvision RetinaNet's postprocess_detections for a whole batch at once.
+
+Semantics (torchvision.models.detection.RetinaNet.postprocess_detections, per image and per level):
+sigmoid of the logits, flattened anchor-major / class-minor; keep the scores > score_thresh (compared in
+the logits' dtype, as torch compares); the top min(topk_candidates, n) of them; anchor = index // K,
+label = index % K; decode those anchors with the BoxCoder weights (dw, dh <= log(1000/16)) and clip to the
+image. Then, per image over all levels, NMS per label with nms_thresh, and the first detections_per_img.
+
+Ties: torchvision's topk and its per-class batched_nms order equal scores arbitrarily. fastbb defines the
+order: score descending, ties by lower (level, flattened index) first; every backend follows it, so they
+agree exactly with each other and with torchvision up to the order of equal scores.
+
+Backends of the padded op fastbb::retinanet_postprocess_padded:
+- cpu "cpp": per image and level (OpenMP), one pass over the logits that rejects a logit below
+  logit(score_thresh) minus a guard band without computing its sigmoid, a partial sort for the top-k,
+  decode + clip of the selected boxes, then NMS per label.
+- cuda "cuda" (and "triton"): the batched path below in PyTorch + fastbb ops (decode_boxes, nms_sorted_padded), with
+  fixed shapes and no host synchronisation (CUDA-graph capturable). Its top-k is one batched torch.topk
+  per level (a constant loop over the levels, never over images).
+- "reference": the per-image, per-level loops of retinanet_postprocess_reference.
+"""
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fastbb import _backend
+from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, kernel_lib
+from fastbb.ops.box_decode import decode_boxes, decode_boxes_reference
+from fastbb.ops.nms import batched_nms_reference, nms_sorted_padded
+
+_OP = "retinanet_postprocess"
+_PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
+# On CUDA the op is the batched path (no compiled kernel of its own, so "cuda" is always usable); forcing
+# "triton" runs the same path, its decode and NMS ops then on their Triton backends.
+_KERNELS = {"cpp": "fastbb_C::retinanet_postprocess"}
+
+# Padded result: boxes (N, D, 4), scores (N, D), labels (N, D) int64, counts (N,) int64; rows >= counts[n]
+# are zero. image_sizes: (N, 2) int64 (h, w) on the CPU.
+kernel_lib.define(
+    "retinanet_postprocess(Tensor cls_logits, Tensor bbox_regression, Tensor[] anchors, "
+    "int[] num_anchors_per_level, Tensor image_sizes, float score_thresh, float nms_thresh, "
+    "int detections_per_img, int topk_candidates, float[] box_coder_weights) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _padded_outputs(like_boxes, like_scores, num_images, detections_per_img):
+    boxes = like_boxes.new_zeros((num_images, detections_per_img, 4))
+    scores = like_scores.new_zeros((num_images, detections_per_img))
+    labels = like_scores.new_zeros((num_images, detections_per_img), dtype=torch.int64)
+    counts = like_scores.new_zeros((num_images,), dtype=torch.int64)
+    return boxes, scores, labels, counts
+
+
+@torch.library.register_fake("fastbb_C::retinanet_postprocess", lib=kernel_lib)
+def _(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes, score_thresh, nms_thresh,
+      detections_per_img, topk_candidates, box_coder_weights):
+    return _padded_outputs(bbox_regression, cls_logits, cls_logits.shape[0], detections_per_img)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference (plain PyTorch, the ground truth)
+# ---------------------------------------------------------------------------------------------------
+
+def _reference_per_image(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes,
+                         score_thresh, nms_thresh, detections_per_img, topk_candidates, box_coder_weights):
+    num_classes = cls_logits.shape[-1]
+    detections = []
+    for image, (height, width) in enumerate(image_sizes):
+        image_boxes, image_scores, image_labels = [], [], []
+        start = 0
+        for count in num_anchors_per_level:
+            level = slice(start, start + count)
+            start += count
+            scores = torch.sigmoid(cls_logits[image, level]).flatten()
+            flat_index = torch.nonzero(scores > score_thresh).squeeze(1)
+            scores = scores[flat_index]
+            # fastbb's order: score descending, ties by lower flattened index.
+            top = torch.sort(scores, descending=True, stable=True).indices[:topk_candidates]
+            scores, flat_index = scores[top], flat_index[top]
+            anchor_index = torch.div(flat_index, num_classes, rounding_mode="floor")
+            boxes = decode_boxes_reference(
+                anchors[image][level][anchor_index], bbox_regression[image, level][anchor_index],
+                style="torchvision", weights=box_coder_weights, max_shape=(height, width))
+            image_boxes.append(boxes)
+            image_scores.append(scores)
+            image_labels.append(flat_index % num_classes)
+        boxes, scores, labels = torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
+        keep = batched_nms_reference(boxes, scores, labels, nms_thresh)[:detections_per_img]
+        detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+    return detections
+
+
+def _pad(detections, like_boxes, like_scores, detections_per_img):
+    boxes, scores, labels, counts = _padded_outputs(like_boxes, like_scores, len(detections), detections_per_img)
+    for image, found in enumerate(detections):
+        n = found["scores"].shape[0]
+        boxes[image, :n] = found["boxes"]
+        scores[image, :n] = found["scores"]
+        labels[image, :n] = found["labels"]
+        counts[image] = n
+    return boxes, scores, labels, counts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batched path: fixed shapes, no host synchronisation, any device
+# ---------------------------------------------------------------------------------------------------
+
+_INDEX_BITS = 32  # the low bits of a selection key hold the (reversed) flattened index
+
+
+def _select_level(scores, keep, level_offset, k, exact_keys):
+    """Top k of each row of scores (N, n) among `keep`, ordered by score descending, ties by lower index.
+
+    Returns (positions (N, k) in the row, selected (N, k) bool). For 16/32-bit scores the order is exact:
+    one int64 key per element, (score bits << 32) | (2**32 - 1 - global index), whose topk is unique.
+    float64 scores have no room for an index in the key: topk of the values (equal scores at the cut are
+    then chosen as torch.topk chooses).
+    """
+    if scores.dtype == torch.float64 or not exact_keys:
+        values, positions = torch.where(keep, scores, -1.0).topk(k, dim=1)
+        return positions, values >= 0
+    # sigmoid >= 0, so the float bits are ordered as the scores. Built in place: one int64 buffer.
+    keys = scores.float().view(torch.int32).to(torch.int64)
+    keys <<= _INDEX_BITS
+    reversed_start = (1 << _INDEX_BITS) - 1 - level_offset
+    keys |= torch.arange(reversed_start, reversed_start - scores.shape[1], -1, device=scores.device)
+    keys.masked_fill_(~keep, -1)
+    values, positions = keys.topk(k, dim=1)
+    return positions, values >= 0
+
+
+def _postprocess_batched(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes, score_thresh,
+                         nms_thresh, detections_per_img, topk_candidates, box_coder_weights):
+    """The whole batch with batched tensor ops; returns the padded result. anchors: list of N (A, 4)."""
+    num_images, _, num_classes = cls_logits.shape
+    outputs = _padded_outputs(bbox_regression, cls_logits, num_images, detections_per_img)
+    if num_images == 0:
+        return outputs
+    candidate_scores, candidate_index, candidate_valid = [], [], []
+    level_starts = [sum(num_anchors_per_level[:i]) for i in range(len(num_anchors_per_level))]
+    # Keys hold the flattened index in 32 bits; beyond that (never at real shapes) topk of the values.
+    exact_keys = cls_logits.shape[1] * num_classes < 2 ** _INDEX_BITS
+    # At most a handful of levels: a constant loop, one batched topk each, never a loop over images.
+    for start, count in zip(level_starts, num_anchors_per_level):
+        if count == 0 or num_classes == 0:
+            continue
+        scores = torch.sigmoid(cls_logits[:, start:start + count]).flatten(1)  # (N, count * K)
+        keep = scores > score_thresh
+        positions, selected = _select_level(scores, keep, start * num_classes,
+                                            min(topk_candidates, scores.shape[1]), exact_keys)
+        candidate_scores.append(scores.gather(1, positions))
+        candidate_index.append(positions + start * num_classes)
+        candidate_valid.append(selected)
+    if not candidate_scores:
+        return outputs
+    scores = torch.cat(candidate_scores, 1)  # (N, C)
+    flat_index = torch.cat(candidate_index, 1)
+    valid = torch.cat(candidate_valid, 1)
+
+    # Rank the candidates of each image: score descending, ties by lower flattened index; padding last.
+    by_index = flat_index.argsort(dim=1, stable=True)
+    ranked_scores = torch.where(valid, scores, -1.0).gather(1, by_index)
+    order = by_index.gather(1, ranked_scores.argsort(dim=1, descending=True, stable=True))
+    scores, flat_index = scores.gather(1, order), flat_index.gather(1, order)
+    valid_counts = valid.sum(1)
+
+    anchor_index = torch.div(flat_index, num_classes, rounding_mode="floor")
+    labels = flat_index % num_classes
+    gather_rows = anchor_index[..., None].expand(-1, -1, 4)
+    stacked_anchors = torch.stack(anchors) if len(anchors) > 1 else anchors[0][None]
+    boxes = decode_boxes(stacked_anchors.gather(1, gather_rows), bbox_regression.gather(1, gather_rows),
+                         style="torchvision", weights=box_coder_weights, max_shape=image_sizes)
+    keep = nms_sorted_padded(boxes, labels, valid_counts, nms_thresh)
+
+    # The first detections_per_img kept rows of each image go to the front; the rest to a spare column.
+    position = keep.cumsum(1) - 1
+    written = keep & (position < detections_per_img)
+    target = torch.where(written, position, detections_per_img)
+    out_boxes, out_scores, out_labels, _ = _padded_outputs(bbox_regression, cls_logits, num_images,
+                                                           detections_per_img + 1)
+    out_boxes.scatter_(1, target[..., None].expand(-1, -1, 4), boxes)
+    out_scores.scatter_(1, target, scores)
+    out_labels.scatter_(1, target, labels)
+    d = detections_per_img
+    return out_boxes[:, :d].contiguous(), out_scores[:, :d].contiguous(), out_labels[:, :d].contiguous(), \
+        written.sum(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The op
+# ---------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastbb::retinanet_postprocess_padded", mutates_args=())
+def _retinanet_postprocess_padded_op(
+        cls_logits: torch.Tensor, bbox_regression: torch.Tensor, anchors: list[torch.Tensor],
+        num_anchors_per_level: list[int], image_sizes: torch.Tensor, score_thresh: float, nms_thresh: float,
+        detections_per_img: int, topk_candidates: int, box_coder_weights: list[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes, score_thresh,
+            nms_thresh, detections_per_img, topk_candidates, box_coder_weights)
+    backend = _backend.choose(_OP, cls_logits.device.type, _PREFERENCE, _KERNELS)
+    if backend == "cpp":
+        return torch.ops.fastbb_C.retinanet_postprocess(*args)
+    if backend in ("cuda", "triton"):
+        return _postprocess_batched(*args)
+    detections = _reference_per_image(cls_logits, bbox_regression, anchors, num_anchors_per_level,
+                                      image_sizes.tolist(), score_thresh, nms_thresh, detections_per_img,
+                                      topk_candidates, box_coder_weights)
+    return _pad(detections, bbox_regression, cls_logits, detections_per_img)
+
+
+@_retinanet_postprocess_padded_op.register_fake
+def _(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes, score_thresh, nms_thresh,
+      detections_per_img, topk_candidates, box_coder_weights):
+    return _padded_outputs(bbox_regression, cls_logits, cls_logits.shape[0], detections_per_img)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------------
+
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{_OP}: {name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_inputs(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes, score_thresh,
+                  nms_thresh, detections_per_img, topk_candidates, box_coder_weights):
+    """Validated, normalised arguments of the padded op (anchors: a list of (A, 4) in the boxes' dtype,
+    image_sizes: an (N, 2) int64 tensor on the device, or on the CPU for CPU tensors)."""
+    check_tensor(_OP, "cls_logits", cls_logits, ndim=3, dtypes=FLOAT_DTYPES)
+    num_images, num_anchors, _ = cls_logits.shape
+    check_tensor(_OP, "bbox_regression", bbox_regression, dtypes=FLOAT_DTYPES)
+    if tuple(bbox_regression.shape) != (num_images, num_anchors, 4):
+        raise ValueError(f"{_OP}: bbox_regression must be (N, A, 4) = ({num_images}, {num_anchors}, 4), "
+                         f"got shape {tuple(bbox_regression.shape)}")
+    if bbox_regression.dtype != cls_logits.dtype:
+        raise TypeError(f"{_OP}: bbox_regression must have cls_logits' dtype {cls_logits.dtype}, "
+                        f"got {bbox_regression.dtype}")
+    device = cls_logits.device
+
+    if isinstance(anchors, torch.Tensor):
+        anchors = list(anchors.unbind(0)) if anchors.dim() == 3 else [anchors]
+    if not isinstance(anchors, Sequence) or len(anchors) != num_images:
+        got = len(anchors) if isinstance(anchors, Sequence) else type(anchors).__name__
+        raise ValueError(f"{_OP}: anchors must be a list of N = {num_images} tensors (A, 4), got {got}")
+    for i, a in enumerate(anchors):
+        check_tensor(_OP, f"anchors[{i}]", a, dtypes=FLOAT_DTYPES)
+        if tuple(a.shape) != (num_anchors, 4):
+            raise ValueError(f"{_OP}: anchors[{i}] must be (A, 4) = ({num_anchors}, 4), got shape {tuple(a.shape)}")
+    check_same_device(_OP, cls_logits=cls_logits, bbox_regression=bbox_regression,
+                      **{f"anchors[{i}]": a for i, a in enumerate(anchors)})
+    anchors = [a.to(bbox_regression.dtype) for a in anchors]  # as torchvision's decode does
+
+    if isinstance(num_anchors_per_level, torch.Tensor):
+        num_anchors_per_level = num_anchors_per_level.tolist()
+    if (not isinstance(num_anchors_per_level, Sequence) or len(num_anchors_per_level) == 0
+            or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in num_anchors_per_level)):
+        raise ValueError(f"{_OP}: num_anchors_per_level must be a non-empty list of integers >= 0, "
+                         f"got {num_anchors_per_level!r}")
+    if sum(num_anchors_per_level) != num_anchors:
+        raise ValueError(f"{_OP}: num_anchors_per_level must sum to A = {num_anchors}, got "
+                         f"{list(num_anchors_per_level)} (sum {sum(num_anchors_per_level)})")
+
+    if isinstance(image_sizes, torch.Tensor):
+        if tuple(image_sizes.shape) != (num_images, 2) or image_sizes.is_complex() or image_sizes.dtype == torch.bool:
+            raise ValueError(f"{_OP}: image_sizes must be N = {num_images} (h, w) pairs, got a "
+                             f"{image_sizes.dtype} tensor of shape {tuple(image_sizes.shape)}")
+        check_same_device(_OP, cls_logits=cls_logits, image_sizes=image_sizes)
+        image_sizes = image_sizes.to(torch.int64)
+    else:
+        if not isinstance(image_sizes, Sequence) or len(image_sizes) != num_images:
+            got = len(image_sizes) if isinstance(image_sizes, Sequence) else type(image_sizes).__name__
+            raise ValueError(f"{_OP}: image_sizes must be a list of N = {num_images} (h, w) pairs, got {got}")
+        for size in image_sizes:
+            if (not isinstance(size, Sequence) or len(size) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in size)):
+                raise ValueError(f"{_OP}: image_sizes must hold (h, w) pairs of integers >= 0, got {size!r}")
+        image_sizes = torch.tensor([list(s) for s in image_sizes], dtype=torch.int64,
+                                   device=device).reshape(num_images, 2)
+
+    score_thresh = check_float(_OP, "score_thresh", score_thresh, 0.0, 1.0)
+    nms_thresh = check_float(_OP, "nms_thresh", nms_thresh, 0.0, 1.0)
+    detections_per_img = _check_count("detections_per_img", detections_per_img)
+    topk_candidates = _check_count("topk_candidates", topk_candidates)
+    if isinstance(box_coder_weights, torch.Tensor):
+        box_coder_weights = box_coder_weights.tolist()
+    if (not isinstance(box_coder_weights, Sequence) or len(box_coder_weights) != 4
+            or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w == 0
+                   for w in box_coder_weights)):
+        raise ValueError(f"{_OP}: box_coder_weights must be 4 finite nonzero numbers, got {box_coder_weights!r}")
+    return (cls_logits, bbox_regression, anchors, [int(c) for c in num_anchors_per_level], image_sizes,
+            score_thresh, nms_thresh, detections_per_img, topk_candidates, [float(w) for w in box_coder_weights])
+
+
+def _as_list(boxes, scores, labels, counts):
+    return [{"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
+            for i, n in enumerate(counts.tolist())]
+
+
+def retinanet_postprocess(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes,
+                          score_thresh=0.05, nms_thresh=0.5, detections_per_img=300, topk_candidates=1000,
+                          box_coder_weights=(1.0, 1.0, 1.0, 1.0), padded=False):
+    """torchvision RetinaNet.postprocess_detections for the whole batch.
+
+    cls_logits (N, A, K) and bbox_regression (N, A, 4) as RetinaNetHead returns them (levels concatenated);
+    anchors: N tensors (A, 4) (or one (N, A, 4) tensor); num_anchors_per_level: H * W * anchors per level,
+    summing to A; image_sizes: N (h, w) pairs (or an (N, 2) integer tensor on the device).
+
+    Returns torchvision's list of N dicts {"boxes", "scores", "labels"}; with padded=True the fixed-shape
+    tuple (boxes (N, D, 4), scores (N, D), labels (N, D) int64, counts (N,) int64) with D =
+    detections_per_img and zero padding rows. On CUDA the padded form never synchronises the host (pass
+    image_sizes as a device tensor to avoid the copy of a Python list as well); the list form
+    synchronises once, to split the result by counts.
+    """
+    args = _check_inputs(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes, score_thresh,
+                         nms_thresh, detections_per_img, topk_candidates, box_coder_weights)
+    result = torch.ops.fastbb.retinanet_postprocess_padded(*args)
+    return result if padded else _as_list(*result)
+
+
+def retinanet_postprocess_reference(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes,
+                                    score_thresh=0.05, nms_thresh=0.5, detections_per_img=300,
+                                    topk_candidates=1000, box_coder_weights=(1.0, 1.0, 1.0, 1.0), padded=False):
+    """retinanet_postprocess in plain PyTorch, one image and one level at a time (the ground truth)."""
+    args = list(_check_inputs(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes,
+                              score_thresh, nms_thresh, detections_per_img, topk_candidates, box_coder_weights))
+    args[4] = args[4].tolist()
+    detections = _reference_per_image(*args)
+    if padded:
+        return _pad(detections, bbox_regression, cls_logits, detections_per_img)
+    return detections

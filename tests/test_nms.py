@@ -1,0 +1,399 @@
+"""nms, batched_nms and nms_sorted_padded: every usable backend against the reference, the reference
+against torchvision.ops (torchvision's CPU kernel computes the same float32/float64 IoU, so results are
+compared exactly)."""
+import importlib
+import math
+
+import pytest
+import torch
+import torchvision
+
+import fastbb
+from conftest import usable_backends
+
+nms_mod = importlib.import_module("fastbb.ops.nms")
+nms, nms_reference = nms_mod.nms, nms_mod.nms_reference
+batched_nms, batched_nms_reference = nms_mod.batched_nms, nms_mod.batched_nms_reference
+nms_sorted_padded, nms_sorted_padded_reference = nms_mod.nms_sorted_padded, nms_mod.nms_sorted_padded_reference
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+NMS_KERNELS = {"cpp": "fastbb_C::nms", "cuda": "fastbb_C::nms"}
+PADDED_KERNELS = {"cpp": "fastbb_C::nms_sorted_padded", "cuda": "fastbb_C::nms_sorted_padded"}
+TRITON_MAX_N = 300  # the Triton interpreter is slow: keep its inputs small
+
+# The Triton interpreter computes with numpy, which warns on the NaN that degenerate boxes produce.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+# Box layouts: (origin, extent, min size, max size) of x1y1 and wh draws.
+LAYOUTS = {
+    "spread": (0.0, 1000.0, 1.0, 200.0),
+    "crowded": (0.0, 100.0, 20.0, 200.0),  # most boxes overlap most others
+    "negative": (-600.0, 500.0, 1.0, 150.0),
+}
+
+
+def rand_boxes(n, dtype=torch.float32, layout="spread", device="cpu"):
+    origin, extent, wmin, wmax = LAYOUTS[layout]
+    xy = torch.rand(n, 2, dtype=torch.float64) * extent + origin
+    wh = torch.rand(n, 2, dtype=torch.float64) * (wmax - wmin) + wmin
+    return torch.cat([xy, xy + wh], 1).to(dtype=dtype, device=device)
+
+
+def backends_for(device, kernels, n):
+    found = usable_backends(device, kernels)
+    if device == "cpu" and n > TRITON_MAX_N:
+        found = [b for b in found if b != "triton"]
+    return found
+
+
+def run(backend, fn, *args):
+    with fastbb.use_backend(backend):
+        return fn(*args)
+
+
+def torchvision_nms(boxes, scores, threshold):
+    """torchvision on CPU has no 16-bit kernel: give it the same values in float32."""
+    if boxes.dtype in (torch.float16, torch.bfloat16):
+        boxes, scores = boxes.float(), scores.float()
+    return torchvision.ops.nms(boxes.cpu(), scores.cpu(), threshold)
+
+
+def torchvision_batched_nms(boxes, scores, idxs, threshold):
+    """torchvision's exact per-class path (its offset trick rounds differently)."""
+    if boxes.dtype in (torch.float16, torch.bfloat16):
+        boxes, scores = boxes.float(), scores.float()
+    return torchvision.ops.boxes._batched_nms_vanilla(boxes.cpu(), scores.cpu(), idxs.cpu(), threshold)
+
+
+# ------------------------------------------------------------------------------------------------- nms
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 301, 1000])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_matches_torchvision(layout, n, threshold, dtype):
+    boxes, scores = rand_boxes(n, dtype, layout), torch.rand(n, dtype=dtype)
+    expected = torchvision.ops.nms(boxes, scores, threshold)
+    got = nms_reference(boxes, scores, threshold)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", usable_backends("cpu", NMS_KERNELS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 301, 1000])
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.7])
+def test_backends_match_reference_and_torchvision(backend, dtype, n, threshold):
+    if backend == "triton" and n > TRITON_MAX_N:
+        n = 97
+    layout = "crowded" if n % 2 else "negative"
+    boxes, scores = rand_boxes(n, dtype, layout), torch.rand(n, dtype=dtype)
+    got = run(backend, nms, boxes, scores, threshold)
+    assert got.dtype == torch.int64 and got.device == boxes.device
+    assert torch.equal(got, nms_reference(boxes, scores, threshold))
+    assert torch.equal(got, torchvision_nms(boxes, scores, threshold))
+
+
+@pytest.mark.parametrize("backend", usable_backends("cpu", NMS_KERNELS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_iou_exactly_at_threshold_is_kept(backend, dtype):
+    # Pairs (higher score first) whose IoU is exactly 0.5, exactly 0 (touching) and just above 0.5,
+    # shifted to random integer offsets (exact in every dtype), in random order.
+    pairs = torch.tensor([[[0, 0, 2, 1], [0, 0, 1, 1]],
+                          [[0, 0, 1, 1], [1, 0, 2, 1]],
+                          [[0, 0, 4, 4], [0, 0, 4, 3]]], dtype=torch.float64)
+    offsets = torch.randint(-30, 30, (3, 1, 2)).double().repeat(1, 1, 2) * 8  # |x| < 256: exact in bfloat16
+    boxes = (pairs + offsets).reshape(6, 4)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], dtype=torch.float64)
+    perm = torch.randperm(6)
+    boxes, scores = boxes[perm].to(dtype), scores[perm].to(dtype)
+    position = {int(p): i for i, p in enumerate(perm)}
+    for threshold, suppressed in ((0.5, {5}), (0.0, {1, 5}), (0.75, set())):
+        got = run(backend, nms, boxes, scores, threshold)
+        expected = [position[i] for i in range(6) if i not in suppressed]
+        assert got.tolist() == expected, threshold
+        assert torch.equal(got, torchvision_nms(boxes, scores, threshold))
+
+
+@pytest.mark.parametrize("backend", usable_backends("cpu", NMS_KERNELS))
+def test_tied_scores_keep_stable_order(backend):
+    n = 250
+    boxes = rand_boxes(n, layout="crowded")
+    scores = torch.randint(0, 4, (n,)).float() / 4  # many exact ties: the lower index ranks first
+    got = run(backend, nms, boxes, scores, 0.5)
+    assert torch.equal(got, nms_reference(boxes, scores, 0.5))
+    assert torch.equal(got, torchvision.ops.nms(boxes, scores, 0.5))
+    ranks = torch.sort(scores, descending=True, stable=True).indices
+    position = torch.empty_like(ranks)
+    position[ranks] = torch.arange(n)
+    assert bool((position[got].diff() > 0).all())
+
+
+@pytest.mark.parametrize("backend", usable_backends("cpu", NMS_KERNELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_scores_and_degenerate_boxes(backend, dtype):
+    n = 200
+    boxes = rand_boxes(n, dtype, "crowded")
+    scores = torch.rand(n, dtype=dtype)
+    scores[torch.randperm(n)[:15]] = math.nan
+    pick = torch.randperm(n)[:60].view(6, 10)
+    boxes[pick[0], 2] = boxes[pick[0], 0]  # zero width
+    boxes[pick[1]] = boxes[pick[1]][:, [2, 3, 0, 1]]  # inverted
+    boxes[pick[2], 1] = math.nan
+    boxes[pick[3], 0] = -math.inf
+    boxes[pick[4], 2:] = math.inf
+    boxes[pick[5]] = boxes[pick[5, :1]]  # duplicates of one box
+    got = run(backend, nms, boxes, scores, 0.5)
+    assert torch.equal(got, nms_reference(boxes, scores, 0.5))
+    assert torch.equal(got, torchvision.ops.nms(boxes, scores, 0.5))
+    kept = set(got.tolist())
+    for row in pick[:3].flatten().tolist():  # no positive area: never suppressed
+        assert row in kept
+
+
+@pytest.mark.parametrize("backend", usable_backends("cpu", NMS_KERNELS))
+def test_non_contiguous_inputs_and_inputs_unmodified(backend):
+    n = 151
+    wide = rand_boxes(2 * n, layout="crowded").view(n, 8)
+    boxes = wide[:, ::2]  # (n, 4), stride 2
+    scores = torch.rand(2 * n)[::2]
+    assert not boxes.is_contiguous() and not scores.is_contiguous()
+    boxes_before, scores_before = boxes.clone(), scores.clone()
+    idxs = torch.randint(0, 3, (2 * n,))[::2]
+    got = run(backend, nms, boxes, scores, 0.5)
+    got_batched = run(backend, batched_nms, boxes, scores, idxs, 0.5)
+    assert torch.equal(got, nms_reference(boxes.contiguous(), scores.contiguous(), 0.5))
+    assert torch.equal(got_batched, batched_nms_reference(boxes.contiguous(), scores.contiguous(), idxs.contiguous(), 0.5))
+    assert torch.equal(boxes, boxes_before) and torch.equal(scores, scores_before)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fastbb._backend.has_kernel("fastbb_C::nms", "CPU"), reason="the C++ kernel is not built")
+def test_large_cpp_matches_torchvision():
+    n = 100_000
+    # Large boxes: many suppressions, so torchvision's O(N * kept) loop stays around a second.
+    xy = torch.rand(n, 2) * 2000
+    boxes = torch.cat([xy, xy + torch.rand(n, 2) * 250 + 50], 1)
+    scores = torch.rand(n)
+    got = run("cpp", nms, boxes, scores, 0.5)
+    assert torch.equal(got, torchvision.ops.nms(boxes, scores, 0.5))
+
+
+# ----------------------------------------------------------------------------------------- batched_nms
+
+@pytest.mark.parametrize("classes", [1, 3, 80, 1000])
+@pytest.mark.parametrize("n", [0, 1, 7, 301, 2000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_batched_matches_reference_and_torchvision(classes, n, dtype):
+    boxes = rand_boxes(n, dtype, "crowded" if classes >= 80 else "negative")
+    scores = torch.rand(n, dtype=torch.float64).to(dtype)
+    idxs = torch.randint(-classes // 2, classes - classes // 2, (n,), dtype=torch.int32)
+    expected = batched_nms_reference(boxes, scores, idxs, 0.5)
+    for backend in backends_for("cpu", NMS_KERNELS, n):
+        assert torch.equal(run(backend, batched_nms, boxes, scores, idxs, 0.5), expected), backend
+    # torchvision's per-class path orders tied scores arbitrarily: compare as sets, and the order
+    # exactly where no scores tie.
+    tv = torchvision_batched_nms(boxes, scores, idxs, 0.5)
+    assert sorted(tv.tolist()) == sorted(expected.tolist())
+    if torch.unique(scores).numel() == n:
+        assert torch.equal(tv, expected)
+
+
+@pytest.mark.parametrize("backend", usable_backends("cpu", NMS_KERNELS))
+def test_batched_one_class_equals_nms_and_classes_are_independent(backend):
+    n = 180
+    boxes, scores = rand_boxes(n, layout="crowded"), torch.rand(n)
+    same = torch.full((n,), 7)
+    assert torch.equal(run(backend, batched_nms, boxes, scores, same, 0.5), nms_reference(boxes, scores, 0.5))
+    # Every box its own class: nothing is suppressed; the result is the stable ranking.
+    distinct = torch.arange(n) - 90
+    ranking = torch.sort(scores, descending=True, stable=True).indices
+    assert torch.equal(run(backend, batched_nms, boxes, scores, distinct, 0.0), ranking)
+
+
+def test_batched_ties_are_stable():
+    n = 400
+    boxes = rand_boxes(n, layout="crowded")
+    scores = torch.randint(0, 3, (n,)).float()
+    idxs = torch.randint(0, 4, (n,))
+    expected = batched_nms_reference(boxes, scores, idxs, 0.5)
+    for backend in backends_for("cpu", NMS_KERNELS, n):
+        assert torch.equal(run(backend, batched_nms, boxes, scores, idxs, 0.5), expected), backend
+    assert sorted(torchvision_batched_nms(boxes, scores, idxs, 0.5).tolist()) == sorted(expected.tolist())
+    position = torch.empty(n, dtype=torch.long)
+    position[torch.sort(scores, descending=True, stable=True).indices] = torch.arange(n)
+    assert bool((position[expected].diff() > 0).all())
+
+
+# ------------------------------------------------------------------------------------ nms_sorted_padded
+
+def padded_inputs(batch, rows, dtype=torch.float32, labels_range=3, device="cpu"):
+    boxes = rand_boxes(batch * rows, dtype, "crowded").view(batch, rows, 4)
+    labels = torch.randint(0, labels_range, (batch, rows))
+    counts = torch.randint(0, rows + 1, (batch,))
+    if batch > 1:
+        counts[0], counts[-1] = rows, 0
+    for image in range(batch):  # padding rows hold junk: they must be ignored
+        boxes[image, counts[image]:] = torch.where(torch.rand(rows - counts[image], 4) < 0.5, math.nan, 5.0).to(dtype)
+    return boxes.to(device), labels.to(device), counts.to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,rows", [(1, 1), (2, 70), (3, 130), (1, 0)])
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_sorted_padded_matches_reference(dtype, batch, rows, threshold):
+    boxes, labels, counts = padded_inputs(batch, rows, dtype)
+    expected = nms_sorted_padded_reference(boxes, labels, counts, threshold)
+    assert expected.shape == (batch, rows) and expected.dtype == torch.bool
+    for backend in usable_backends("cpu", PADDED_KERNELS):
+        assert torch.equal(run(backend, nms_sorted_padded, boxes, labels, counts, threshold), expected), backend
+    # Independent check: rows ranked by position are batched_nms with decreasing scores.
+    for image in range(batch):
+        n = int(counts[image])
+        kept = batched_nms_reference(boxes[image, :n], torch.arange(n, 0, -1, dtype=torch.float32),
+                                     labels[image, :n], threshold)
+        assert torch.equal(expected[image].nonzero().squeeze(1), kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_mask_stages_match_reference(dtype):
+    boxes, labels, counts = padded_inputs(2, 133, dtype)
+    threshold = 0.3
+    expected_mask = nms_mod._iou_mask_reference(boxes, labels, counts, threshold)
+    if fastbb._backend.backend_usable("triton", "cpu"):
+        from fastbb.kernels import nms as nms_kernels
+        assert torch.equal(nms_kernels.iou_mask(boxes, labels, counts, threshold), expected_mask)
+    if fastbb._backend.has_kernel("fastbb_C::nms_iou_mask", "CPU"):
+        assert torch.equal(torch.ops.fastbb_C.nms_iou_mask(boxes, labels, counts, threshold), expected_mask)
+        assert torch.equal(torch.ops.fastbb_C.nms_reduce_mask(expected_mask, counts),
+                           nms_mod._reduce_mask_scan(expected_mask, counts))
+    keep = nms_mod._reduce_mask_scan(expected_mask, counts)
+    assert torch.equal(keep, nms_sorted_padded_reference(boxes, labels, counts, threshold))
+
+
+# --------------------------------------------------------------------------- custom ops and compilation
+
+@pytest.mark.parametrize("backend", usable_backends("cpu", NMS_KERNELS))
+def test_opcheck(backend):
+    boxes, scores = rand_boxes(40, layout="crowded"), torch.rand(40)
+    idxs = torch.randint(0, 3, (40,))
+    p_boxes, p_labels, p_counts = padded_inputs(2, 40)
+    with fastbb.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastbb.nms.default, (boxes, scores, 0.5))
+        torch.library.opcheck(torch.ops.fastbb.batched_nms.default, (boxes, scores, idxs, 0.5))
+        torch.library.opcheck(torch.ops.fastbb.nms_sorted_padded.default, (p_boxes, p_labels, p_counts, 0.5))
+
+
+def test_torch_compile_fullgraph():
+    def detect(boxes, scores, idxs):
+        keep = nms(boxes, scores, 0.5)
+        keep_per_class = batched_nms(boxes, scores, idxs, 0.4)
+        return boxes[keep].sum() + keep_per_class.numel(), keep, keep_per_class
+
+    compiled = torch.compile(detect, fullgraph=True, backend="aot_eager")
+    boxes, scores = rand_boxes(120, layout="crowded"), torch.rand(120)
+    idxs = torch.randint(0, 5, (120,))
+    expected = detect(boxes, scores, idxs)
+    got = compiled(boxes, scores, idxs)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------- input errors
+
+def test_bad_inputs_raise_clear_errors():
+    boxes, scores = rand_boxes(5), torch.rand(5)
+    with pytest.raises(ValueError, match="boxes"):
+        nms(boxes[:, :3], scores, 0.5)
+    with pytest.raises(ValueError, match="boxes"):
+        nms(boxes[None], scores, 0.5)
+    with pytest.raises(TypeError, match="boxes"):
+        nms(boxes.long(), scores, 0.5)
+    with pytest.raises(ValueError, match="scores"):
+        nms(boxes, scores[:4], 0.5)
+    with pytest.raises(ValueError, match="scores"):
+        nms(boxes, scores[:, None], 0.5)
+    with pytest.raises(TypeError, match="scores"):
+        nms(boxes, scores.long(), 0.5)
+    for bad in (math.nan, math.inf, -0.1, 1.5):
+        with pytest.raises(ValueError, match="iou_threshold"):
+            nms(boxes, scores, bad)
+        with pytest.raises(ValueError, match="iou_threshold"):
+            batched_nms(boxes, scores, torch.zeros(5, dtype=torch.long), bad)
+    with pytest.raises(TypeError, match="iou_threshold"):
+        nms(boxes, scores, "0.5")
+    with pytest.raises(ValueError, match="device"):
+        nms(boxes, scores.to("meta"), 0.5)
+    with pytest.raises(ValueError, match="idxs"):
+        batched_nms(boxes, scores, torch.zeros(4, dtype=torch.long), 0.5)
+    with pytest.raises(TypeError, match="idxs"):
+        batched_nms(boxes, scores, torch.zeros(5), 0.5)
+    p_boxes, p_labels, p_counts = padded_inputs(2, 6)
+    with pytest.raises(ValueError, match="labels"):
+        nms_sorted_padded(p_boxes, p_labels[:, :5], p_counts, 0.5)
+    with pytest.raises(ValueError, match="valid_counts"):
+        nms_sorted_padded(p_boxes, p_labels, p_counts[:1], 0.5)
+    with pytest.raises(ValueError, match="boxes"):
+        nms_sorted_padded(p_boxes[0], p_labels, p_counts, 0.5)
+    with pytest.raises(ValueError, match="iou_threshold"):
+        nms_sorted_padded(p_boxes, p_labels, p_counts, math.nan)
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 7, 1000, 20000])
+def test_cuda_nms_matches_reference_and_torchvision(backend, dtype, n):
+    if backend not in usable_backends("cuda", NMS_KERNELS):
+        pytest.fail(f"backend {backend} is not usable on this GPU machine")
+    boxes, scores = rand_boxes(n, dtype, "crowded" if n < 5000 else "spread"), torch.rand(n, dtype=dtype)
+    expected = run("cpp" if "cpp" in usable_backends("cpu", NMS_KERNELS) else "reference", nms, boxes, scores, 0.5)
+    got = run(backend, nms, boxes.cuda(), scores.cuda(), 0.5)
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), expected)
+    assert torch.equal(expected, torchvision_nms(boxes, scores, 0.5))
+    if dtype in (torch.float32, torch.float64) and n:
+        # torchvision's CUDA kernel lets nvcc fuse a multiply-add in its IoU, so an IoU within an ulp of
+        # the threshold may round the other way there: allow a rare difference, no more.
+        tv_cuda = set(torchvision.ops.nms(boxes.cuda(), scores.cuda(), 0.5).tolist())
+        assert len(tv_cuda ^ set(expected.tolist())) <= max(2, n // 2000)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("classes,n", [(1, 500), (80, 5000), (1000, 3000)])
+def test_cuda_batched_nms_matches_reference(backend, classes, n):
+    boxes, scores = rand_boxes(n, layout="crowded"), torch.rand(n)
+    idxs = torch.randint(-5, classes - 5, (n,))
+    expected = batched_nms_reference(boxes, scores, idxs, 0.5) if n <= 1000 else run(
+        "cpp", batched_nms, boxes, scores, idxs, 0.5)
+    got = run(backend, batched_nms, boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5)
+    assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_sorted_padded_matches_reference_and_graph_capture(backend, dtype):
+    boxes, labels, counts = padded_inputs(3, 1000, dtype, labels_range=5)
+    expected = nms_sorted_padded_reference(boxes, labels, counts, 0.5)
+    boxes, labels, counts = boxes.cuda(), labels.cuda(), counts.cuda()
+    with fastbb.use_backend(backend):
+        assert torch.equal(nms_sorted_padded(boxes, labels, counts, 0.5).cpu(), expected)
+        if backend == "cuda":  # captured once, replayed on new data
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                nms_sorted_padded(boxes, labels, counts, 0.5)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = nms_sorted_padded(boxes, labels, counts, 0.5)
+            new_boxes, new_labels, new_counts = padded_inputs(3, 1000, dtype, labels_range=5)
+            boxes.copy_(new_boxes)
+            labels.copy_(new_labels)
+            counts.copy_(new_counts)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out.cpu(), nms_sorted_padded_reference(new_boxes, new_labels, new_counts, 0.5))
