@@ -15,6 +15,7 @@ import time
 
 import torch
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASE_MODULES = ("cases_nms", "cases_box_decode", "cases_retinanet_postprocess")
 
 
@@ -54,6 +55,14 @@ def peak_memory(fn, device):
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def parametrize_cases(cases_module):
+    """pytest parametrization over every (case, provider) of a cases_<op>.py module on DEVICE."""
+    import pytest
+
+    params = [(case, provider) for case in cases_module.cases(DEVICE) for provider in case["providers"]]
+    return pytest.mark.parametrize("case, provider", params, ids=[f"{c['name']}-{p}" for c, p in params])
 
 
 def collect_cases(device, only=None):

@@ -116,7 +116,8 @@ def use_backend(name):
 def choose(op_name, device_type, preference, kernels=None):
     """Pick the backend for one call of `op_name` on `device_type`.
 
-    preference: {device_type: (backend, ...)} fastest first; kernels: {backend: fastbb_C op name}.
+    preference: {device_type: (backend, ...)} fastest first (the reference is the last resort
+    everywhere); kernels: {backend: fastbb_C op name}.
     """
     kernels = kernels or {}
     forced = forced_backend()
@@ -126,10 +127,11 @@ def choose(op_name, device_type, preference, kernels=None):
                 f"fastbb.{op_name}: backend {forced!r} was forced but is not usable on {device_type} "
                 f"tensors here ({_why_unusable(forced, device_type)}); usable: "
                 f"{[b for b in BACKENDS if backend_usable(b, device_type, kernels.get(b))]}")
-        offered = preference.get(device_type, ()) + ("reference",)
+        # An op has a backend when it prefers it on some device: Triton, preferred on CUDA, can be
+        # forced on CPU tensors under the interpreter without ever being chosen there by default.
+        offered = {b for backends in preference.values() for b in backends} | {"reference"}
         if forced not in offered:
-            raise RuntimeError(f"fastbb.{op_name} has no {forced!r} implementation on {device_type}; "
-                               f"it has {sorted(set(offered))}")
+            raise RuntimeError(f"fastbb.{op_name} has no {forced!r} implementation; it has {sorted(offered)}")
         return forced
     for backend in preference.get(device_type, ()):
         if backend_usable(backend, device_type, kernels.get(backend)):

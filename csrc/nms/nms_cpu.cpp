@@ -22,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "nms/nms_threshold.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -59,15 +61,6 @@ struct RankedBoxes {
     area[r] = (c - a) * (d - b);
   }
 };
-
-// The largest T not above `threshold`: for a T value x, x > threshold (compared in double, as
-// torchvision compares) exactly when x > threshold_below<T>(threshold).
-template <typename T>
-T threshold_below(double threshold) {
-  T t = static_cast<T>(threshold);
-  if (static_cast<double>(t) > threshold) t = std::nextafter(t, -std::numeric_limits<T>::infinity());
-  return t;
-}
 
 // torchvision's IoU, operation for operation, > threshold (given as threshold_below<T>).
 template <typename T>

@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "nms/nms_threshold.h"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -28,15 +30,6 @@ __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, 
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-
-// The largest T not above `threshold`: a T value x is > threshold (compared in double, as torchvision
-// compares) exactly when x > threshold_below<T>(threshold).
-template <typename T>
-T threshold_below(double threshold) {
-  T t = static_cast<T>(threshold);
-  if (static_cast<double>(t) > threshold) t = std::nextafter(t, -std::numeric_limits<T>::infinity());
-  return t;
-}
 
 template <typename T>
 __device__ __forceinline__ bool iou_above(const T* a, T area_a, const T* b, T area_b, T threshold) {

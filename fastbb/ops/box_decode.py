@@ -21,7 +21,7 @@ from fastbb.ops._common import FLOAT_DTYPES, check_same_device, check_tensor, ke
 _OP = "decode_boxes"
 _STYLES = {"torchvision": 0, "mmdet": 1}
 # On CPU tensors Triton runs only under its interpreter: offered there for testing, never chosen by default.
-_PREFERENCE = {"cpu": ("cpp", "reference", "triton"), "cuda": ("cuda", "triton")}
+_PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 _KERNELS = {"cpp": "fastbb_C::decode_boxes", "cuda": "fastbb_C::decode_boxes"}
 _DEFAULT_DWH_MAX = math.log(1000.0 / 16)
 

@@ -32,7 +32,7 @@ from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, che
 
 # Triton on CPU tensors runs only under its interpreter: offered (so it can be forced and tested), never
 # picked ahead of the reference.
-_PREFERENCE = {"cpu": ("cpp", "reference", "triton"), "cuda": ("cuda", "triton")}
+_PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 # Compiled kernels. nms: kept indices in rank order (idxs, when given, separates classes).
