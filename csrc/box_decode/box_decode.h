@@ -114,11 +114,39 @@ inline FASTBB_HOST_DEVICE T exp_(T v) {
 #endif
 }
 
+// d / weight, skipping the division for the common weight 1 (x / 1 == x exactly, NaN and inf included).
+template <typename T>
+inline FASTBB_HOST_DEVICE T divide_by_weight(T d, double weight) {
+  return weight == 1.0 ? d : d / static_cast<T>(weight);
+}
+
 }  // namespace detail
 
+// The two exponents of one box: its dw and dh, scaled and clamped. Split out of decode_box so that a
+// kernel can evaluate the exps of many boxes at once (the CPU kernel does, with ATen's vectorized exp).
+template <typename acc_t, typename delta_t>
+inline FASTBB_HOST_DEVICE void decode_box_exponents(const delta_t* delta, const BoxDecodeParams& p,
+                                                    acc_t* dwh) {
+  using detail::mul;
+  acc_t dw, dh;
+  if (p.style == kTorchvision) {
+    dw = detail::divide_by_weight(static_cast<acc_t>(delta[2]), p.weights[2]);
+    dh = detail::divide_by_weight(static_cast<acc_t>(delta[3]), p.weights[3]);
+  } else {
+    dw = mul(static_cast<acc_t>(delta[2]), static_cast<acc_t>(p.stds[2])) + static_cast<acc_t>(p.means[2]);
+    dh = mul(static_cast<acc_t>(delta[3]), static_cast<acc_t>(p.stds[3])) + static_cast<acc_t>(p.means[3]);
+  }
+  const acc_t dwh_min = static_cast<acc_t>(p.dwh_min);
+  const acc_t dwh_max = static_cast<acc_t>(p.dwh_max);
+  dwh[0] = detail::clamp_max(detail::clamp_min(dw, dwh_min), dwh_max);
+  dwh[1] = detail::clamp_max(detail::clamp_min(dh, dwh_min), dwh_max);
+}
+
+// Decodes one box given exp(dw) and exp(dh) of decode_box_exponents.
 template <typename acc_t, typename anchor_t, typename delta_t>
-inline FASTBB_HOST_DEVICE void decode_box(const anchor_t* anchor, const delta_t* delta,
-                                          const BoxDecodeParams& p, acc_t* out) {
+inline FASTBB_HOST_DEVICE void decode_box_scaled(const anchor_t* anchor, const delta_t* delta,
+                                                 const BoxDecodeParams& p, acc_t exp_dw, acc_t exp_dh,
+                                                 acc_t* out) {
   using detail::mul;
   const acc_t x1 = static_cast<acc_t>(anchor[0]);
   const acc_t y1 = static_cast<acc_t>(anchor[1]);
@@ -127,35 +155,27 @@ inline FASTBB_HOST_DEVICE void decode_box(const anchor_t* anchor, const delta_t*
   const acc_t w = x2 - x1;
   const acc_t h = y2 - y1;
   const acc_t half = static_cast<acc_t>(0.5);
-  acc_t cx, cy, dx, dy, dw, dh;
+  acc_t cx, cy, dx, dy;
   if (p.style == kTorchvision) {
     cx = x1 + mul(half, w);
     cy = y1 + mul(half, h);
-    dx = static_cast<acc_t>(delta[0]) / static_cast<acc_t>(p.weights[0]);
-    dy = static_cast<acc_t>(delta[1]) / static_cast<acc_t>(p.weights[1]);
-    dw = static_cast<acc_t>(delta[2]) / static_cast<acc_t>(p.weights[2]);
-    dh = static_cast<acc_t>(delta[3]) / static_cast<acc_t>(p.weights[3]);
+    dx = detail::divide_by_weight(static_cast<acc_t>(delta[0]), p.weights[0]);
+    dy = detail::divide_by_weight(static_cast<acc_t>(delta[1]), p.weights[1]);
   } else {
     cx = mul(x1 + x2, half);
     cy = mul(y1 + y2, half);
     dx = mul(static_cast<acc_t>(delta[0]), static_cast<acc_t>(p.stds[0])) + static_cast<acc_t>(p.means[0]);
     dy = mul(static_cast<acc_t>(delta[1]), static_cast<acc_t>(p.stds[1])) + static_cast<acc_t>(p.means[1]);
-    dw = mul(static_cast<acc_t>(delta[2]), static_cast<acc_t>(p.stds[2])) + static_cast<acc_t>(p.means[2]);
-    dh = mul(static_cast<acc_t>(delta[3]), static_cast<acc_t>(p.stds[3])) + static_cast<acc_t>(p.means[3]);
   }
   acc_t shift_x = mul(dx, w);
   acc_t shift_y = mul(dy, h);
   const acc_t dxy_max = static_cast<acc_t>(p.dxy_max);
   shift_x = detail::clamp_min(detail::clamp_max(shift_x, dxy_max), -dxy_max);
   shift_y = detail::clamp_min(detail::clamp_max(shift_y, dxy_max), -dxy_max);
-  const acc_t dwh_min = static_cast<acc_t>(p.dwh_min);
-  const acc_t dwh_max = static_cast<acc_t>(p.dwh_max);
-  dw = detail::clamp_max(detail::clamp_min(dw, dwh_min), dwh_max);
-  dh = detail::clamp_max(detail::clamp_min(dh, dwh_min), dwh_max);
   const acc_t pred_cx = shift_x + cx;
   const acc_t pred_cy = shift_y + cy;
-  const acc_t half_w = mul(half, mul(detail::exp_(dw), w));
-  const acc_t half_h = mul(half, mul(detail::exp_(dh), h));
+  const acc_t half_w = mul(half, mul(exp_dw, w));
+  const acc_t half_h = mul(half, mul(exp_dh, h));
   acc_t bx1 = pred_cx - half_w;
   acc_t by1 = pred_cy - half_h;
   acc_t bx2 = pred_cx + half_w;
@@ -173,6 +193,14 @@ inline FASTBB_HOST_DEVICE void decode_box(const anchor_t* anchor, const delta_t*
   out[1] = by1;
   out[2] = bx2;
   out[3] = by2;
+}
+
+template <typename acc_t, typename anchor_t, typename delta_t>
+inline FASTBB_HOST_DEVICE void decode_box(const anchor_t* anchor, const delta_t* delta,
+                                          const BoxDecodeParams& p, acc_t* out) {
+  acc_t dwh[2];
+  decode_box_exponents<acc_t>(delta, p, dwh);
+  decode_box_scaled<acc_t>(anchor, delta, p, detail::exp_(dwh[0]), detail::exp_(dwh[1]), out);
 }
 
 // Argument checks and parameter set-up shared by the CPU and CUDA kernels of fastbb_C::decode_boxes

@@ -4,9 +4,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #define FASTBB_BOX_DECODE_OP
 #include "box_decode/box_decode.h"
@@ -31,8 +34,14 @@ void decode_boxes_cpu_impl(const at::Tensor& anchors, const at::Tensor& deltas,
 
   // At least ~4096 boxes per thread: below that, threads cost more than they save.
   const int64_t grain = std::max<int64_t>(1, 4096 / boxes_per_row);
+  // Rows are decoded in blocks: first every box's exponents, then one call of ATen's vectorized exp on
+  // the block (a scalar exp per value is most of the time otherwise), then the boxes themselves.
+  constexpr int64_t kBlockBoxes = 2048;
+  const auto exp_dtype = c10::CppTypeToScalarType<acc_t>::value;
   at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
     BoxDecodeParams p = base;
+    std::vector<acc_t> exps(2 * kBlockBoxes);
+    const at::Tensor exps_view = at::from_blob(exps.data(), {2 * kBlockBoxes}, at::TensorOptions(exp_dtype));
     // Anchor and image indices advance with the row, so the loop does no integer division.
     int64_t anchor = begin % num_anchors;
     int64_t image = begin / rows_per_image;
@@ -41,21 +50,32 @@ void decode_boxes_cpu_impl(const at::Tensor& anchors, const at::Tensor& deltas,
       p.clip_h = static_cast<double>(size_data[2 * image]);
       p.clip_w = static_cast<double>(size_data[2 * image + 1]);
     }
-    for (int64_t row = begin; row < end; ++row) {
-      if (size_data != nullptr && row == next_image_row) {
-        ++image;
-        next_image_row += rows_per_image;
-        p.clip_h = static_cast<double>(size_data[2 * image]);
-        p.clip_w = static_cast<double>(size_data[2 * image + 1]);
+    const int64_t rows_per_block = std::max<int64_t>(1, kBlockBoxes / boxes_per_row);
+    for (int64_t block = begin; block < end; block += rows_per_block) {
+      const int64_t block_end = std::min(end, block + rows_per_block);
+      const int64_t first_box = block * boxes_per_row;
+      const int64_t num_boxes = (block_end - block) * boxes_per_row;
+      for (int64_t i = 0; i < num_boxes; ++i) {
+        decode_box_exponents<acc_t>(delta_data + 4 * (first_box + i), p, &exps[2 * i]);
       }
-      const scalar_t* a = anchor_data + 4 * anchor;
-      for (int64_t k = 0; k < boxes_per_row; ++k) {
-        const int64_t box = row * boxes_per_row + k;
-        acc_t decoded[4];
-        decode_box<acc_t>(a, delta_data + 4 * box, p, decoded);
-        for (int i = 0; i < 4; ++i) out_data[4 * box + i] = static_cast<scalar_t>(decoded[i]);
+      exps_view.narrow(0, 0, 2 * num_boxes).exp_();
+      for (int64_t row = block; row < block_end; ++row) {
+        if (size_data != nullptr && row == next_image_row) {
+          ++image;
+          next_image_row += rows_per_image;
+          p.clip_h = static_cast<double>(size_data[2 * image]);
+          p.clip_w = static_cast<double>(size_data[2 * image + 1]);
+        }
+        const scalar_t* a = anchor_data + 4 * anchor;
+        for (int64_t k = 0; k < boxes_per_row; ++k) {
+          const int64_t box = row * boxes_per_row + k;
+          const acc_t* e = &exps[2 * (box - first_box)];
+          acc_t decoded[4];
+          decode_box_scaled<acc_t>(a, delta_data + 4 * box, p, e[0], e[1], decoded);
+          for (int i = 0; i < 4; ++i) out_data[4 * box + i] = static_cast<scalar_t>(decoded[i]);
+        }
+        if (++anchor == num_anchors) anchor = 0;
       }
-      if (++anchor == num_anchors) anchor = 0;
     }
   });
 }
