@@ -100,7 +100,7 @@ setup(
     name="fastbb",
     version=VERSION,
     description="Fused CUDA, Triton and C++ kernels for ResNet / FPN / RetinaNet detectors, as drop-in modules",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["fastbb", "fastbb.*"]) + ["fastbb.kernels", "fastbb.benchmarks"],
     package_dir={"fastbb.kernels": "kernels", "fastbb.benchmarks": "benchmarks"},
     ext_modules=[_extension()],
