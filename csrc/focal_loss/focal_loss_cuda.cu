@@ -1,0 +1,204 @@
+// CUDA kernel of fastbb_C::sigmoid_focal_loss (schema and the math in fastbb/ops/focal_loss.py): one thread
+// per element of the (N, C) logits, several elements per thread in a grid-stride loop. With a reduction,
+// each block writes one partial sum (a fixed-order tree in shared memory) and the partial sums are added
+// by ATen's sum: no atomics, so repeated runs give the same bits, and nothing waits on the host.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace fastbb {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct FocalParams {
+  double alpha_pos;
+  double alpha_neg;
+  double gamma;
+  int64_t ignore_index;
+};
+
+template <typename scalar_t, typename acc_t, bool kLabels, bool kWeight, bool kReduce, bool kGrad>
+__global__ void focal_loss_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ targets,
+                                  const int64_t* __restrict__ labels, const acc_t* __restrict__ weight,
+                                  int64_t weight_row_stride, int64_t weight_col_stride, FocalParams params,
+                                  int64_t total, int64_t num_classes, scalar_t* __restrict__ loss_out,
+                                  acc_t* __restrict__ partial, scalar_t* __restrict__ grad_out) {
+  const acc_t alpha_pos = static_cast<acc_t>(params.alpha_pos);
+  const acc_t alpha_neg = static_cast<acc_t>(params.alpha_neg);
+  const acc_t gamma = static_cast<acc_t>(params.gamma);
+  const bool gamma_two = params.gamma == 2.0;
+  acc_t thread_sum = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const acc_t x = static_cast<acc_t>(logits[i]);
+    acc_t t;
+    acc_t scale = 1;
+    int64_t row = 0, col = 0;
+    if constexpr (kLabels || kWeight) {
+      row = i / num_classes;
+      col = i - row * num_classes;
+    }
+    if constexpr (kLabels) {
+      const int64_t label = labels[row];
+      t = label == col ? acc_t(1) : acc_t(0);
+      if (label == params.ignore_index) scale = 0;
+    } else {
+      t = static_cast<acc_t>(targets[i]);
+    }
+    if constexpr (kWeight) scale *= weight[row * weight_row_stride + col * weight_col_stride];
+    const acc_t e = exp(-fabs(x));
+    const acc_t d = acc_t(1) / (acc_t(1) + e);
+    const acc_t p = x >= 0 ? d : e * d;
+    const acc_t q = x >= 0 ? e * d : d;
+    const acc_t log1p_e = log1p(e);
+    const acc_t softplus_pos = (x > 0 ? x : acc_t(0)) + log1p_e;   // -log q
+    const acc_t softplus_neg = (x < 0 ? -x : acc_t(0)) + log1p_e;  // -log p
+    const acc_t ce = t * softplus_neg + (acc_t(1) - t) * softplus_pos;
+    const acc_t m = p * (acc_t(1) - t) + q * t;
+    acc_t m_gamma, m_gamma_1;
+    if (gamma_two) {
+      m_gamma = m * m;
+      m_gamma_1 = m;
+    } else {
+      m_gamma = pow(m, gamma);
+      m_gamma_1 = m > 0 ? pow(m, gamma - acc_t(1)) : (gamma == acc_t(1) ? acc_t(1) : acc_t(0));
+    }
+    scale *= alpha_pos * t + alpha_neg * (acc_t(1) - t);
+    const acc_t loss = scale * ce * m_gamma;
+    if constexpr (kReduce) {
+      thread_sum += loss;
+    } else {
+      loss_out[i] = static_cast<scalar_t>(loss);
+    }
+    if constexpr (kGrad) {
+      grad_out[i] = static_cast<scalar_t>(
+          scale * ((p - t) * m_gamma + gamma * ce * m_gamma_1 * p * q * (acc_t(1) - acc_t(2) * t)));
+    }
+  }
+  if constexpr (kReduce) {
+    __shared__ acc_t sums[kThreads];
+    sums[threadIdx.x] = thread_sum;
+    __syncthreads();
+    for (int width = kThreads / 2; width > 0; width /= 2) {
+      if (threadIdx.x < width) sums[threadIdx.x] += sums[threadIdx.x + width];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = sums[0];
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kLabels, bool kWeight, bool kReduce>
+void launch_grad(bool compute_grad, int blocks, cudaStream_t stream, const scalar_t* logits, const scalar_t* targets,
+                 const int64_t* labels, const acc_t* weight, int64_t w0, int64_t w1, const FocalParams& params,
+                 int64_t total, int64_t num_classes, scalar_t* loss, acc_t* partial, scalar_t* grad) {
+  if (compute_grad) {
+    focal_loss_kernel<scalar_t, acc_t, kLabels, kWeight, kReduce, true><<<blocks, kThreads, 0, stream>>>(
+        logits, targets, labels, weight, w0, w1, params, total, num_classes, loss, partial, grad);
+  } else {
+    focal_loss_kernel<scalar_t, acc_t, kLabels, kWeight, kReduce, false><<<blocks, kThreads, 0, stream>>>(
+        logits, targets, labels, weight, w0, w1, params, total, num_classes, loss, partial, grad);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename acc_t, bool kLabels, bool kWeight>
+void launch_reduce(bool reduce, bool compute_grad, int blocks, cudaStream_t stream, const scalar_t* logits,
+                   const scalar_t* targets, const int64_t* labels, const acc_t* weight, int64_t w0, int64_t w1,
+                   const FocalParams& params, int64_t total, int64_t num_classes, scalar_t* loss, acc_t* partial,
+                   scalar_t* grad) {
+  if (reduce) {
+    launch_grad<scalar_t, acc_t, kLabels, kWeight, true>(compute_grad, blocks, stream, logits, targets, labels,
+                                                         weight, w0, w1, params, total, num_classes, loss,
+                                                         partial, grad);
+  } else {
+    launch_grad<scalar_t, acc_t, kLabels, kWeight, false>(compute_grad, blocks, stream, logits, targets, labels,
+                                                          weight, w0, w1, params, total, num_classes, loss,
+                                                          partial, grad);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
+    const at::Tensor& logits, const c10::optional<at::Tensor>& targets, const c10::optional<at::Tensor>& labels,
+    const c10::optional<at::Tensor>& weight, double alpha, double gamma, int64_t ignore_index, bool reduce,
+    bool compute_grad) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "sigmoid_focal_loss: logits must be contiguous (N, C)");
+  TORCH_CHECK(targets.has_value() != labels.has_value(), "sigmoid_focal_loss: give exactly one of targets, labels");
+  TORCH_CHECK(gamma >= 0, "sigmoid_focal_loss: gamma must be >= 0, got ", gamma);
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (targets.has_value()) {
+    TORCH_CHECK(targets->sizes() == logits.sizes() && targets->is_contiguous() &&
+                    targets->scalar_type() == logits.scalar_type(),
+                "sigmoid_focal_loss: targets must be contiguous, of logits' shape and dtype");
+  }
+  if (labels.has_value()) {
+    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == logits.size(0) && labels->is_contiguous() &&
+                    labels->scalar_type() == at::kLong,
+                "sigmoid_focal_loss: labels must be contiguous int64 (N,)");
+  }
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->sizes() == logits.sizes() && weight->scalar_type() == acc_dtype,
+                "sigmoid_focal_loss: weight must be (N, C) in the compute dtype");
+  }
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const FocalParams params{alpha >= 0 ? alpha : 1.0, alpha >= 0 ? 1.0 - alpha : 1.0, gamma, ignore_index};
+  const int64_t total = logits.numel();
+  const int64_t num_classes = logits.size(1);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int blocks = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(sms) * 8)));
+  at::Tensor partial = at::empty({reduce ? blocks : 0}, logits.options().dtype(acc_dtype));
+  at::Tensor loss = reduce ? partial : at::empty_like(logits);
+  at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  if (total == 0) {
+    return {reduce ? at::zeros({}, logits.options().dtype(acc_dtype)) : loss, grad};
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t w0 = weight.has_value() ? weight->stride(0) : 0;
+  const int64_t w1 = weight.has_value() ? weight->stride(1) : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sigmoid_focal_loss_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* logit_data = logits.const_data_ptr<scalar_t>();
+    const scalar_t* target_data = targets.has_value() ? targets->const_data_ptr<scalar_t>() : nullptr;
+    const int64_t* label_data = labels.has_value() ? labels->const_data_ptr<int64_t>() : nullptr;
+    const acc_t* weight_data = weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr;
+    scalar_t* loss_data = reduce ? nullptr : loss.mutable_data_ptr<scalar_t>();
+    acc_t* partial_data = reduce ? partial.mutable_data_ptr<acc_t>() : nullptr;
+    scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    auto launch = [&](auto has_labels, auto has_weight) {
+      launch_reduce<scalar_t, acc_t, decltype(has_labels)::value, decltype(has_weight)::value>(
+          reduce, compute_grad, blocks, stream, logit_data, target_data, label_data, weight_data, w0, w1, params,
+          total, num_classes, loss_data, partial_data, grad_data);
+    };
+    if (label_data != nullptr && weight_data != nullptr) {
+      launch(std::true_type{}, std::true_type{});
+    } else if (label_data != nullptr) {
+      launch(std::true_type{}, std::false_type{});
+    } else if (weight_data != nullptr) {
+      launch(std::false_type{}, std::true_type{});
+    } else {
+      launch(std::false_type{}, std::false_type{});
+    }
+  });
+  if (reduce) {
+    return {at::sum(partial), grad};
+  }
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbb_C, CUDA, m) { m.impl("sigmoid_focal_loss", &sigmoid_focal_loss_cuda); }
+
+}  // namespace fastbb

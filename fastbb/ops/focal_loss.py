@@ -1,0 +1,337 @@
+"""Sigmoid focal loss (RetinaNet) in one pass: the loss and, when needed, its gradient from one read.
+
+Two forms:
+- `sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)`: torchvision's, dense float targets.
+- `sigmoid_focal_loss_labels(logits, labels, ...)`: class labels (..., ) for logits (..., C), as mmcv /
+  mmdet's FocalLoss: a label in [0, C) is that class, C or -1 is background (every class negative),
+  `ignore_index` adds nothing to loss or gradient; optional weight broadcastable to (..., C).
+
+With p = sigmoid(x), q = 1 - p, target t, m = p (1 - t) + q t (the probability of the wrong answer):
+    ce = t softplus(-x) + (1 - t) softplus(x),  loss = alpha_t ce m^gamma,
+    d loss / dx = alpha_t ((p - t) m^gamma + gamma ce m^(gamma - 1) p q (1 - 2t)),
+alpha_t = alpha t + (1 - alpha)(1 - t), or 1 when alpha < 0. softplus and q are taken from exp(-|x|),
+so logits of +-1e4 give finite, exact results. The forward saves the gradient of each element (weighted,
+not yet scaled by the reduction), so backward is a single multiplication by the incoming gradient.
+float16 / bfloat16 are computed in float32; sums accumulate in float32 (float64 for float64).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastbb import _backend
+from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, kernel_lib
+
+_OP = "sigmoid_focal_loss"
+# On CPU tensors Triton runs only under its interpreter: offered there for testing, never chosen by default.
+_PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
+_KERNELS = {"cpp": "fastbb_C::sigmoid_focal_loss", "cuda": "fastbb_C::sigmoid_focal_loss"}
+_REDUCTIONS = ("none", "mean", "sum")
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+# The compiled kernels take logits (N, C) contiguous, either targets (N, C) of logits' dtype or labels (N,)
+# int64, and weight (N, C) in the compute dtype with any strides (expanded views welcome). They return
+# (loss, grad): loss (N, C) in logits' dtype, or with `reduce` its sum as a 0-d tensor in the compute dtype;
+# grad (N, C) in logits' dtype when compute_grad, else an empty tensor.
+kernel_lib.define("sigmoid_focal_loss(Tensor logits, Tensor? targets, Tensor? labels, Tensor? weight, float alpha, "
+                  "float gamma, int ignore_index, bool reduce, bool compute_grad) -> (Tensor, Tensor)")
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _label_targets(labels, num_classes, ignore_index, dtype):
+    """One-hot targets of labels (background rows all zero) and the per-row mask of non-ignored rows."""
+    positive = (labels >= 0) & (labels < num_classes)
+    one_hot = F.one_hot(labels.clamp(0, max(num_classes - 1, 0)), max(num_classes, 1))[..., :num_classes]
+    targets = (one_hot * positive[..., None]).to(dtype)
+    return targets, (labels != ignore_index).to(dtype)[..., None]
+
+
+def _check_label_range(labels, num_classes, ignore_index):
+    bad = ((labels < -1) | (labels > num_classes)) & (labels != ignore_index)
+    if bool(bad.any()):
+        raise ValueError(f"{_OP}: labels must be in [-1, {num_classes}] or ignore_index ({ignore_index}), "
+                         f"got {labels[bad][0].item()}")
+
+
+def _focal_rows(logits, targets, labels, weight, alpha, gamma, ignore_index, reduce, compute_grad):
+    """The kernels' contract in PyTorch: (loss or its sum, weighted per-element gradient)."""
+    compute = _compute_dtype(logits.dtype)
+    x = logits.to(compute)
+    if labels is not None:
+        if labels.device.type == "cpu":
+            _check_label_range(labels, logits.shape[-1], ignore_index)
+        t, keep = _label_targets(labels, logits.shape[-1], ignore_index, compute)
+        weight = keep if weight is None else weight.to(compute) * keep
+    else:
+        t = targets.to(compute)
+    sp_pos = F.softplus(x)  # -log(1 - p)
+    sp_neg = F.softplus(-x)  # -log(p)
+    p = torch.exp(-sp_neg)
+    q = torch.exp(-sp_pos)
+    ce = t * sp_neg + (1 - t) * sp_pos
+    m = p * (1 - t) + q * t
+    m_gamma = m.pow(gamma)
+    scale = alpha * t + (1 - alpha) * (1 - t) if alpha >= 0 else torch.ones_like(t)
+    if weight is not None:
+        scale = scale * weight
+    loss = scale * ce * m_gamma
+    loss = loss.sum() if reduce else loss.to(logits.dtype)
+    if not compute_grad:
+        return loss, logits.new_empty(0)
+    if gamma == 1:
+        m_gamma_1 = torch.ones_like(m)
+    else:
+        m_gamma_1 = torch.where(m > 0, m.pow(gamma - 1), torch.zeros_like(m))
+    grad = scale * ((p - t) * m_gamma + gamma * ce * m_gamma_1 * p * q * (1 - 2 * t))
+    return loss, grad.to(logits.dtype)
+
+
+@torch.library.custom_op("fastbb::sigmoid_focal_loss", mutates_args=())
+def _focal_loss_op(logits: torch.Tensor, targets: torch.Tensor | None, labels: torch.Tensor | None,
+                   weight: torch.Tensor | None, alpha: float, gamma: float, ignore_index: int, reduce: bool,
+                   scale: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (logits, targets, labels, weight, alpha, gamma, ignore_index, reduce, compute_grad)
+    backend = _backend.choose(_OP, logits.device.type, _PREFERENCE, _KERNELS)
+    if backend in ("cpp", "cuda"):
+        loss, grad = torch.ops.fastbb_C.sigmoid_focal_loss(*args)
+    elif backend == "triton":
+        from fastbb.kernels import focal_loss
+        if labels is not None and labels.device.type == "cpu":
+            _check_label_range(labels, logits.shape[-1], ignore_index)
+        loss, grad = focal_loss.sigmoid_focal_loss(*args)
+    else:
+        loss, grad = _focal_rows(*args)
+    if reduce:
+        loss = (loss * scale).to(logits.dtype)
+    return loss, grad
+
+
+@_focal_loss_op.register_fake
+def _(logits, targets, labels, weight, alpha, gamma, ignore_index, reduce, scale, compute_grad):
+    loss = logits.new_empty(()) if reduce else torch.empty_like(logits)
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.reduce, ctx.scale, ctx.compute_grad = inputs[7], inputs[8], inputs[9]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_loss, _):
+    (grad,) = ctx.saved_tensors
+    if not ctx.compute_grad:
+        raise RuntimeError(f"{_OP}: the forward ran without gradient tracking; no gradient was saved")
+    if ctx.reduce:
+        grad_logits = grad * (grad_loss.to(_compute_dtype(grad.dtype)) * ctx.scale)
+    else:
+        grad_logits = grad * grad_loss
+    return (grad_logits,) + (None,) * 9
+
+
+_focal_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public functions: checks and normalisation to the op's (N, C) layout.
+
+def _check_common(gamma, alpha, reduction):
+    gamma = check_float(_OP, "gamma", gamma)
+    if gamma < 0:
+        raise ValueError(f"{_OP}: gamma must be >= 0, got {gamma}")
+    alpha = check_float(_OP, "alpha", alpha)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{_OP}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    return gamma, alpha
+
+
+def _check_avg_factor(avg_factor, reduction):
+    """avg_factor as a Python float, or as a tensor (divided afterwards: no host sync); None if absent."""
+    if avg_factor is None:
+        return None
+    if reduction == "sum":
+        raise ValueError(f"{_OP}: avg_factor can not be used with reduction 'sum'")
+    if isinstance(avg_factor, torch.Tensor):
+        if avg_factor.numel() != 1:
+            raise ValueError(f"{_OP}: avg_factor must be a number or a one-element tensor, "
+                             f"got shape {tuple(avg_factor.shape)}")
+        if avg_factor.device.type != "cpu" or torch.compiler.is_compiling():
+            return avg_factor.reshape(())  # its sign is not checked here: that would wait for the device
+        avg_factor = avg_factor.item()
+    avg_factor = check_float(_OP, "avg_factor", avg_factor)
+    if avg_factor <= 0:
+        raise ValueError(f"{_OP}: avg_factor must be > 0, got {avg_factor}")
+    return avg_factor
+
+
+def _run(logits, targets, labels, weight, alpha, gamma, ignore_index, reduction, avg_factor):
+    """logits (..., C) -> the op on (N, C) rows, reduced as asked, in logits' shape for 'none'."""
+    shape = logits.shape
+    num_classes = shape[-1] if logits.dim() > 0 else 1
+    rows = logits.reshape(math.prod(shape[:-1]), num_classes).contiguous()
+    if targets is not None:
+        targets = targets.to(logits.dtype).reshape(rows.shape).contiguous()
+    if labels is not None:
+        labels = labels.to(torch.int64).reshape(-1).contiguous()
+    if weight is not None:
+        weight = weight.to(_compute_dtype(logits.dtype))
+        if labels is not None and weight.shape == shape[:-1]:
+            weight = weight[..., None]  # per anchor
+        weight = weight.broadcast_to(shape).reshape(rows.shape)
+    reduce = reduction != "none"
+    tensor_factor = isinstance(avg_factor, torch.Tensor)
+    if reduction == "mean" and avg_factor is not None and not tensor_factor:
+        scale = 1.0 / avg_factor
+    elif reduction == "mean" and not tensor_factor:
+        scale = 1.0 / rows.numel() if rows.numel() > 0 else math.nan
+    else:
+        scale = 1.0
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = _focal_loss_op(rows, targets, labels, weight, alpha, gamma, ignore_index, reduce, scale,
+                             compute_grad)
+    if tensor_factor:
+        loss = loss / avg_factor.to(loss.dtype)
+    return loss if reduce else loss.reshape(shape)
+
+
+def _focal_loss_reference(logits, targets, alpha, gamma, weight=None):
+    """Per-element focal loss in plain PyTorch (autograd gives its gradient), in the compute dtype."""
+    compute = _compute_dtype(logits.dtype)
+    x = logits.to(compute)
+    t = targets.to(compute)
+    ce = t * F.softplus(-x) + (1 - t) * F.softplus(x)
+    m = torch.sigmoid(x) * (1 - t) + torch.sigmoid(-x) * t
+    loss = ce * m.pow(gamma)
+    if alpha >= 0:
+        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    if weight is not None:
+        loss = loss * weight
+    return loss
+
+
+def _reduce(loss, reduction, dtype, avg_factor=None):
+    if reduction == "none":
+        return loss.to(dtype)
+    if reduction == "sum":
+        return loss.sum().to(dtype)
+    if avg_factor is not None:
+        return (loss.sum() / avg_factor).to(dtype)
+    return loss.mean().to(dtype)
+
+
+def _check_dense(inputs, targets, reduction, gamma, alpha):
+    check_tensor(_OP, "inputs", inputs, dtypes=FLOAT_DTYPES)
+    check_tensor(_OP, "targets", targets)
+    if not (targets.is_floating_point() or targets.dtype == torch.bool or targets.dtype in _INTEGER_DTYPES):
+        raise TypeError(f"{_OP}: targets must be real numbers, got dtype {targets.dtype}")
+    if targets.shape != inputs.shape:
+        raise ValueError(f"{_OP}: targets must have the shape of inputs {tuple(inputs.shape)}, "
+                         f"got {tuple(targets.shape)}")
+    check_same_device(_OP, inputs=inputs, targets=targets)
+    return _check_common(gamma, alpha, reduction)
+
+
+def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2, reduction="none"):
+    """torchvision.ops.sigmoid_focal_loss: dense targets (probabilities) of inputs' shape.
+
+    alpha < 0 disables the alpha weighting; reduction 'none' | 'mean' | 'sum'. Differentiable in inputs
+    (and in targets, which then take the plain PyTorch formula).
+    """
+    gamma, alpha = _check_dense(inputs, targets, reduction, gamma, alpha)
+    if targets.requires_grad and torch.is_grad_enabled():
+        return _reduce(_focal_loss_reference(inputs, targets, alpha, gamma), reduction, inputs.dtype)
+    return _run(inputs, targets, None, None, alpha, gamma, -100, reduction, None)
+
+
+def sigmoid_focal_loss_reference(inputs, targets, alpha=0.25, gamma=2, reduction="none"):
+    """sigmoid_focal_loss in plain PyTorch (the ground truth): same arguments, checks and results."""
+    gamma, alpha = _check_dense(inputs, targets, reduction, gamma, alpha)
+    return _reduce(_focal_loss_reference(inputs, targets, alpha, gamma), reduction, inputs.dtype)
+
+
+def _check_labels(logits, labels, weight, reduction, gamma, alpha, avg_factor, ignore_index):
+    check_tensor(_OP, "logits", logits, dtypes=FLOAT_DTYPES)
+    check_tensor(_OP, "labels", labels)
+    if logits.dim() == 0:
+        raise ValueError(f"{_OP}: logits must be (..., C), got a 0-d tensor")
+    if labels.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"{_OP}: labels must be an integer tensor (class indices), got dtype {labels.dtype}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"{_OP}: labels must have shape {tuple(logits.shape[:-1])} (logits' without the "
+                         f"class dimension), got {tuple(labels.shape)}")
+    check_same_device(_OP, logits=logits, labels=labels)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{_OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if weight is not None:
+        check_tensor(_OP, "weight", weight)
+        if not weight.is_floating_point():
+            raise TypeError(f"{_OP}: weight must be a floating-point tensor, got dtype {weight.dtype}")
+        check_same_device(_OP, logits=logits, weight=weight)
+        if weight.shape != logits.shape[:-1]:
+            try:
+                torch.broadcast_shapes(weight.shape, logits.shape)
+                ok = torch.broadcast_shapes(weight.shape, logits.shape) == logits.shape
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{_OP}: weight must be per anchor {tuple(logits.shape[:-1])} or broadcastable "
+                                 f"to logits {tuple(logits.shape)}, got shape {tuple(weight.shape)}")
+    gamma, alpha = _check_common(gamma, alpha, reduction)
+    return gamma, alpha, _check_avg_factor(avg_factor, reduction)
+
+
+def sigmoid_focal_loss_labels(logits, labels, gamma=2.0, alpha=0.25, weight=None, reduction="mean",
+                              avg_factor=None, ignore_index=-100):
+    """Focal loss of logits (..., C) against class labels (...): mmcv / mmdet semantics.
+
+    A label in [0, C) is that class; C or -1 is background; `ignore_index` contributes nothing. weight:
+    per anchor (...,) or (..., 1), per class (C,), or full. 'mean' averages over all (..., C) elements (the
+    sum divided by avg_factor when given), as torchvision on the one-hot targets. Labels outside [-1, C]
+    other than ignore_index raise on CPU; on CUDA that check would wait for the device, so it is not made
+    and such labels count as background.
+    """
+    gamma, alpha, avg_factor = _check_labels(logits, labels, weight, reduction, gamma, alpha, avg_factor,
+                                             ignore_index)
+    return _run(logits, None, labels, weight, alpha, gamma, ignore_index, reduction, avg_factor)
+
+
+def sigmoid_focal_loss_labels_reference(logits, labels, gamma=2.0, alpha=0.25, weight=None, reduction="mean",
+                                        avg_factor=None, ignore_index=-100):
+    """sigmoid_focal_loss_labels in plain PyTorch (the ground truth): same arguments, checks and results."""
+    gamma, alpha, avg_factor = _check_labels(logits, labels, weight, reduction, gamma, alpha, avg_factor,
+                                             ignore_index)
+    if labels.device.type == "cpu":
+        _check_label_range(labels, logits.shape[-1], ignore_index)
+    compute = _compute_dtype(logits.dtype)
+    targets, keep = _label_targets(labels.long(), logits.shape[-1], ignore_index, compute)
+    if weight is not None:
+        weight = weight.to(compute)
+        keep = keep * (weight[..., None] if weight.shape == logits.shape[:-1] else weight)
+    loss = _focal_loss_reference(logits, targets, alpha, gamma, keep)
+    return _reduce(loss, reduction, logits.dtype, avg_factor)
+
+
+def _sigmoid_focal_loss_weighted(pred, target, weight, gamma, alpha, reduction, avg_factor):
+    """Dense targets with mmdet's weight and avg_factor (fastbb.nn.FocalLoss on one-hot / soft targets)."""
+    gamma, alpha = _check_dense(pred, target, reduction, gamma, alpha)
+    avg_factor = _check_avg_factor(avg_factor, reduction)
+    if weight is not None:
+        check_tensor(_OP, "weight", weight)
+        check_same_device(_OP, pred=pred, weight=weight)
+        if weight.shape != pred.shape and pred.dim() == 2 and weight.numel() == pred.shape[0]:
+            weight = weight.reshape(-1, 1)  # per anchor, as mmdet
+        try:
+            ok = torch.broadcast_shapes(weight.shape, pred.shape) == pred.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{_OP}: weight must be per anchor or broadcastable to pred {tuple(pred.shape)}, "
+                             f"got shape {tuple(weight.shape)}")
+    if target.requires_grad and torch.is_grad_enabled():
+        loss = _focal_loss_reference(pred, target, alpha, gamma, weight)
+        return _reduce(loss, reduction, pred.dtype, avg_factor)
+    return _run(pred, target, None, weight, alpha, gamma, -100, reduction, avg_factor)
