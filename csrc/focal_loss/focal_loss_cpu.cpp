@@ -15,6 +15,8 @@
 #include <limits>
 #include <vector>
 
+#include "focal_loss/focal_loss_checks.h"
+
 // The element loop is also compiled for AVX2, chosen at load time where the CPU has it. Its helpers are
 // forced inline so that each clone vectorizes them with its own instructions.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 9
@@ -314,24 +316,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
     const at::Tensor& logits, const c10::optional<at::Tensor>& targets, const c10::optional<at::Tensor>& labels,
     const c10::optional<at::Tensor>& weight, double alpha, double gamma, int64_t ignore_index, bool reduce,
     bool compute_grad) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "sigmoid_focal_loss: logits must be contiguous (N, C)");
-  TORCH_CHECK(targets.has_value() != labels.has_value(), "sigmoid_focal_loss: give exactly one of targets, labels");
-  TORCH_CHECK(gamma >= 0, "sigmoid_focal_loss: gamma must be >= 0, got ", gamma);
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  if (targets.has_value()) {
-    TORCH_CHECK(targets->sizes() == logits.sizes() && targets->is_contiguous() &&
-                    targets->scalar_type() == logits.scalar_type(),
-                "sigmoid_focal_loss: targets must be contiguous, of logits' shape and dtype");
-  }
-  if (labels.has_value()) {
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == logits.size(0) && labels->is_contiguous() &&
-                    labels->scalar_type() == at::kLong,
-                "sigmoid_focal_loss: labels must be contiguous int64 (N,)");
-  }
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->sizes() == logits.sizes() && weight->scalar_type() == acc_dtype,
-                "sigmoid_focal_loss: weight must be (N, C) in the compute dtype");
-  }
+  const auto acc_dtype = check_focal_loss_args(logits, targets, labels, weight, gamma);
   const FocalParams params{alpha >= 0 ? alpha : 1.0, alpha >= 0 ? 1.0 - alpha : 1.0, gamma};
   at::Tensor loss = reduce ? at::empty({}, logits.options().dtype(acc_dtype)) : at::empty_like(logits);
   at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());

@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "focal_loss/focal_loss_checks.h"
+
 namespace fastbb {
 namespace {
 
@@ -133,24 +135,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
     const at::Tensor& logits, const c10::optional<at::Tensor>& targets, const c10::optional<at::Tensor>& labels,
     const c10::optional<at::Tensor>& weight, double alpha, double gamma, int64_t ignore_index, bool reduce,
     bool compute_grad) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "sigmoid_focal_loss: logits must be contiguous (N, C)");
-  TORCH_CHECK(targets.has_value() != labels.has_value(), "sigmoid_focal_loss: give exactly one of targets, labels");
-  TORCH_CHECK(gamma >= 0, "sigmoid_focal_loss: gamma must be >= 0, got ", gamma);
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  if (targets.has_value()) {
-    TORCH_CHECK(targets->sizes() == logits.sizes() && targets->is_contiguous() &&
-                    targets->scalar_type() == logits.scalar_type(),
-                "sigmoid_focal_loss: targets must be contiguous, of logits' shape and dtype");
-  }
-  if (labels.has_value()) {
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == logits.size(0) && labels->is_contiguous() &&
-                    labels->scalar_type() == at::kLong,
-                "sigmoid_focal_loss: labels must be contiguous int64 (N,)");
-  }
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->sizes() == logits.sizes() && weight->scalar_type() == acc_dtype,
-                "sigmoid_focal_loss: weight must be (N, C) in the compute dtype");
-  }
+  const auto acc_dtype = check_focal_loss_args(logits, targets, labels, weight, gamma);
   const c10::cuda::CUDAGuard guard(logits.device());
   const FocalParams params{alpha >= 0 ? alpha : 1.0, alpha >= 0 ? 1.0 - alpha : 1.0, gamma, ignore_index};
   const int64_t total = logits.numel();
