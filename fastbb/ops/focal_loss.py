@@ -139,6 +139,14 @@ _focal_loss_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------
 # Public functions: checks and normalisation to the op's (N, C) layout.
 
+def _broadcasts_to(shape, target_shape):
+    """Whether a tensor of `shape` broadcasts to exactly `target_shape`."""
+    try:
+        return torch.broadcast_shapes(shape, target_shape) == target_shape
+    except RuntimeError:
+        return False
+
+
 def _check_common(gamma, alpha, reduction):
     gamma = check_float(_OP, "gamma", gamma)
     if gamma < 0:
@@ -272,12 +280,7 @@ def _check_labels(logits, labels, weight, reduction, gamma, alpha, avg_factor, i
             raise TypeError(f"{_OP}: weight must be a floating-point tensor, got dtype {weight.dtype}")
         check_same_device(_OP, logits=logits, weight=weight)
         if weight.shape != logits.shape[:-1]:
-            try:
-                torch.broadcast_shapes(weight.shape, logits.shape)
-                ok = torch.broadcast_shapes(weight.shape, logits.shape) == logits.shape
-            except RuntimeError:
-                ok = False
-            if not ok:
+            if not _broadcasts_to(weight.shape, logits.shape):
                 raise ValueError(f"{_OP}: weight must be per anchor {tuple(logits.shape[:-1])} or broadcastable "
                                  f"to logits {tuple(logits.shape)}, got shape {tuple(weight.shape)}")
     gamma, alpha = _check_common(gamma, alpha, reduction)
@@ -324,11 +327,7 @@ def _sigmoid_focal_loss_weighted(pred, target, weight, gamma, alpha, reduction, 
         check_same_device(_OP, pred=pred, weight=weight)
         if weight.shape != pred.shape and pred.dim() == 2 and weight.numel() == pred.shape[0]:
             weight = weight.reshape(-1, 1)  # per anchor, as mmdet
-        try:
-            ok = torch.broadcast_shapes(weight.shape, pred.shape) == pred.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not _broadcasts_to(weight.shape, pred.shape):
             raise ValueError(f"{_OP}: weight must be per anchor or broadcastable to pred {tuple(pred.shape)}, "
                              f"got shape {tuple(weight.shape)}")
     if target.requires_grad and torch.is_grad_enabled():
