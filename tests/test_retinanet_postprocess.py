@@ -1,4 +1,5 @@
 """fastbb.ops.retinanet_postprocess against torchvision RetinaNet.postprocess_detections and the reference."""
+import importlib
 import types
 
 import pytest
@@ -235,6 +236,21 @@ def test_batched_path_padding():
     assert boxes.shape == (3, 20, 4) and counts.tolist()[1] == 0
     for i, n in enumerate(counts.tolist()):
         assert not boxes[i, n:].any() and not scores[i, n:].any() and not labels[i, n:].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("max_chunk, topk_candidates", [(7, 5), (64, 20), (64, 300), (1000, 40)])
+def test_batched_path_segmented_topk(monkeypatch, dtype, max_chunk, topk_candidates):
+    """The batched path's two-stage top-k (levels cut into chunks, then each level's chunk winners) with
+    chunks small enough that levels span many of them, some shorter than topk_candidates."""
+    module = importlib.import_module("fastbb.ops.retinanet_postprocess")  # the package exports the function
+    monkeypatch.setattr(module, "_MAX_CHUNK", max_chunk)
+    # Levels of unequal size, one empty; logits near the threshold so that many pass it.
+    problem = _problem(3, (90, 0, 33, 5), 7, dtype=dtype, mean=-2.5)
+    kwargs = _kwargs(topk_candidates=topk_candidates, detections_per_img=60)
+    got = _run("batched", *problem, **kwargs)
+    want = retinanet_postprocess_reference(*problem, **kwargs)
+    assert_same_detections(got, want, dtype)
 
 
 def test_inputs_unmodified():

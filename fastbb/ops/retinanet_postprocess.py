@@ -15,10 +15,12 @@ Backends of the padded op fastbb::retinanet_postprocess_padded:
   logit(score_thresh) minus a guard band without computing its sigmoid, a partial sort for the top-k,
   decode + clip of the selected boxes, then NMS per label.
 - cuda "cuda" (and "triton"): the batched path below in PyTorch + fastbb ops (decode_boxes, nms_sorted_padded), with
-  fixed shapes and no host synchronisation (CUDA-graph capturable). Its top-k is one batched torch.topk
-  per level (a constant loop over the levels, never over images).
+  fixed shapes and no host synchronisation (CUDA-graph capturable). Its top-k is segmented over every
+  (image, level) at once: one topk over fixed-length chunks of every level, one over each level's
+  chunk winners; no loop over levels or images.
 - "reference": the per-image, per-level loops of retinanet_postprocess_reference.
 """
+import functools
 import math
 from collections.abc import Sequence
 
@@ -106,56 +108,99 @@ def _pad(detections, like_boxes, like_scores, detections_per_img):
 # ---------------------------------------------------------------------------------------------------
 
 _INDEX_BITS = 32  # the low bits of a selection key hold the (reversed) flattened index
+# Longest row of the first top-k stage. A level's flattened (anchor, class) scores are cut into rows of
+# at most this many elements, so one topk call serves every level of every image.
+_MAX_CHUNK = 1 << 18
 
 
-def _select_level(scores, keep, level_offset, k, exact_keys):
-    """Top k of each row of scores (N, n) among `keep`, ordered by score descending, ties by lower index.
+@functools.lru_cache(maxsize=16)
+def _level_layout(level_sizes, topk_candidates, device, max_chunk):
+    """The two-stage top-k's layout for levels of (flattened) sizes level_sizes, shared by all images.
 
-    Returns (positions (N, k) in the row, selected (N, k) bool). For 16/32-bit scores the order is exact:
-    one int64 key per element, (score bits << 32) | (2**32 - 1 - global index), whose topk is unique.
-    float64 scores have no room for an index in the key: topk of the values (equal scores at the cut are
+    Stage 1 cuts every level into rows of `chunk` elements (the last one of a level padded):
+    chunk_start / chunk_length (chunks,) give each row's first flattened index in the image and its
+    number of real elements. Stage 2 gathers the chunk_k winners of each row into one padded row per
+    level: level_source (L, width) indexes the stage-1 winners (chunks * chunk_k,), level_pad marks the
+    padding. Built on the host once per layout and cached: a CUDA graph that replays the op then
+    copies nothing from the host (warm it up once before capture, as CUDA graphs require anyway).
+    """
+    chunk = min(max_chunk, max(level_sizes))
+    chunk_k = min(topk_candidates, chunk)
+    chunk_start, chunk_length, first_chunk, level_chunks = [], [], [], []
+    level_start = 0
+    for size in level_sizes:
+        first_chunk.append(len(chunk_start))
+        for offset in range(0, size, chunk):
+            chunk_start.append(level_start + offset)
+            chunk_length.append(min(chunk, size - offset))
+        level_chunks.append(len(chunk_start) - first_chunk[-1])
+        level_start += size
+    width = max(level_chunks) * chunk_k
+    slot = torch.arange(width)
+    level_pad = slot[None, :] >= (torch.tensor(level_chunks) * chunk_k)[:, None]
+    level_source = torch.where(level_pad, 0, torch.tensor(first_chunk)[:, None] * chunk_k + slot[None, :])
+    return (chunk, chunk_k, torch.tensor(chunk_start, device=device), torch.tensor(chunk_length, device=device),
+            level_source.to(device), level_pad.to(device))
+
+
+def _select_candidates(cls_logits, num_anchors_per_level, score_thresh, topk_candidates):
+    """Per image and level, the top min(topk_candidates, n) scores > score_thresh, in one pass for all.
+
+    Two batched topk stages over the layout of _level_layout (no loop over levels or images). Returns
+    (scores, flat_index, valid), each (N, L * k): valid marks real candidates; the rest is padding.
+    For 16/32-bit logits the selection is exact: one int64 key per element, (score bits << 32) |
+    (2**32 - 1 - flattened index), unique and ordered as score descending, then lower index first.
+    float64 scores have no room for an index in the key: topk of the values (equal scores at a cut are
     then chosen as torch.topk chooses).
     """
-    if scores.dtype == torch.float64 or not exact_keys:
-        values, positions = torch.where(keep, scores, -1.0).topk(k, dim=1)
-        return positions, values >= 0
-    # sigmoid >= 0, so the float bits are ordered as the scores. Built in place: one int64 buffer.
-    keys = scores.float().view(torch.int32).to(torch.int64)
-    keys <<= _INDEX_BITS
-    reversed_start = (1 << _INDEX_BITS) - 1 - level_offset
-    keys |= torch.arange(reversed_start, reversed_start - scores.shape[1], -1, device=scores.device)
-    keys.masked_fill_(~keep, -1)
-    values, positions = keys.topk(k, dim=1)
-    return positions, values >= 0
+    num_images, num_anchors, num_classes = cls_logits.shape
+    level_sizes = [count * num_classes for count in num_anchors_per_level]
+    chunk, chunk_k, chunk_start, chunk_length, level_source, level_pad = _level_layout(
+        tuple(level_sizes), topk_candidates, cls_logits.device, _MAX_CHUNK)
+    offset = torch.arange(chunk, device=cls_logits.device)
+    chunk_pad = offset >= chunk_length[:, None]  # (chunks, chunk)
+    chunk_source = torch.where(chunk_pad, 0, chunk_start[:, None] + offset).flatten()
+    # Keys hold the flattened index in 32 bits; beyond that (never at real shapes) topk of the values.
+    exact_keys = cls_logits.dtype != torch.float64 and num_anchors * num_classes < 2 ** _INDEX_BITS
+
+    scores = torch.sigmoid(cls_logits.reshape(num_images, -1).index_select(1, chunk_source))
+    keep = (scores > score_thresh) & ~chunk_pad.flatten()
+    if exact_keys:
+        # sigmoid >= 0, so the float bits are ordered as the scores. Built in place: one int64 buffer.
+        values = scores.float().view(torch.int32).to(torch.int64)
+        values <<= _INDEX_BITS
+        values |= (1 << _INDEX_BITS) - 1 - chunk_source
+        values.masked_fill_(~keep, -1)
+    else:
+        values = torch.where(keep, scores, -1.0)
+    del scores, keep
+    values, positions = values.view(num_images, -1, chunk).topk(chunk_k, dim=2)  # (N, chunks, chunk_k)
+    flat_index = chunk_source.view(-1, chunk).expand(num_images, -1, -1).gather(2, positions)
+
+    k = min(topk_candidates, level_source.shape[1])
+    level_values = values.flatten(1)[:, level_source].masked_fill_(level_pad, -1)  # (N, L, width)
+    level_values, positions = level_values.topk(k, dim=2)  # (N, L, k)
+    winner = level_source.expand(num_images, -1, -1).gather(2, positions)  # into the stage-1 winners
+    flat_index = flat_index.flatten(1).gather(1, winner.flatten(1))
+    level_values = level_values.flatten(1)
+    valid = level_values >= 0
+    if exact_keys:
+        score_bits = (level_values >> _INDEX_BITS).to(torch.int32)
+        scores = score_bits.view(torch.float32).to(cls_logits.dtype)
+    else:
+        scores = level_values
+    return scores.masked_fill(~valid, 0), flat_index, valid
 
 
 def _postprocess_batched(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes, score_thresh,
                          nms_thresh, detections_per_img, topk_candidates, box_coder_weights):
     """The whole batch with batched tensor ops; returns the padded result. anchors: list of N (A, 4)."""
-    num_images, _, num_classes = cls_logits.shape
+    num_images, num_anchors, num_classes = cls_logits.shape
     outputs = _padded_outputs(bbox_regression, cls_logits, num_images, detections_per_img)
-    if num_images == 0:
+    if num_images == 0 or num_anchors == 0 or num_classes == 0:
         return outputs
-    candidate_scores, candidate_index, candidate_valid = [], [], []
-    level_starts = [sum(num_anchors_per_level[:i]) for i in range(len(num_anchors_per_level))]
-    # Keys hold the flattened index in 32 bits; beyond that (never at real shapes) topk of the values.
-    exact_keys = cls_logits.shape[1] * num_classes < 2 ** _INDEX_BITS
-    # At most a handful of levels: a constant loop, one batched topk each, never a loop over images.
-    for start, count in zip(level_starts, num_anchors_per_level):
-        if count == 0 or num_classes == 0:
-            continue
-        scores = torch.sigmoid(cls_logits[:, start:start + count]).flatten(1)  # (N, count * K)
-        keep = scores > score_thresh
-        positions, selected = _select_level(scores, keep, start * num_classes,
-                                            min(topk_candidates, scores.shape[1]), exact_keys)
-        candidate_scores.append(scores.gather(1, positions))
-        candidate_index.append(positions + start * num_classes)
-        candidate_valid.append(selected)
-    if not candidate_scores:
-        return outputs
-    scores = torch.cat(candidate_scores, 1)  # (N, C)
-    flat_index = torch.cat(candidate_index, 1)
-    valid = torch.cat(candidate_valid, 1)
+    scores, flat_index, valid = _select_candidates(cls_logits, num_anchors_per_level, score_thresh,
+                                                   topk_candidates)
 
     # Rank the candidates of each image: score descending, ties by lower flattened index; padding last.
     by_index = flat_index.argsort(dim=1, stable=True)
