@@ -212,16 +212,30 @@ def test_targets_gradient():
 
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_gradcheck(backend, reduction):
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck],
+                         ids=["gradcheck", "gradgradcheck"])
+def test_gradcheck(backend, reduction, check):
+    """First and second derivatives (a double backward differentiates the gradient, as torchvision's)."""
     logits = random_logits((5, 4), torch.float64).requires_grad_()
     targets = torch.rand(5, 4, dtype=torch.float64)
     labels = torch.randint(-1, 5, (5,))
     weight = torch.rand(5, dtype=torch.float64)
     with fastbb.use_backend(backend):
-        for gamma in (2.0, 1.5):
-            torch.autograd.gradcheck(lambda x: sigmoid_focal_loss(x, targets, 0.25, gamma, reduction), (logits,))
-            torch.autograd.gradcheck(lambda x: sigmoid_focal_loss_labels(x, labels, gamma, 0.25, weight, reduction),
-                                     (logits,))
+        for gamma in (2.0, 1.5, 0.0):
+            check(lambda x: sigmoid_focal_loss(x, targets, 0.25, gamma, reduction), (logits,))
+            check(lambda x: sigmoid_focal_loss_labels(x, labels, gamma, 0.25, weight, reduction), (logits,))
+
+
+def test_gradient_penalty_matches_torchvision():
+    """The gradient of a loss built from the gradient (a gradient penalty) equals torchvision's."""
+    logits = random_logits((7, 3), torch.float64)
+    targets = (torch.rand(7, 3) < 0.3).double()
+    results = []
+    for fn in (sigmoid_focal_loss, torchvision.ops.sigmoid_focal_loss):
+        x = logits.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(fn(x, targets, reduction="sum"), x, create_graph=True)
+        results.append(torch.autograd.grad(grad.pow(2).sum(), x)[0])
+    torch.testing.assert_close(results[0], results[1])
 
 
 @pytest.mark.parametrize("backend", backends())

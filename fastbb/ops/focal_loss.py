@@ -11,7 +11,9 @@ With p = sigmoid(x), q = 1 - p, target t, m = p (1 - t) + q t (the probability o
     d loss / dx = alpha_t ((p - t) m^gamma + gamma ce m^(gamma - 1) p q (1 - 2t)),
 alpha_t = alpha t + (1 - alpha)(1 - t), or 1 when alpha < 0. softplus and q are taken from exp(-|x|),
 so logits of +-1e4 give finite, exact results. The forward saves the gradient of each element (weighted,
-not yet scaled by the reduction), so backward is a single multiplication by the incoming gradient.
+not yet scaled by the reduction), so backward is a single multiplication by the incoming gradient
+(measured faster on the CPU than computing it again in backward; benchmarks/study_focal_loss_backward.py).
+A double backward (create_graph=True) computes the gradient again in differentiable PyTorch ops.
 float16 / bfloat16 are computed in float32; sums accumulate in float32 (float64 for float64).
 """
 import math
@@ -84,7 +86,9 @@ def _focal_rows(logits, targets, labels, weight, alpha, gamma, ignore_index, red
     if gamma == 1:
         m_gamma_1 = torch.ones_like(m)
     else:
-        m_gamma_1 = torch.where(m > 0, m.pow(gamma - 1), torch.zeros_like(m))
+        # m^(gamma - 1) where m > 0, else 0; the pow never sees 0, so a double backward stays finite.
+        m_positive = m > 0
+        m_gamma_1 = torch.where(m_positive, torch.where(m_positive, m, 1.0).pow(gamma - 1), 0.0)
     grad = scale * ((p - t) * m_gamma + gamma * ce * m_gamma_1 * p * q * (1 - 2 * t))
     return loss, grad.to(logits.dtype)
 
@@ -117,14 +121,21 @@ def _(logits, targets, labels, weight, alpha, gamma, ignore_index, reduce, scale
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.reduce, ctx.scale, ctx.compute_grad = inputs[7], inputs[8], inputs[9]
+    logits, targets, labels, weight = inputs[:4]
+    # The inputs are kept (references, no copies) for a double backward only.
+    ctx.save_for_backward(output[1], logits, targets, labels, weight)
+    ctx.alpha, ctx.gamma, ctx.ignore_index, ctx.reduce, ctx.scale, ctx.compute_grad = inputs[4:]
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_loss, _):
-    (grad,) = ctx.saved_tensors
-    if not ctx.compute_grad:
+    grad, logits, targets, labels, weight = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True (a double backward): the saved gradient is a constant to autograd, so the
+        # gradient is computed again in differentiable PyTorch ops.
+        _, grad = _focal_rows(logits, targets, labels, weight, ctx.alpha, ctx.gamma, ctx.ignore_index,
+                              True, True)
+    elif not ctx.compute_grad:
         raise RuntimeError(f"{_OP}: the forward ran without gradient tracking; no gradient was saved")
     if ctx.reduce:
         grad_logits = grad * (grad_loss.to(_compute_dtype(grad.dtype)) * ctx.scale)
