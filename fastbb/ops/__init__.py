@@ -4,10 +4,14 @@ from fastbb.ops.nms import (batched_nms, batched_nms_reference, nms, nms_referen
                             nms_sorted_padded_reference)
 from fastbb.ops.focal_loss import (sigmoid_focal_loss, sigmoid_focal_loss_labels, sigmoid_focal_loss_labels_reference,
                                    sigmoid_focal_loss_reference)
+from fastbb.ops.fpn_merge import fpn_merge, fpn_merge_reference
 from fastbb.ops.retinanet_postprocess import retinanet_postprocess, retinanet_postprocess_reference
+from fastbb.ops.upsample_nearest_add import upsample_nearest_add, upsample_nearest_add_reference
 
 __all__ = [
-    "batched_nms", "batched_nms_reference", "decode_boxes", "decode_boxes_reference", "nms",
-    "nms_reference", "nms_sorted_padded", "nms_sorted_padded_reference", "retinanet_postprocess", "retinanet_postprocess_reference", "sigmoid_focal_loss", "sigmoid_focal_loss_labels",
-    "sigmoid_focal_loss_labels_reference", "sigmoid_focal_loss_reference",
+    "batched_nms", "batched_nms_reference", "decode_boxes", "decode_boxes_reference", "fpn_merge",
+    "fpn_merge_reference", "nms", "nms_reference", "nms_sorted_padded", "nms_sorted_padded_reference",
+    "retinanet_postprocess", "retinanet_postprocess_reference", "sigmoid_focal_loss", "sigmoid_focal_loss_labels",
+    "sigmoid_focal_loss_labels_reference", "sigmoid_focal_loss_reference", "upsample_nearest_add",
+    "upsample_nearest_add_reference",
 ]

@@ -1,0 +1,330 @@
+"""Drop-in FPNs whose top-down merges run fused: torchvision's FeaturePyramidNetwork and mmdet's FPN.
+
+Each merge `lateral_conv(x) + interpolate(last, size=lateral's, mode="nearest")` runs as fastbb.ops.fpn_merge
+(1x1 conv with the upsample-add fused in) when the lateral conv is a plain biased/unbiased conv, and as
+fastbb.ops.upsample_nearest_add after the lateral block when it has a norm or an activation. Parameters,
+state_dict keys and outputs are those of the originals.
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastbb._registry import register
+from fastbb.ops.fpn_merge import fpn_merge
+from fastbb.ops.upsample_nearest_add import upsample_nearest_add
+
+
+def _plain_conv1x1(block):
+    """The block's conv when the block is a plain 1x1 conv with nothing after it, else None."""
+    if isinstance(block, nn.Sequential):
+        conv = block[0] if len(block) == 1 else None
+    elif isinstance(block, ConvModule):
+        conv = block.conv if block.is_plain_conv else None
+    else:
+        conv = None
+    if (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1):
+        return conv
+    return None
+
+
+def _merge(lateral_block, x, top):
+    """lateral_block(x) + upsample(top, size of the lateral): fused into the 1x1 conv when the block is that
+    conv alone, else the block then the fused upsample-add."""
+    conv = _plain_conv1x1(lateral_block)
+    if conv is not None:
+        return fpn_merge(x, conv.weight, conv.bias, top)
+    return upsample_nearest_add(top, lateral_block(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torchvision: torchvision.ops.FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
+
+def _conv_norm(in_channels, out_channels, kernel_size, norm_layer):
+    """torchvision's Conv2dNormActivation without activation: keys `0.*` (conv) and `1.*` (norm)."""
+    layers = [nn.Conv2d(in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2,
+                        bias=norm_layer is None)]
+    if norm_layer is not None:
+        layers.append(norm_layer(out_channels))
+    return nn.Sequential(*layers)
+
+
+class ExtraFPNBlock(nn.Module):
+    """Base of the blocks run on the FPN's outputs: forward(results, x, names) -> (results, names)."""
+
+    def forward(self, results, x, names):
+        raise NotImplementedError
+
+
+class LastLevelMaxPool(ExtraFPNBlock):
+    """torchvision's: appends max_pool2d(results[-1], 1, 2, 0) as level "pool"."""
+
+    def forward(self, results, x, names):
+        names.append("pool")
+        results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
+        return results, names
+
+
+class LastLevelP6P7(ExtraFPNBlock):
+    """torchvision's: P6 and P7 by 3x3 stride-2 convs, P6 from P5 when in == out channels, else from C5."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
+        for module in (self.p6, self.p7):
+            nn.init.kaiming_uniform_(module.weight, a=1)
+            nn.init.constant_(module.bias, 0)
+        self.use_P5 = in_channels == out_channels
+
+    def forward(self, p, c, names):
+        p6 = self.p6(p[-1] if self.use_P5 else c[-1])
+        p7 = self.p7(F.relu(p6))
+        p.extend([p6, p7])
+        names.extend(["p6", "p7"])
+        return p, names
+
+
+class FeaturePyramidNetwork(nn.Module):
+    """torchvision.ops.FeaturePyramidNetwork with fused top-down merges.
+
+    in_channels_list: channels of each input level (highest resolution first); out_channels: of every
+    output; extra_blocks: an ExtraFPNBlock (LastLevelMaxPool, LastLevelP6P7, or any module with its
+    forward(results, x, names) signature); norm_layer: a norm module class, or None. Takes and returns an
+    OrderedDict of feature maps; state_dict keys `inner_blocks.i.0.*`, `layer_blocks.i.0.*` (older
+    `inner_blocks.i.weight` checkpoints are upgraded on load, as torchvision does).
+    """
+
+    _version = 2
+
+    def __init__(self, in_channels_list, out_channels, extra_blocks=None, norm_layer=None):
+        super().__init__()
+        self.inner_blocks = nn.ModuleList()
+        self.layer_blocks = nn.ModuleList()
+        for in_channels in in_channels_list:
+            if in_channels == 0:
+                raise ValueError("FeaturePyramidNetwork: in_channels=0 is not supported (as in torchvision)")
+            self.inner_blocks.append(_conv_norm(in_channels, out_channels, 1, norm_layer))
+            self.layer_blocks.append(_conv_norm(out_channels, out_channels, 3, norm_layer))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+        if extra_blocks is not None and not isinstance(extra_blocks, nn.Module):
+            raise TypeError(f"FeaturePyramidNetwork: extra_blocks must be an ExtraFPNBlock module, "
+                            f"got {type(extra_blocks).__name__}")
+        self.extra_blocks = extra_blocks
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        version = local_metadata.get("version", None)
+        if version is None or version < 2:
+            for i in range(len(self.inner_blocks)):
+                for block in ("inner_blocks", "layer_blocks"):
+                    for kind in ("weight", "bias"):
+                        old_key = f"{prefix}{block}.{i}.{kind}"
+                        if old_key in state_dict:
+                            state_dict[f"{prefix}{block}.{i}.0.{kind}"] = state_dict.pop(old_key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x):
+        names = list(x.keys())
+        features = list(x.values())
+        if len(features) != len(self.inner_blocks):
+            raise ValueError(f"FeaturePyramidNetwork: expected {len(self.inner_blocks)} feature maps, "
+                             f"got {len(features)}")
+        last_inner = self.inner_blocks[-1](features[-1])
+        results = [self.layer_blocks[-1](last_inner)]
+        for idx in range(len(features) - 2, -1, -1):
+            last_inner = _merge(self.inner_blocks[idx], features[idx], last_inner)
+            results.insert(0, self.layer_blocks[idx](last_inner))
+        if self.extra_blocks is not None:
+            results, names = self.extra_blocks(results, features, names)
+        return OrderedDict(zip(names, results))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mmdet: mmdet.models.necks.FPN with mmcv ConvModules
+
+_NORM_NAMES = {"BN": "bn", "BN2d": "bn", "SyncBN": "bn", "GN": "gn"}
+_ACTIVATIONS = {"ReLU": nn.ReLU, "LeakyReLU": nn.LeakyReLU, "ReLU6": nn.ReLU6, "SiLU": nn.SiLU,
+                "Swish": nn.SiLU, "GELU": nn.GELU}
+
+
+def _norm_module(norm_cfg, channels):
+    cfg = dict(norm_cfg)
+    kind = cfg.pop("type", None)
+    requires_grad = cfg.pop("requires_grad", True)
+    if kind in ("BN", "BN2d"):
+        norm = nn.BatchNorm2d(channels, **cfg)
+    elif kind == "SyncBN":
+        norm = nn.SyncBatchNorm(channels, **cfg)
+    elif kind == "GN":
+        if "num_groups" not in cfg:
+            raise ValueError("FPN: norm_cfg of type 'GN' needs num_groups")
+        norm = nn.GroupNorm(num_channels=channels, **cfg)
+    else:
+        raise ValueError(f"FPN: norm_cfg type {kind!r} is not supported; supported: {sorted(_NORM_NAMES)}")
+    for p in norm.parameters():
+        p.requires_grad = requires_grad
+    return norm
+
+
+class ConvModule(nn.Module):
+    """mmcv's ConvModule in its FPN uses: conv -> norm -> activation, keys `conv.*`, `bn.*` / `gn.*`.
+
+    bias only without a norm (mmcv's bias='auto'); norm as norm_cfg (BN, SyncBN, GN), activation as
+    act_cfg (ReLU, LeakyReLU, ReLU6, SiLU/Swish, GELU), none when None. conv_cfg: None or Conv2d.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, conv_cfg=None, norm_cfg=None,
+                 act_cfg=None):
+        super().__init__()
+        if conv_cfg is not None and dict(conv_cfg).get("type") not in ("Conv2d", "Conv"):
+            raise ValueError(f"FPN: conv_cfg {conv_cfg!r} is not supported; only None or type 'Conv2d'")
+        self.norm_name = None
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=norm_cfg is None)
+        if norm_cfg is not None:
+            self.norm_name = _NORM_NAMES.get(dict(norm_cfg).get("type"), "bn")
+            self.add_module(self.norm_name, _norm_module(norm_cfg, out_channels))
+        self.activate = None
+        if act_cfg is not None:
+            cfg = dict(act_cfg)
+            kind = cfg.pop("type", None)
+            if kind not in _ACTIVATIONS:
+                raise ValueError(f"FPN: act_cfg type {kind!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+            cfg.pop("inplace", None)  # mmdet's FPN builds its activations with inplace=False
+            self.activate = _ACTIVATIONS[kind](**cfg)
+
+    @property
+    def is_plain_conv(self):
+        return self.norm_name is None and self.activate is None
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.norm_name is not None:
+            x = getattr(self, self.norm_name)(x)
+        if self.activate is not None:
+            x = self.activate(x)
+        return x
+
+
+@register("FPN")
+class FPN(nn.Module):
+    """mmdet.models.necks.FPN with fused top-down merges: same arguments, keys and outputs (a tuple).
+
+    in_channels: list of input channels; out_channels; num_outs; start_level / end_level (end_level is
+    inclusive, -1 for the last); add_extra_convs False, True (= 'on_input'), 'on_input', 'on_lateral' or
+    'on_output'; relu_before_extra_convs; no_norm_on_lateral; conv_cfg, norm_cfg, act_cfg as ConvModule;
+    upsample_cfg as F.interpolate's keywords (the fused merge serves mode='nearest' with no scale_factor,
+    every other setting runs mmdet's own interpolate + add). init_cfg is accepted for config compatibility;
+    convs start Xavier-uniform initialised with zero bias (mmdet's default init_cfg).
+    """
+
+    def __init__(self, in_channels, out_channels, num_outs, start_level=0, end_level=-1, add_extra_convs=False,
+                 relu_before_extra_convs=False, no_norm_on_lateral=False, conv_cfg=None, norm_cfg=None,
+                 act_cfg=None, upsample_cfg=dict(mode="nearest"), init_cfg=None):
+        super().__init__()
+        if not isinstance(in_channels, (list, tuple)) or not in_channels:
+            raise ValueError(f"FPN: in_channels must be a non-empty list of channel counts, got {in_channels!r}")
+        self.in_channels = list(in_channels)
+        self.out_channels = out_channels
+        self.num_ins = len(in_channels)
+        self.num_outs = num_outs
+        self.relu_before_extra_convs = relu_before_extra_convs
+        self.no_norm_on_lateral = no_norm_on_lateral
+        self.upsample_cfg = dict(upsample_cfg)
+        if not 0 <= start_level < self.num_ins:
+            raise ValueError(f"FPN: start_level must be in [0, {self.num_ins}), got {start_level}")
+        if end_level == -1 or end_level == self.num_ins - 1:
+            self.backbone_end_level = self.num_ins
+            if num_outs < self.num_ins - start_level:
+                raise ValueError(f"FPN: num_outs must be >= len(in_channels) - start_level = "
+                                 f"{self.num_ins - start_level}, got {num_outs}")
+        else:
+            if not start_level <= end_level < self.num_ins:
+                raise ValueError(f"FPN: end_level must be -1 or in [start_level, {self.num_ins}), got {end_level}")
+            if num_outs != end_level - start_level + 1:
+                raise ValueError(f"FPN: with end_level {end_level}, num_outs must be end_level - start_level + 1 = "
+                                 f"{end_level - start_level + 1} (no extra levels), got {num_outs}")
+            self.backbone_end_level = end_level + 1
+        self.start_level = start_level
+        self.end_level = end_level
+        if isinstance(add_extra_convs, str):
+            if add_extra_convs not in ("on_input", "on_lateral", "on_output"):
+                raise ValueError(f"FPN: add_extra_convs must be a bool or one of 'on_input', 'on_lateral', "
+                                 f"'on_output', got {add_extra_convs!r}")
+        elif not isinstance(add_extra_convs, bool):
+            raise TypeError(f"FPN: add_extra_convs must be a bool or a str, got {type(add_extra_convs).__name__}")
+        elif add_extra_convs:
+            add_extra_convs = "on_input"
+        self.add_extra_convs = add_extra_convs
+        mode = self.upsample_cfg.get("mode", "nearest")
+        self._fused_merge = mode == "nearest" and "scale_factor" not in self.upsample_cfg and \
+            set(self.upsample_cfg) <= {"mode"}
+
+        self.lateral_convs = nn.ModuleList()
+        self.fpn_convs = nn.ModuleList()
+        for i in range(self.start_level, self.backbone_end_level):
+            self.lateral_convs.append(ConvModule(in_channels[i], out_channels, 1, conv_cfg=conv_cfg,
+                                                 norm_cfg=None if no_norm_on_lateral else norm_cfg, act_cfg=act_cfg))
+            self.fpn_convs.append(ConvModule(out_channels, out_channels, 3, padding=1, conv_cfg=conv_cfg,
+                                             norm_cfg=norm_cfg, act_cfg=act_cfg))
+        extra_levels = num_outs - self.backbone_end_level + self.start_level
+        if self.add_extra_convs and extra_levels >= 1:
+            for i in range(extra_levels):
+                if i == 0 and self.add_extra_convs == "on_input":
+                    extra_in = self.in_channels[self.backbone_end_level - 1]
+                else:
+                    extra_in = out_channels
+                self.fpn_convs.append(ConvModule(extra_in, out_channels, 3, stride=2, padding=1, conv_cfg=conv_cfg,
+                                                 norm_cfg=norm_cfg, act_cfg=act_cfg))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+
+    def _top_down(self, inputs):
+        """The laterals after the top-down merges, highest resolution first, and the top one unmerged."""
+        used = len(self.lateral_convs)
+        top = self.lateral_convs[-1](inputs[self.backbone_end_level - 1])
+        laterals = [top]
+        for i in range(used - 2, -1, -1):
+            x = inputs[i + self.start_level]
+            if self._fused_merge:
+                merged = _merge(self.lateral_convs[i], x, laterals[0])
+            else:
+                lateral = self.lateral_convs[i](x)
+                if "scale_factor" in self.upsample_cfg:
+                    merged = lateral + F.interpolate(laterals[0], **self.upsample_cfg)
+                else:
+                    merged = lateral + F.interpolate(laterals[0], size=lateral.shape[2:], **self.upsample_cfg)
+            laterals.insert(0, merged)
+        return laterals, top
+
+    def forward(self, inputs):
+        if len(inputs) != len(self.in_channels):
+            raise ValueError(f"FPN: expected {len(self.in_channels)} inputs, got {len(inputs)}")
+        laterals, top_lateral = self._top_down(inputs)
+        used = len(laterals)
+        outs = [self.fpn_convs[i](laterals[i]) for i in range(used)]
+        if self.num_outs > used:
+            if not self.add_extra_convs:
+                for _ in range(self.num_outs - used):
+                    outs.append(F.max_pool2d(outs[-1], 1, stride=2))
+            else:
+                if self.add_extra_convs == "on_input":
+                    source = inputs[self.backbone_end_level - 1]
+                elif self.add_extra_convs == "on_lateral":
+                    source = top_lateral
+                else:
+                    source = outs[-1]
+                outs.append(self.fpn_convs[used](source))
+                for i in range(used + 1, self.num_outs):
+                    outs.append(self.fpn_convs[i](F.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]))
+        return tuple(outs)

@@ -1,0 +1,147 @@
+"""fastbb.ops.fpn_merge against `F.conv2d(x, w, b) + F.interpolate(top, size=..., mode="nearest")`."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbb
+from fastbb.ops.fpn_merge import fpn_merge, fpn_merge_reference
+
+from conftest import TOLERANCES, usable_backends
+
+KERNELS = {"cpp": "fastbb_C::upsample_nearest_add_out"}
+BACKENDS = usable_backends("cpu", KERNELS)
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _problem(dtype, n=2, c_in=19, c_out=21, size=(9, 13), top_size=(5, 7), bias=True, channels_last=False):
+    """Channel counts and sizes that are no multiple of any block size; an odd lateral size."""
+    x = torch.randn(n, c_in, *size, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, 1, 1, dtype=torch.float64) / c_in ** 0.5
+    b = torch.randn(c_out, dtype=torch.float64) if bias else None
+    top = torch.randn(n, c_out, *top_size, dtype=torch.float64)
+    if channels_last:
+        x, top = x.to(memory_format=torch.channels_last), top.to(memory_format=torch.channels_last)
+    return [t.to(dtype) if t is not None else None for t in (x, weight, b, top)]
+
+
+def _float64_result(x, weight, bias, top):
+    return fpn_merge_reference(x.double(), weight.double(), None if bias is None else bias.double(), top.double())
+
+
+def _tolerance(dtype, want):
+    """The error bound of a GEMM in dtype (accumulated in float32 at least) against the float64 result."""
+    scale = float(want.abs().max()) if want.numel() else 1.0
+    tol = TOLERANCES[dtype]
+    return dict(rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_forward(backend, dtype, bias, channels_last):
+    args = _problem(dtype, bias=bias, channels_last=channels_last)
+    with fastbb.use_backend(backend):
+        got = fpn_merge(*args)
+    want = _float64_result(*args)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(got.double(), want, **_tolerance(dtype, want))
+
+
+def test_reference_is_conv_plus_upsample():
+    x, weight, bias, top = _problem(torch.float64)
+    conv = torch.nn.Conv2d(x.shape[1], weight.shape[0], 1).double()
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+    want = conv(x) + F.interpolate(top, size=x.shape[-2:], mode="nearest")
+    assert torch.equal(fpn_merge_reference(x, weight, bias, top), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sizes", [((8, 12), (4, 6)), ((13, 25), (7, 13)), ((44, 3), (26, 3)), ((5, 5), (1, 1))],
+                         ids=str)
+def test_sizes(backend, sizes):
+    args = _problem(torch.float32, c_in=6, c_out=5, size=sizes[0], top_size=sizes[1])
+    with fastbb.use_backend(backend):
+        got = fpn_merge(*args)
+    want = _float64_result(*args)
+    torch.testing.assert_close(got.double(), want, **_tolerance(torch.float32, want))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward(backend, dtype):
+    args = [t.requires_grad_() for t in _problem(dtype)]
+    grad_out = torch.randn(2, 21, 9, 13, dtype=torch.float64)
+    with fastbb.use_backend(backend):
+        grads = torch.autograd.grad(fpn_merge(*args), args, grad_out.to(dtype))
+    args64 = [t.detach().double().requires_grad_() for t in args]
+    want = torch.autograd.grad(fpn_merge_reference(*args64), args64, grad_out)
+    for name, got, expected in zip(("x", "weight", "bias", "top"), grads, want):
+        assert got.dtype == dtype and got.shape == expected.shape, name
+        torch.testing.assert_close(got.double(), expected, **_tolerance(dtype, expected), msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck(backend, bias):
+    args = _problem(torch.float64, n=1, c_in=3, c_out=2, size=(5, 7), top_size=(3, 4), bias=bias)
+    args = [t.requires_grad_() if t is not None else None for t in args]
+    with fastbb.use_backend(backend):
+        torch.autograd.gradcheck(fpn_merge, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    args = [t.requires_grad_() for t in _problem(torch.float32, c_in=5, c_out=4, size=(6, 7), top_size=(3, 4))]
+    with fastbb.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastbb.fpn_merge, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    n, c_in, c_out = 0, 4, 3
+    x = torch.randn(n, c_in, 6, 7, requires_grad=True)
+    weight = torch.randn(c_out, c_in, 1, 1, requires_grad=True)
+    bias = torch.randn(c_out, requires_grad=True)
+    top = torch.randn(n, c_out, 3, 4, requires_grad=True)
+    with fastbb.use_backend(backend):
+        out = fpn_merge(x, weight, bias, top)
+        out.sum().backward()
+    want = fpn_merge_reference(x.detach(), weight.detach(), bias.detach(), top.detach())
+    assert out.shape == (n, c_out, 6, 7)
+    torch.testing.assert_close(out.detach(), want)
+    assert x.grad.shape == x.shape and top.grad.shape == top.shape
+
+
+def test_inputs_unmodified():
+    args = _problem(torch.float32)
+    before = [t.clone() for t in args]
+    for backend in BACKENDS:
+        with fastbb.use_backend(backend):
+            fpn_merge(*args)
+    assert all(torch.equal(b, a) for b, a in zip(before, args))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(x=a["x"][0]), "x must be 4-D"),
+    (lambda a: a.update(x=a["x"][:, :0], lateral_weight=a["lateral_weight"][:, :0]), "at least one channel"),
+    (lambda a: a.update(lateral_weight=a["lateral_weight"][:0], lateral_bias=None, top=a["top"][:, :0]),
+     "at least one channel"),
+    (lambda a: a.update(lateral_weight=a["lateral_weight"][:, :, :1, :1].expand(-1, -1, 3, 3)), "1x1 conv weight"),
+    (lambda a: a.update(lateral_weight=a["lateral_weight"][:, :4]), "1x1 conv weight"),
+    (lambda a: a.update(lateral_bias=a["lateral_bias"][:3]), "lateral_bias must be"),
+    (lambda a: a.update(top=a["top"][:, :3]), "batch and channels"),
+    (lambda a: a.update(top=torch.randn(2, 5, 10, 4)), "must not be larger"),
+    (lambda a: a.update(top=a["top"].double()), "top must have x's dtype"),
+    (lambda a: a.update(x=a["x"].to(torch.int32)), "x must have dtype"),
+    (lambda a: a.update(top=a["top"].to("meta")), "one device"),
+])
+def test_bad_input(change, message):
+    x, weight, bias, top = _problem(torch.float32, c_in=6, c_out=5, size=(8, 9), top_size=(4, 5))
+    args = dict(x=x, lateral_weight=weight, lateral_bias=bias, top=top)
+    change(args)
+    with pytest.raises((TypeError, ValueError), match=message):
+        fpn_merge(**args)
