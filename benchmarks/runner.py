@@ -16,7 +16,8 @@ import time
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASE_MODULES = ("cases_nms", "cases_box_decode", "cases_retinanet_postprocess", "cases_focal_loss", "cases_fpn")
+CASE_MODULES = ("cases_nms", "cases_box_decode", "cases_retinanet_postprocess", "cases_focal_loss", "cases_fpn",
+                "cases_conv_bn_relu")
 
 
 def _synchronize(device):

@@ -3,6 +3,8 @@ __version__ = "0.1.0"
 
 from fastbb._backend import backends, use_backend  # noqa: E402  (loads fastbb._C, warns once if unusable)
 from fastbb._registry import build, register, registered  # noqa: E402
-from fastbb import ops, nn  # noqa: E402
+from fastbb import ops, nn, models  # noqa: E402
+from fastbb.convert import convert  # noqa: E402
 
-__all__ = ["__version__", "backends", "build", "nn", "ops", "register", "registered", "use_backend"]
+__all__ = ["__version__", "backends", "build", "convert", "models", "nn", "ops", "register", "registered",
+           "use_backend"]

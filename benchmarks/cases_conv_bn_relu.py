@@ -1,0 +1,139 @@
+"""conv + BN + ReLU and ResNet-50 backbones: fastbb vs eager PyTorch / torchvision and torch.compile.
+
+- conv_bn_relu eval: a 3x3 256->256 conv (dilation 1, 2, 4, padding = dilation) + BN (running statistics)
+  + ReLU at 1x256x64x64, float32: nn modules eager, torch.compile of them, fastbb.ops.conv_bn_relu.
+- conv_bn_relu training forward + backward (dilation 2): eager modules vs fastbb.
+- ResNet-50 eval at 1x3x224x224 (torchvision, torch.compile of it, fastbb.models.resnet50 with the same
+  weights), the C2..C5 features of 2x3x800x1344 (eval), and a training step (forward + backward) of the
+  backbone at 2x3x224x224.
+On a GPU the ResNet-50 eval case runs at batch 32 in bfloat16 channels_last as well.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fastbb
+from fastbb.models.resnet import resnet_forward_features
+from fastbb.ops.conv_bn_relu import conv_bn_relu
+
+
+def _randomize_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def _conv_bn_cases(device):
+    torch.manual_seed(0)
+    x = torch.randn(1, 256, 64, 64, device=device)
+    cases = []
+    for dilation in (1, 2, 4):
+        conv = nn.Conv2d(256, 256, 3, padding=dilation, dilation=dilation, bias=False).to(device)
+        bn = _randomize_bn(nn.BatchNorm2d(256)).to(device).eval()
+        eager = nn.Sequential(conv, bn, nn.ReLU()).eval()
+        compiled = torch.compile(eager, dynamic=False)
+
+        def fused(conv=conv, bn=bn):
+            return conv_bn_relu(x, conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                padding=conv.padding, dilation=conv.dilation, eps=bn.eps)
+
+        def no_grad(fn):
+            def run():
+                with torch.no_grad():
+                    return fn()
+            return run
+
+        cases.append({"name": f"conv_bn_relu eval 3x3 d{dilation} 1x256x64x64",
+                      "providers": {"eager": no_grad(lambda m=eager: m(x)), "torch.compile": no_grad(lambda c=compiled: c(x)),
+                                    "fastbb": no_grad(fused)},
+                      "baseline": "eager"})
+
+    conv = nn.Conv2d(256, 256, 3, padding=2, dilation=2, bias=False).to(device)
+    bn_eager = _randomize_bn(nn.BatchNorm2d(256)).to(device).train()
+    bn_fused = copy.deepcopy(bn_eager)
+    x_grad = x.clone().requires_grad_()
+    params = [x_grad, conv.weight, bn_eager.weight, bn_eager.bias]
+
+    def eager_step():
+        out = F.relu(bn_eager(conv(x_grad)))
+        return torch.autograd.grad(out, params, torch.ones_like(out))
+
+    def fused_step():
+        out = conv_bn_relu(x_grad, conv.weight, None, bn_fused.weight, bn_fused.bias, bn_fused.running_mean,
+                           bn_fused.running_var, padding=2, dilation=2, training=True)
+        return torch.autograd.grad(out, [x_grad, conv.weight, bn_fused.weight, bn_fused.bias], torch.ones_like(out))
+
+    cases.append({"name": "conv_bn_relu train fwd+bwd 3x3 d2 1x256x64x64",
+                  "providers": {"eager": eager_step, "fastbb": fused_step}, "baseline": "eager"})
+    return cases
+
+
+def _resnet_cases(device):
+    torch.manual_seed(1)
+    theirs = _randomize_bn(torchvision.models.resnet50()).to(device).eval()
+    ours = fastbb.models.resnet50(weights=theirs.state_dict()).to(device).eval()
+    variants = [("", torch.float32, torch.contiguous_format, 1)]
+    if device == "cuda":
+        variants.append((" bf16 NHWC", torch.bfloat16, torch.channels_last, 32))
+    cases = []
+    for tag, dtype, layout, batch in variants:
+        model_tv, model_fb = (copy.deepcopy(m).to(dtype=dtype, memory_format=layout) for m in (theirs, ours))
+        compiled = torch.compile(model_tv, dynamic=False)
+        x = torch.randn(batch, 3, 224, 224, device=device).to(dtype).contiguous(memory_format=layout)
+
+        def no_grad(fn, x=x):
+            def run():
+                with torch.no_grad():
+                    return fn(x)
+            return run
+
+        cases.append({"name": f"ResNet-50 eval {batch}x3x224x224{tag}",
+                      "providers": {"torchvision": no_grad(model_tv), "torch.compile": no_grad(compiled),
+                                    "fastbb": no_grad(model_fb)},
+                      "baseline": "torchvision"})
+
+    from torchvision.models.feature_extraction import create_feature_extractor
+    extractor = create_feature_extractor(theirs, {f"layer{i}": f"c{i + 1}" for i in range(1, 5)})
+    image = torch.randn(2, 3, 800, 1344, device=device)
+
+    def features(fn):
+        def run():
+            with torch.no_grad():
+                return fn(image)
+        return run
+
+    cases.append({"name": "ResNet-50 eval C2-C5 features 2x3x800x1344",
+                  "providers": {"torchvision": features(extractor),
+                                "fastbb": features(lambda im: resnet_forward_features(ours, im))},
+                  "baseline": "torchvision"})
+
+    train_theirs = copy.deepcopy(theirs).train()
+    train_ours = fastbb.models.resnet50(weights=train_theirs.state_dict()).to(device).train()
+    batch = torch.randn(2, 3, 224, 224, device=device)
+
+    def step(model, forward):
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def run():
+            loss = sum(f.float().square().mean() for f in forward(model, batch))
+            return torch.autograd.grad(loss, params)
+        return run
+
+    torchvision_features = create_feature_extractor(train_theirs, {f"layer{i}": f"c{i + 1}" for i in range(1, 5)})
+    cases.append({"name": "ResNet-50 backbone train step 2x3x224x224",
+                  "providers": {"torchvision": step(train_theirs, lambda m, b: torchvision_features(b).values()),
+                                "fastbb": step(train_ours, resnet_forward_features)},
+                  "baseline": "torchvision"})
+    return cases
+
+
+def cases(device):
+    return _conv_bn_cases(device) + _resnet_cases(device)

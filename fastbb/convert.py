@@ -1,0 +1,87 @@
+"""fastbb.convert(model): run an existing model's conv -> BN [-> ReLU] chains fused, in place.
+
+What it swaps (state_dict keys, parameters and outputs stay the same; only forwards change):
+- ResNet blocks (torchvision's and OpenMMLab's BasicBlock / Bottleneck: conv1/bn1, conv2/bn2[, conv3/bn3]
+  and a conv -> BN downsample): their forward becomes the fused one, the residual add and the last ReLU
+  inside the last conv_bn_relu call. OpenMMLab blocks with plugins or a non-BN norm are left alone.
+- a torchvision ResNet (with its `fc`): its forward, so the stem conv1 -> bn1 -> relu is fused too.
+- nn.Sequential(Conv2d, BatchNorm2d / SyncBatchNorm / FrozenBatchNorm2d[, ReLU]) (torchvision's
+  Conv2dNormActivation, stems, downsample pairs outside ResNet blocks): replaced by a ConvBNReLU2d holding
+  the same modules under the same names.
+"""
+import types
+
+from torch import nn
+
+from fastbb.models.resnet import basic_block_forward, bottleneck_forward, resnet_forward
+from fastbb.nn.conv_bn_relu import ConvBNReLU2d, fusable
+
+
+def _has(module, *names):
+    return all(hasattr(module, name) for name in names)
+
+
+def _block_kind(module):
+    """'Bottleneck' / 'BasicBlock' when module is a ResNet block whose forward the fused one reproduces."""
+    kind = type(module).__name__
+    if getattr(module, "with_plugins", False) or getattr(module, "with_cp", False):
+        return None
+    if kind == "Bottleneck" and _has(module, "conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample") \
+            and all(fusable(module.get_submodule(c), module.get_submodule(b))
+                    for c, b in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))):
+        return kind
+    if kind == "BasicBlock" and _has(module, "conv1", "bn1", "conv2", "bn2", "downsample") \
+            and all(fusable(module.get_submodule(c), module.get_submodule(b)) for c, b in (("conv1", "bn1"),
+                                                                                          ("conv2", "bn2"))):
+        return kind
+    return None
+
+
+def _sequential_chain(module):
+    """The (conv, bn, relu or None) of an nn.Sequential conv -> BN [-> ReLU], else None."""
+    # Subclasses that keep Sequential's forward (torchvision's Conv2dNormActivation) count too.
+    if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward \
+            or len(module) not in (2, 3):
+        return None
+    children = list(module)
+    if not fusable(children[0], children[1]):
+        return None
+    if len(children) == 3 and not isinstance(children[2], nn.ReLU):
+        return None
+    return children[0], children[1], children[2] if len(children) == 3 else None
+
+
+def convert(model):
+    """Fuse, in place, the conv -> BN [-> ReLU] chains of a torchvision or OpenMMLab model.
+
+    Returns the list of what was converted, one "name: what" line each (also useful to check that
+    nothing was missed). The model keeps its state_dict keys and computes the same outputs.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
+    report = []
+    blocks = set()
+    for name, module in model.named_modules():
+        kind = _block_kind(module)
+        if kind is not None:
+            forward = bottleneck_forward if kind == "Bottleneck" else basic_block_forward
+            module.forward = types.MethodType(forward, module)
+            blocks.add(id(module))
+            report.append(f"{name}: {kind} (conv + BN + ReLU fused, residual in the last)")
+        elif type(module).__name__ == "ResNet" and _has(module, "conv1", "bn1", "maxpool", "layer1", "layer2", "layer3",
+                                                         "layer4", "avgpool", "fc") \
+                and fusable(module.conv1, module.bn1):
+            module.forward = types.MethodType(resnet_forward, module)
+            report.append(f"{name or '(model)'}: ResNet stem conv1 + bn1 + relu")
+    for parent_name, parent in list(model.named_modules()):
+        if id(parent) in blocks:
+            continue  # its downsample pair is fused by the block's forward
+        for child_name, child in list(parent.named_children()):
+            chain = _sequential_chain(child)
+            if chain is None:
+                continue
+            names = tuple(child_name for child_name, _ in child.named_children()) + ("2",) * (3 - len(child))
+            setattr(parent, child_name, ConvBNReLU2d.from_modules(*chain, names=names[:3]))
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            report.append(f"{full}: Sequential(Conv2d, {type(chain[1]).__name__}{', ReLU' if chain[2] else ''})")
+    return report

@@ -1,0 +1,126 @@
+"""FrozenBatchNorm2d (torchvision's) and ConvBNReLU2d: a Conv2d -> BatchNorm -> [ReLU] chain run as one
+fastbb.ops.conv_bn_relu call, its submodules kept under their original names so state_dicts load unchanged."""
+import torch
+from torch import nn
+
+from fastbb.ops.conv_bn_relu import conv_bn_relu
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d: fixed statistics and affine parameters (all buffers).
+
+    out = x * scale + shift with scale = weight * rsqrt(running_var + eps), shift = bias - running_mean *
+    scale; eps is read at every call (it may be changed after construction). num_batches_tracked in a
+    state_dict is dropped on load, as torchvision does.
+    """
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+    def __repr__(self):
+        return f"{self.__class__.__name__}({self.weight.shape[0]}, eps={self.eps})"
+
+
+def _is_frozen(bn):
+    return type(bn).__name__ == "FrozenBatchNorm2d"  # fastbb's or torchvision's
+
+
+class ConvBNReLU2d(nn.Module):
+    """relu(bn(conv(x)) [+ residual]) in one fastbb.ops.conv_bn_relu call.
+
+    Holds an nn.Conv2d, a BatchNorm2d / SyncBatchNorm / FrozenBatchNorm2d and optionally a ReLU under the
+    names given (default "conv", "bn", "relu"; from_modules(..., names=("0", "1", "2")) keeps an
+    nn.Sequential's keys). forward(x, residual=None). The BN mode follows the module: training (batch
+    statistics, running stats updated as nn.BatchNorm2d does), eval, or frozen. SyncBatchNorm training
+    across processes runs the modules unfused (its statistics need the all-reduce).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=False, relu=True, eps=1e-5, momentum=0.1, names=("conv", "bn", "relu")):
+        super().__init__()
+        self._names = tuple(names)
+        self.add_module(self._names[0], nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                                  groups, bias=bias))
+        self.add_module(self._names[1], nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum))
+        if relu:
+            self.add_module(self._names[2], nn.ReLU(inplace=True))
+
+    @classmethod
+    def from_modules(cls, conv, bn, relu=None, names=("conv", "bn", "relu")):
+        """Wrap existing modules (their parameters and buffers are shared, not copied)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"ConvBNReLU2d: conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"ConvBNReLU2d: only zero padding given as numbers is supported, got "
+                             f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+        if not (isinstance(bn, nn.modules.batchnorm._BatchNorm) or _is_frozen(bn)):
+            raise TypeError(f"ConvBNReLU2d: bn must be a BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d, "
+                            f"got {type(bn).__name__}")
+        features = bn.weight.shape[0] if _is_frozen(bn) else bn.num_features
+        if features != conv.out_channels:
+            raise ValueError(f"ConvBNReLU2d: bn has {features} features but conv has {conv.out_channels} output "
+                             f"channels")
+        if relu is not None and not isinstance(relu, nn.ReLU):
+            raise TypeError(f"ConvBNReLU2d: relu must be an nn.ReLU or None, got {type(relu).__name__}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._names = tuple(names)
+        module.add_module(module._names[0], conv)
+        module.add_module(module._names[1], bn)
+        if relu is not None:
+            module.add_module(module._names[2], relu)
+        return module
+
+    def forward(self, x, residual=None):
+        conv, bn = getattr(self, self._names[0]), getattr(self, self._names[1])
+        return fused_conv_bn(conv, bn, x, relu=hasattr(self, self._names[2]), residual=residual)
+
+
+def fusable(conv, bn):
+    """Whether conv -> bn can run as one conv_bn_relu call (else it runs as the modules themselves)."""
+    return (isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and (isinstance(bn, nn.modules.batchnorm._BatchNorm) or _is_frozen(bn)))
+
+
+def fused_conv_bn(conv, bn, x, relu=True, residual=None):
+    """relu(bn(conv(x)) [+ residual]) with the BN module's mode (training, eval, frozen), as one fused call;
+    the modules' own forward when the pair is not fusable (e.g. GroupNorm) or SyncBatchNorm trains across
+    processes (its statistics need the all-reduce)."""
+    batch_statistics = not _is_frozen(bn) and (bn.training or bn.running_mean is None)
+    distributed = (batch_statistics and isinstance(bn, nn.SyncBatchNorm) and torch.distributed.is_available()
+                   and torch.distributed.is_initialized()
+                   and torch.distributed.get_world_size(bn.process_group) > 1)
+    if not fusable(conv, bn) or distributed:
+        out = bn(conv(x))
+        out = out + residual if residual is not None else out
+        return torch.relu(out) if relu else out
+    conv_args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+    if _is_frozen(bn):
+        return conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                            eps=bn.eps, relu=relu, residual=residual, **conv_args)
+    momentum = bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_running = not batch_statistics or (bn.training and bn.track_running_stats)
+    return conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias,
+                        bn.running_mean if use_running else None, bn.running_var if use_running else None,
+                        training=batch_statistics, momentum=momentum, eps=bn.eps, relu=relu, residual=residual,
+                        **conv_args)

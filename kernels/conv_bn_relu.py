@@ -1,0 +1,621 @@
+"""Triton kernels of fastbb's conv + BatchNorm (+ residual) + ReLU.
+
+Training (after the convolution has produced y): BatchNorm's batch statistics, then the normalized,
+affine, residual-added, ReLU'd output, in two passes over y.
+  1. Statistics: each program reduces a run of tiles to per-channel (count, mean, M2) partials. Inside a
+     tile the deviations are taken around the tile's own mean (two passes over registers, one over
+     memory), and tiles are merged with Chan's formula in float64, so a channel whose mean is large
+     against its spread loses nothing to cancellation. A small kernel then merges the programs' partials
+     in a fixed order into mean and invstd.
+  2. One elementwise pass: out = relu((y - mean) * invstd * weight + bias + residual).
+Backward: one reduction pass (per-program float64 partials of sum(g) and sum(g * (y - mean)), merged in
+a fixed order) and one elementwise pass for grad_y and grad_residual. No atomics anywhere, so repeated
+runs give the same bits.
+
+Eval (BatchNorm frozen and folded by the caller into a per-channel scale and shift): `conv2d_epilogue`,
+an implicit-GEMM convolution that applies scale, shift, residual and ReLU before its single store.
+
+The BN kernels see dense NCHW or channels_last tensors (the launchers give every operand y's format),
+viewed as N images of (C, H*W) or as one image of (N*H*W, C): a tile is BLOCK_C channels by BLOCK_R
+positions along the reduction axis, laid out so that its fast axis is the contiguous one in memory.
+Values are converted to float32 on load (float64 stays float64) and rounded once on store.
+"""
+import contextlib
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INT32_MAX = 2**31 - 1
+_GRID_Y_MAX = 65535
+# BN tiles hold 2048 elements on a GPU (16 per thread with 4 warps). The interpreter runs each program in
+# Python: small tiles, and two per reduction program, so that small test shapes still cover several
+# tiles, channel blocks, partial merges and every edge mask.
+_BN_TILE = 64 if _INTERPRET else 2048
+_BN_MAX_CHANNEL_BLOCK = 16 if _INTERPRET else 128
+_BN_NUM_WARPS = 4
+# Reduction programs per SM: enough to fill the GPU, few enough that the partials stay a small fraction
+# of y and their merge is short.
+_BN_PROGRAMS_PER_SM = 8
+_BN_INTERPRET_TILES_PER_PROGRAM = 2
+# The merge of partials: partial rows by channels per step.
+_MERGE_BLOCK_P = 16 if _INTERPRET else 64
+_MERGE_BLOCK_C = 16 if _INTERPRET else 64
+
+
+@triton.jit
+def _output_value(value, ROUND_BF16: tl.constexpr):
+    """value ready for the store. The interpreter truncates float32 -> bfloat16 where PyTorch and the GPU
+    round to nearest even, so there the rounding is done first on the float32 bits, which leaves the
+    interpreter's conversion exact."""
+    if ROUND_BF16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
+    return value
+
+
+@triton.jit
+def _bn_tile(tile, channel_block, C, length, tiles_per_image,
+             CHANNELS_LAST: tl.constexpr, OFFSET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Element offsets, mask, channels, and the number of positions per channel of one tile.
+
+    NCHW: tile = image * tiles_per_image + block of H*W positions; a [BLOCK_C, BLOCK_R] tile.
+    channels_last: one image of `length` = N*H*W positions; a [BLOCK_R, BLOCK_C] tile.
+    """
+    image = tile // tiles_per_image
+    start = (tile - image * tiles_per_image) * BLOCK_R
+    position = start + tl.arange(0, BLOCK_R)
+    channel = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    if CHANNELS_LAST:
+        offsets = position.to(OFFSET)[:, None] * C + channel[None, :]
+        mask = (position < length)[:, None] & (channel < C)[None, :]
+    else:
+        offsets = ((image.to(OFFSET) * C + channel) * length)[:, None] + position[None, :]
+        mask = (channel < C)[:, None] & (position < length)[None, :]
+    count = tl.minimum(length - start, BLOCK_R)
+    return offsets, mask, channel, count
+
+
+@triton.jit
+def _per_channel(values, CHANNELS_LAST: tl.constexpr):
+    """A per-channel vector broadcast against a tile."""
+    if CHANNELS_LAST:
+        result = values[None, :]
+    else:
+        result = values[:, None]
+    return result
+
+
+@triton.jit
+def _channel_sums(tile, CHANNELS_LAST: tl.constexpr):
+    if CHANNELS_LAST:
+        result = tl.sum(tile, axis=0)
+    else:
+        result = tl.sum(tile, axis=1)
+    return result
+
+
+@triton.jit
+def _bn_stats_kernel(y_ptr, count_ptr, mean_ptr, m2_ptr, C, length, tiles_per_image, num_tiles,
+                     tiles_per_program, CHANNELS_LAST: tl.constexpr, COMPUTE: tl.constexpr,
+                     OFFSET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    program = tl.program_id(0)
+    channel_block = tl.program_id(1)
+    first = program * tiles_per_program
+    last = tl.minimum(first + tiles_per_program, num_tiles)
+    # The running count is a vector (equal in every lane) so that every loop-carried value is a tensor.
+    total_count = tl.zeros([BLOCK_C], dtype=tl.float64)
+    total_mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+    total_m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for tile in range(first, last):
+        offsets, mask, channel, count = _bn_tile(tile, channel_block, C, length, tiles_per_image,
+                                                 CHANNELS_LAST, OFFSET, BLOCK_R, BLOCK_C)
+        x = tl.load(y_ptr + offsets, mask=mask, other=0).to(COMPUTE)
+        center = _channel_sums(x, CHANNELS_LAST) / count.to(COMPUTE)
+        deviation = tl.where(mask, x - _per_channel(center, CHANNELS_LAST), 0)
+        # The center is the tile mean up to rounding; s1 carries what rounding left over, exactly enough.
+        s1 = _channel_sums(deviation, CHANNELS_LAST).to(tl.float64)
+        s2 = _channel_sums(deviation * deviation, CHANNELS_LAST).to(tl.float64)
+        n = count.to(tl.float64)
+        tile_mean = center.to(tl.float64) + s1 / n
+        tile_m2 = s2 - s1 * s1 / n
+        merged_count = total_count + n
+        delta = tile_mean - total_mean
+        total_mean += delta * (n / merged_count)
+        total_m2 += tile_m2 + delta * delta * (total_count * n / merged_count)
+        total_count = merged_count
+    channel = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channel < C
+    partial = program * C + channel
+    tl.store(count_ptr + partial, total_count, mask=channel_ok)
+    tl.store(mean_ptr + partial, total_mean, mask=channel_ok)
+    tl.store(m2_ptr + partial, total_m2, mask=channel_ok)
+
+
+@triton.jit
+def _bn_stats_merge_kernel(count_ptr, mean_ptr, m2_ptr, mean_out_ptr, invstd_out_ptr, C, num_partials,
+                           total, eps: tl.float64, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Two passes over the partials in program order: the mean first, then the deviations around it.
+    channel = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channel < C
+    weighted_sum = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for first in range(0, num_partials, BLOCK_P):
+        row = first + tl.arange(0, BLOCK_P)
+        ok = (row < num_partials)[:, None] & channel_ok[None, :]
+        offsets = row[:, None] * C + channel[None, :]
+        count = tl.load(count_ptr + offsets, mask=ok, other=0)
+        mean = tl.load(mean_ptr + offsets, mask=ok, other=0)
+        weighted_sum += tl.sum(count * mean, axis=0)
+    channel_mean = weighted_sum / total
+    squares = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for first in range(0, num_partials, BLOCK_P):
+        row = first + tl.arange(0, BLOCK_P)
+        ok = (row < num_partials)[:, None] & channel_ok[None, :]
+        offsets = row[:, None] * C + channel[None, :]
+        count = tl.load(count_ptr + offsets, mask=ok, other=0)
+        mean = tl.load(mean_ptr + offsets, mask=ok, other=0)
+        m2 = tl.load(m2_ptr + offsets, mask=ok, other=0)
+        delta = mean - channel_mean[None, :]
+        squares += tl.sum(m2 + count * delta * delta, axis=0)
+    invstd = 1.0 / tl.sqrt(squares / total + eps)
+    tl.store(mean_out_ptr + channel, channel_mean.to(mean_out_ptr.dtype.element_ty), mask=channel_ok)
+    tl.store(invstd_out_ptr + channel, invstd.to(invstd_out_ptr.dtype.element_ty), mask=channel_ok)
+
+
+@triton.jit
+def _bn_relu_forward_kernel(y_ptr, residual_ptr, out_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+                            C, length, tiles_per_image, weight_stride, bias_stride,
+                            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                            RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, COMPUTE: tl.constexpr,
+                            OFFSET: tl.constexpr, ROUND_BF16: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    offsets, mask, channel, _ = _bn_tile(tl.program_id(0), tl.program_id(1), C, length, tiles_per_image,
+                                         CHANNELS_LAST, OFFSET, BLOCK_R, BLOCK_C)
+    channel_ok = channel < C
+    mean = tl.load(mean_ptr + channel, mask=channel_ok, other=0).to(COMPUTE)
+    invstd = tl.load(invstd_ptr + channel, mask=channel_ok, other=0).to(COMPUTE)
+    x = tl.load(y_ptr + offsets, mask=mask, other=0).to(COMPUTE)
+    value = (x - _per_channel(mean, CHANNELS_LAST)) * _per_channel(invstd, CHANNELS_LAST)
+    if HAS_WEIGHT:
+        weight = tl.load(weight_ptr + channel * weight_stride, mask=channel_ok, other=0).to(COMPUTE)
+        value = value * _per_channel(weight, CHANNELS_LAST)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + channel * bias_stride, mask=channel_ok, other=0).to(COMPUTE)
+        value = value + _per_channel(bias, CHANNELS_LAST)
+    if HAS_RESIDUAL:
+        value = value + tl.load(residual_ptr + offsets, mask=mask, other=0).to(COMPUTE)
+    if RELU:
+        value = tl.where(value < 0, 0, value)  # NaN stays NaN, as in torch.relu
+    tl.store(out_ptr + offsets, _output_value(value, ROUND_BF16).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _relu_gradient(grad_out_ptr, out_ptr, offsets, mask, RELU: tl.constexpr, COMPUTE: tl.constexpr):
+    """g = grad_out where the forward output is > 0 (out > 0 <=> the pre-ReLU value > 0), as autograd's
+    threshold_backward: zero where out <= 0."""
+    g = tl.load(grad_out_ptr + offsets, mask=mask, other=0).to(COMPUTE)
+    if RELU:
+        out = tl.load(out_ptr + offsets, mask=mask, other=0).to(COMPUTE)
+        g = tl.where(out <= 0, 0, g)
+    return g
+
+
+@triton.jit
+def _bn_backward_reduce_kernel(grad_out_ptr, out_ptr, y_ptr, mean_ptr, sum_g_ptr, sum_gx_ptr,
+                               C, length, tiles_per_image, num_tiles, tiles_per_program,
+                               RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, COMPUTE: tl.constexpr,
+                               OFFSET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    program = tl.program_id(0)
+    channel_block = tl.program_id(1)
+    channel = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channel < C
+    mean = _per_channel(tl.load(mean_ptr + channel, mask=channel_ok, other=0).to(COMPUTE), CHANNELS_LAST)
+    first = program * tiles_per_program
+    last = tl.minimum(first + tiles_per_program, num_tiles)
+    # tile sums in float32 (a tree), tiles and programs added in float64
+    sum_g = tl.zeros([BLOCK_C], dtype=tl.float64)
+    sum_gx = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for tile in range(first, last):
+        offsets, mask, channel, _ = _bn_tile(tile, channel_block, C, length, tiles_per_image,
+                                             CHANNELS_LAST, OFFSET, BLOCK_R, BLOCK_C)
+        g = _relu_gradient(grad_out_ptr, out_ptr, offsets, mask, RELU, COMPUTE)
+        x = tl.load(y_ptr + offsets, mask=mask, other=0).to(COMPUTE)
+        centered = tl.where(mask, x - mean, 0)
+        sum_g += _channel_sums(g, CHANNELS_LAST).to(tl.float64)
+        sum_gx += _channel_sums(g * centered, CHANNELS_LAST).to(tl.float64)
+    partial = program * C + channel
+    tl.store(sum_g_ptr + partial, sum_g, mask=channel_ok)
+    tl.store(sum_gx_ptr + partial, sum_gx, mask=channel_ok)
+
+
+@triton.jit
+def _bn_backward_merge_kernel(sum_g_ptr, sum_gx_ptr, invstd_ptr, grad_weight_ptr, grad_bias_ptr, C,
+                              num_partials, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    channel = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channel < C
+    sum_g = tl.zeros([BLOCK_C], dtype=tl.float64)
+    sum_gx = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for first in range(0, num_partials, BLOCK_P):
+        row = first + tl.arange(0, BLOCK_P)
+        ok = (row < num_partials)[:, None] & channel_ok[None, :]
+        offsets = row[:, None] * C + channel[None, :]
+        sum_g += tl.sum(tl.load(sum_g_ptr + offsets, mask=ok, other=0), axis=0)
+        sum_gx += tl.sum(tl.load(sum_gx_ptr + offsets, mask=ok, other=0), axis=0)
+    invstd = tl.load(invstd_ptr + channel, mask=channel_ok, other=0).to(tl.float64)
+    tl.store(grad_bias_ptr + channel, sum_g.to(grad_bias_ptr.dtype.element_ty), mask=channel_ok)
+    tl.store(grad_weight_ptr + channel, (sum_gx * invstd).to(grad_weight_ptr.dtype.element_ty), mask=channel_ok)
+
+
+@triton.jit
+def _bn_relu_backward_kernel(grad_out_ptr, out_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, grad_weight_ptr,
+                             grad_bias_ptr, grad_y_ptr, grad_residual_ptr, C, length, tiles_per_image,
+                             weight_stride, total,
+                             HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr, GRAD_RESIDUAL: tl.constexpr,
+                             CHANNELS_LAST: tl.constexpr, COMPUTE: tl.constexpr, OFFSET: tl.constexpr,
+                             ROUND_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    offsets, mask, channel, _ = _bn_tile(tl.program_id(0), tl.program_id(1), C, length, tiles_per_image,
+                                         CHANNELS_LAST, OFFSET, BLOCK_R, BLOCK_C)
+    channel_ok = channel < C
+    g = _relu_gradient(grad_out_ptr, out_ptr, offsets, mask, RELU, COMPUTE)
+    if GRAD_RESIDUAL:
+        # g is grad_out or 0: exact in grad_out's dtype, no rounding to fix
+        tl.store(grad_residual_ptr + offsets, g.to(grad_residual_ptr.dtype.element_ty), mask=mask)
+    mean = tl.load(mean_ptr + channel, mask=channel_ok, other=0).to(COMPUTE)
+    invstd = tl.load(invstd_ptr + channel, mask=channel_ok, other=0).to(COMPUTE)
+    # total is an integer (exact in the division); a float argument would arrive as float32 under the
+    # interpreter
+    mean_g = tl.load(grad_bias_ptr + channel, mask=channel_ok, other=0).to(COMPUTE) / total
+    mean_gx = tl.load(grad_weight_ptr + channel, mask=channel_ok, other=0).to(COMPUTE) / total
+    gain = invstd
+    if HAS_WEIGHT:
+        gain = gain * tl.load(weight_ptr + channel * weight_stride, mask=channel_ok, other=0).to(COMPUTE)
+    x = tl.load(y_ptr + offsets, mask=mask, other=0).to(COMPUTE)
+    xhat = (x - _per_channel(mean, CHANNELS_LAST)) * _per_channel(invstd, CHANNELS_LAST)
+    grad_y = _per_channel(gain, CHANNELS_LAST) * (g - _per_channel(mean_g, CHANNELS_LAST)
+                                                   - xhat * _per_channel(mean_gx, CHANNELS_LAST))
+    tl.store(grad_y_ptr + offsets, _output_value(grad_y, ROUND_BF16).to(grad_y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv2d_epilogue_kernel(x_ptr, weight_ptr, scale_ptr, shift_ptr, residual_ptr, out_ptr,
+                            GEMM_M, Cout, GEMM_K, Cin, H, W, OH, OW, taps, KW,
+                            stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+                            x_sn, x_sc, x_sh, x_sw, scale_s, shift_s, res_sn, res_sc, res_sh, res_sw,
+                            out_sc, out_sp,
+                            HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                            ACC: tl.constexpr, OFFSET: tl.constexpr, ROUND_BF16: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # GEMM rows are output pixels (n, oh, ow), columns output channels, and K runs over (kh, kw, ci) with
+    # ci fastest, the order of the packed weight: one flat loop (which the compiler can pipeline) whose
+    # step picks a filter tap and a block of input channels, so the pixel gather is one vector per row.
+    # Output-channel blocks vary fastest across programs: those sharing a tile of x run together.
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(Cout, BLOCK_N)
+    n_block = pid % n_blocks
+    m_block = pid // n_blocks
+
+    pixel = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    out_ch = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    pixel_ok = pixel < GEMM_M
+    out_ch_ok = out_ch < Cout
+    ow = pixel % OW
+    rest = pixel // OW
+    oh = rest % OH
+    image = (rest // OH).to(tl.int64)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_rows = x_ptr + image * x_sn
+    k_lane = tl.arange(0, BLOCK_K)
+    cin_blocks = tl.cdiv(Cin, BLOCK_K)
+    num_steps = taps * cin_blocks
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for step in range(0, num_steps):
+        tap = step // cin_blocks
+        ci = (step - tap * cin_blocks) * BLOCK_K + k_lane
+        kh = tap // KW
+        kw = tap - kh * KW
+        ih = ih0 + kh * dilation_h
+        iw = iw0 + kw * dilation_w
+        row_ok = pixel_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ci_ok = ci < Cin
+        row_off = ih.to(OFFSET) * x_sh + iw.to(OFFSET) * x_sw
+        a = tl.load(x_rows[:, None] + (row_off[:, None] + (ci.to(OFFSET) * x_sc)[None, :]),
+                    mask=row_ok[:, None] & ci_ok[None, :], other=0)
+        k = tap * Cin + ci
+        b = tl.load(weight_ptr + (k.to(OFFSET)[:, None] * Cout + out_ch.to(OFFSET)[None, :]),
+                    mask=ci_ok[:, None] & out_ch_ok[None, :], other=0)
+        if DOT_IN_FP32:
+            # full-precision products: float32 inputs (no TF32), and 16-bit inputs under the
+            # interpreter, whose own 16-bit arithmetic is unreliable (16-bit products are exact in fp32)
+            acc = tl.dot(a.to(ACC), b.to(ACC), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+
+    scale = tl.load(scale_ptr + out_ch * scale_s, mask=out_ch_ok, other=0).to(ACC)
+    shift = tl.load(shift_ptr + out_ch * shift_s, mask=out_ch_ok, other=0).to(ACC)
+    acc = acc * scale[None, :] + shift[None, :]
+    out_mask = pixel_ok[:, None] & out_ch_ok[None, :]
+    if HAS_RESIDUAL:
+        res_rows = residual_ptr + image * res_sn + (oh.to(OFFSET) * res_sh + ow.to(OFFSET) * res_sw)
+        residual = tl.load(res_rows[:, None] + (out_ch.to(OFFSET) * res_sc)[None, :], mask=out_mask, other=0)
+        acc += residual.to(ACC)
+    if RELU:
+        acc = tl.where(acc < 0, 0, acc)  # NaN stays NaN, as in torch.relu
+    out_off = (pixel.to(OFFSET) * out_sp)[:, None] + (out_ch.to(OFFSET) * out_sc)[None, :]
+    tl.store(out_ptr + out_off, _output_value(acc, ROUND_BF16).to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# Configs for H100/H200-class GPUs: 16-bit dots run on the tensor cores, float32 ones at full precision
+# on the FMA units, where the smaller tiles keep their accumulator without spilling. The autotuner keys
+# on the GEMM sizes and (implicitly) on the dtypes.
+_CONV_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+]
+# One small config under the interpreter (>= 16 per side, as tl.dot needs), so that small test shapes
+# still cover several blocks on every axis and every edge mask.
+_CONV_INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
+
+
+@functools.cache
+def _conv2d_epilogue_autotuned():
+    return triton.autotune(configs=_CONV_CONFIGS, key=["GEMM_M", "Cout", "GEMM_K"])(_conv2d_epilogue_kernel)
+
+
+def _on_device(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _compute_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _round_bf16(dtype):
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+def _span(t, first_dim=0):
+    """Largest element offset reachable from index 0 along dims first_dim.. of t."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[first_dim:], t.stride()[first_dim:]))
+
+
+def _memory_format(t):
+    """channels_last only when t is exactly that (and not also contiguous), the rule the ops' fake
+    functions use, so real and fake outputs get the same strides."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@functools.cache
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+class _BNGeometry:
+    """Tiling of a dense (N, C, H, W) tensor for the BN kernels (see _bn_tile)."""
+
+    def __init__(self, y, channels_last):
+        N, C, H, W = y.shape
+        self.channels_last = channels_last
+        if channels_last:
+            self.length = N * H * W
+            self.block_c = min(triton.next_power_of_2(C), _BN_MAX_CHANNEL_BLOCK)
+            self.block_r = min(_BN_TILE // self.block_c, triton.next_power_of_2(self.length))
+            self.tiles_per_image = triton.cdiv(self.length, self.block_r)
+            self.num_tiles = self.tiles_per_image
+        else:
+            self.length = H * W
+            self.block_r = min(triton.next_power_of_2(self.length), _BN_TILE)
+            self.block_c = min(_BN_TILE // self.block_r, triton.next_power_of_2(C))
+            self.tiles_per_image = triton.cdiv(self.length, self.block_r)
+            self.num_tiles = N * self.tiles_per_image
+        self.channel_blocks = triton.cdiv(C, self.block_c)
+        if self.num_tiles > _INT32_MAX or self.channel_blocks > _GRID_Y_MAX:
+            raise ValueError(f"bn_relu: shape {tuple(y.shape)} is too large for the Triton kernels")
+        # int32 offsets unless some lane of a tile (masked ones too) could pass 2**31
+        reach = y.numel() + self.block_r * C + self.block_c * self.length
+        self.offset = tl.int64 if reach > _INT32_MAX else tl.int32
+        if _INTERPRET or not y.is_cuda:
+            self.tiles_per_program = _BN_INTERPRET_TILES_PER_PROGRAM
+        else:
+            wanted = max(1, _BN_PROGRAMS_PER_SM * _sm_count(y.device.index or 0) // self.channel_blocks)
+            self.tiles_per_program = triton.cdiv(self.num_tiles, wanted)
+        self.num_programs = triton.cdiv(self.num_tiles, self.tiles_per_program)
+
+    def tile_args(self):
+        return dict(CHANNELS_LAST=self.channels_last, OFFSET=self.offset, BLOCK_R=self.block_r,
+                    BLOCK_C=self.block_c)
+
+
+def _bn_operand(t, fmt, name, shape):
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"bn_relu: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    return t.contiguous(memory_format=fmt)
+
+
+def bn_relu_forward(y, weight, bias, residual, eps, relu):
+    """Training-mode BatchNorm with batch statistics, + residual, ReLU, in two passes over y.
+
+    y (N, C, H, W) float32/float64/float16/bfloat16, NCHW or channels_last; weight, bias (C,) any float
+    dtype or None (1 and 0); residual None or y's shape (made to follow y's format). Returns
+    (out, mean, invstd): out = relu?((y - mean) * invstd * weight + bias (+ residual)) computed in float32
+    (float64 for float64) and rounded once to y's dtype, in y's memory format; mean and invstd (C,)
+    float32 (float64 for float64), with the biased variance. With N*H*W == 0: mean 0, invstd 1/sqrt(eps).
+    """
+    N, C, H, W = y.shape
+    fmt = _memory_format(y)
+    y = y.contiguous(memory_format=fmt)
+    if residual is not None:
+        residual = _bn_operand(residual, fmt, "residual", y.shape)
+    stat_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    out = torch.empty_like(y, memory_format=fmt)
+    total = N * H * W
+    if total == 0 or C == 0:
+        mean = torch.zeros(C, dtype=stat_dtype, device=y.device)
+        invstd = torch.full((C,), 1.0 / math.sqrt(eps), dtype=stat_dtype, device=y.device)
+        return out, mean, invstd
+    mean = torch.empty(C, dtype=stat_dtype, device=y.device)
+    invstd = torch.empty(C, dtype=stat_dtype, device=y.device)
+    geometry = _BNGeometry(y, fmt == torch.channels_last)
+    partials = torch.empty((3, geometry.num_programs, C), dtype=torch.float64, device=y.device)
+    count_partial, mean_partial, m2_partial = partials.unbind(0)
+    compute = _compute_dtype(y.dtype)
+    with _on_device(y):
+        _bn_stats_kernel[(geometry.num_programs, geometry.channel_blocks)](
+            y, count_partial, mean_partial, m2_partial, C, geometry.length, geometry.tiles_per_image,
+            geometry.num_tiles, geometry.tiles_per_program, COMPUTE=compute, num_warps=_BN_NUM_WARPS,
+            **geometry.tile_args())
+        _bn_stats_merge_kernel[(triton.cdiv(C, _MERGE_BLOCK_C),)](
+            count_partial, mean_partial, m2_partial, mean, invstd, C, geometry.num_programs, total, float(eps),
+            BLOCK_P=_MERGE_BLOCK_P, BLOCK_C=_MERGE_BLOCK_C)
+        _bn_relu_forward_kernel[(geometry.num_tiles, geometry.channel_blocks)](
+            y, residual if residual is not None else y, out, mean, invstd,
+            weight if weight is not None else mean, bias if bias is not None else mean,
+            C, geometry.length, geometry.tiles_per_image,
+            weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+            RELU=bool(relu), COMPUTE=compute, ROUND_BF16=_round_bf16(out.dtype), num_warps=_BN_NUM_WARPS,
+            **geometry.tile_args())
+    return out, mean, invstd
+
+
+def bn_relu_backward(grad_out, out, y, mean, invstd, weight, relu, residual_grad):
+    """Backward of bn_relu_forward: one reduction pass, one elementwise pass.
+
+    g = grad_out * (out > 0) if relu else grad_out; xhat = (y - mean) * invstd; grad_bias = sum(g),
+    grad_weight = sum(g * xhat) per channel ((C,) float32, float64 for float64, summed in float64 in a
+    fixed order); grad_y = weight * invstd * (g - grad_bias / M - xhat * grad_weight / M) in y's dtype and
+    memory format, M = N*H*W; grad_residual = g in grad_out's dtype and y's memory format when
+    residual_grad, else an empty tensor. out is only read when relu.
+    Returns (grad_y, grad_weight, grad_bias, grad_residual).
+    """
+    N, C, H, W = y.shape
+    fmt = _memory_format(y)
+    y = y.contiguous(memory_format=fmt)
+    grad_out = _bn_operand(grad_out, fmt, "grad_out", y.shape)
+    if relu:
+        out = _bn_operand(out, fmt, "out", y.shape)
+    stat_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    grad_y = torch.empty_like(y, memory_format=fmt)
+    grad_weight = torch.zeros(C, dtype=stat_dtype, device=y.device)
+    grad_bias = torch.zeros(C, dtype=stat_dtype, device=y.device)
+    if residual_grad:
+        grad_residual = torch.empty(y.shape, dtype=grad_out.dtype, device=y.device, memory_format=fmt)
+    else:
+        grad_residual = grad_out.new_empty(0)
+    total = N * H * W
+    if total == 0 or C == 0:
+        return grad_y, grad_weight, grad_bias, grad_residual
+    mean = mean.contiguous()
+    invstd = invstd.contiguous()
+    geometry = _BNGeometry(y, fmt == torch.channels_last)
+    partials = torch.empty((2, geometry.num_programs, C), dtype=torch.float64, device=y.device)
+    sum_g_partial, sum_gx_partial = partials.unbind(0)
+    compute = _compute_dtype(y.dtype)
+    out_arg = out if relu else grad_out
+    with _on_device(y):
+        _bn_backward_reduce_kernel[(geometry.num_programs, geometry.channel_blocks)](
+            grad_out, out_arg, y, mean, sum_g_partial, sum_gx_partial, C, geometry.length,
+            geometry.tiles_per_image, geometry.num_tiles, geometry.tiles_per_program, RELU=bool(relu),
+            COMPUTE=compute, num_warps=_BN_NUM_WARPS, **geometry.tile_args())
+        _bn_backward_merge_kernel[(triton.cdiv(C, _MERGE_BLOCK_C),)](
+            sum_g_partial, sum_gx_partial, invstd, grad_weight, grad_bias, C, geometry.num_programs,
+            BLOCK_P=_MERGE_BLOCK_P, BLOCK_C=_MERGE_BLOCK_C)
+        _bn_relu_backward_kernel[(geometry.num_tiles, geometry.channel_blocks)](
+            grad_out, out_arg, y, mean, invstd, weight if weight is not None else mean, grad_weight, grad_bias,
+            grad_y, grad_residual if residual_grad else grad_y, C, geometry.length, geometry.tiles_per_image,
+            weight.stride(0) if weight is not None else 0, total,
+            HAS_WEIGHT=weight is not None, RELU=bool(relu), GRAD_RESIDUAL=bool(residual_grad), COMPUTE=compute,
+            ROUND_BF16=_round_bf16(grad_y.dtype), num_warps=_BN_NUM_WARPS, **geometry.tile_args())
+    return grad_y, grad_weight, grad_bias, grad_residual
+
+
+def _pair(value, name):
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"conv2d_epilogue: {name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def conv2d_epilogue(x, weight, scale, shift, residual, relu, stride=1, padding=0, dilation=1, *,
+                    block_m=None, block_n=None, block_k=None):
+    """out = relu?(F.conv2d(x, weight, None, stride, padding, dilation) * scale[co] + shift[co] (+ residual))
+    as one implicit-GEMM kernel (groups=1).
+
+    x (N, Cin, H, W) any strides (channels_last is the fast one), weight (Cout, Cin, KH, KW) any layout
+    (repacked here to (KH*KW*Cin, Cout)), scale and shift (Cout,) float32, residual None or
+    (N, Cout, OH, OW) any strides; stride/padding/dilation ints or pairs. Accumulates in float32 (float64
+    for float64); float32 products are full precision, not TF32. Returns (N, Cout, OH, OW) channels_last
+    in x's dtype. block_m/n/k (all three, each a power of two >= 16) fix the tile instead of the
+    autotuned (GPU) or default (interpreter) one.
+    """
+    N, Cin, H, W = x.shape
+    Cout, weight_cin, KH, KW = weight.shape
+    if weight_cin != Cin:
+        raise ValueError(f"conv2d_epilogue: weight {tuple(weight.shape)} does not match {Cin} input channels")
+    stride_h, stride_w = _pair(stride, "stride")
+    pad_h, pad_w = _pair(padding, "padding")
+    dilation_h, dilation_w = _pair(dilation, "dilation")
+    OH = (H + 2 * pad_h - dilation_h * (KH - 1) - 1) // stride_h + 1
+    OW = (W + 2 * pad_w - dilation_w * (KW - 1) - 1) // stride_w + 1
+    if OH < 0 or OW < 0 or min(stride_h, stride_w, dilation_h, dilation_w) < 1 or min(pad_h, pad_w) < 0:
+        raise ValueError(f"conv2d_epilogue: invalid geometry for input {tuple(x.shape)} and weight "
+                         f"{tuple(weight.shape)} (stride {stride}, padding {padding}, dilation {dilation})")
+    out = torch.empty((N, Cout, OH, OW), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    if residual is not None and tuple(residual.shape) != tuple(out.shape):
+        raise ValueError(f"conv2d_epilogue: residual must have shape {tuple(out.shape)}, got {tuple(residual.shape)}")
+    if out.numel() == 0:
+        return out
+    gemm_m = N * OH * OW
+    gemm_k = KH * KW * Cin
+    # Program ids and pixel indices are int32; 16 x 16 is the smallest tile.
+    if gemm_m + 128 > _INT32_MAX or triton.cdiv(gemm_m, 16) * triton.cdiv(Cout, 16) > _INT32_MAX:
+        raise ValueError(f"conv2d_epilogue: shape {tuple(x.shape)} is too large for the Triton kernel")
+    packed = weight.to(x.dtype).permute(2, 3, 1, 0).reshape(gemm_k, Cout).contiguous()
+    x_arg = x if x.numel() > 0 else out  # Cin == 0: the K loop does not run; any valid pointer will do
+    w_arg = packed if packed.numel() > 0 else out
+    res_arg = residual if residual is not None else out
+    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    # Each image's offset is int64; the offsets inside an image (and the output's and the packed
+    # weight's) are int32 unless one could pass 2**31, masked lanes of a tile (up to 256 wide) included.
+    _, x_sc, x_sh, x_sw = (abs(s) for s in x.stride())
+    reach = [(H + 2 * pad_h + dilation_h * KH) * x_sh + (W + 2 * pad_w + dilation_w * KW) * x_sw + (Cin + 256) * x_sc,
+             (gemm_k + 256) * Cout + 256, (gemm_m + 256) * Cout + 256]
+    if residual is not None:
+        reach.append(_span(residual, 1) + 256 * abs(residual.stride(1)))
+    offset = tl.int64 if max(reach) > _INT32_MAX else tl.int32
+    args = (x_arg, w_arg, scale, shift, res_arg, out, gemm_m, Cout, gemm_k, Cin, H, W, OH, OW, KH * KW, KW,
+            stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, *x.stride(), scale.stride(0),
+            shift.stride(0), *res_strides, out.stride(1), out.stride(3))
+    kwargs = dict(HAS_RESIDUAL=residual is not None, RELU=bool(relu),
+                  DOT_IN_FP32=x.dtype in (torch.float32, torch.float64) or _INTERPRET,
+                  ACC=_compute_dtype(x.dtype), OFFSET=offset, ROUND_BF16=_round_bf16(x.dtype))
+    fixed = (block_m, block_n, block_k)
+    if any(b is not None for b in fixed):
+        if any(b is None or b < 16 or b & (b - 1) for b in fixed):
+            raise ValueError("conv2d_epilogue: block_m, block_n, block_k must all be powers of two >= 16")
+        kernel = _conv2d_epilogue_kernel
+        kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    elif _INTERPRET:
+        kernel = _conv2d_epilogue_kernel
+        kwargs.update(_CONV_INTERPRET_BLOCKS)
+    else:
+        kernel = _conv2d_epilogue_autotuned()
+
+    def grid(meta):
+        return (triton.cdiv(gemm_m, meta["BLOCK_M"]) * triton.cdiv(Cout, meta["BLOCK_N"]),)
+
+    with _on_device(x):
+        kernel[grid](*args, **kwargs)
+    return out

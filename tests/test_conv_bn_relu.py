@@ -1,0 +1,248 @@
+"""fastbb.ops.conv_bn_relu and its modules against nn.Conv2d + nn.BatchNorm2d / FrozenBatchNorm2d + ReLU."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
+
+import fastbb
+from fastbb.nn.conv_bn_relu import ConvBNReLU2d, FrozenBatchNorm2d
+from fastbb.ops.conv_bn_relu import (bn_relu_backward_reference, bn_relu_forward_reference, conv_bn_relu)
+
+from conftest import TOLERANCES, usable_backends
+
+BACKENDS = usable_backends("cpu", {"cpp": "fastbb_C::bn_relu_forward"})
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def _modules(c_in=6, c_out=8, kernel=3, stride=1, dilation=1, groups=1, bias=False, dtype=torch.float64):
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, padding=dilation * (kernel // 2), dilation=dilation, groups=groups,
+                     bias=bias)
+    bn = nn.BatchNorm2d(c_out)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    return conv.to(dtype), bn.to(dtype)
+
+
+def _eager(conv, bn, x, residual=None, relu=True):
+    out = bn(conv(x))
+    if residual is not None:
+        out = out + residual
+    return F.relu(out) if relu else out
+
+
+def _call(conv, bn, x, residual=None, relu=True, training=False, running=True, momentum=0.1):
+    return conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias,
+                        bn.running_mean if running else None, bn.running_var if running else None,
+                        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                        training=training, momentum=momentum, eps=bn.eps, relu=relu, residual=residual)
+
+
+def _assert_within_twice_pytorch_error(got, eager, exact, name=""):
+    """got's error against the float64 result is at most twice eager PyTorch's own error in that dtype, plus
+    the dtype's relative tolerance of the result (a folded conv and a fused BN round in other places, and
+    in bfloat16 a value rounding to either side of 0 flips a ReLU mask element in one and not the other).
+    Errors are measured as the norm of the difference: a max over a few elements is too noisy."""
+    exact = exact.detach()
+    exact_norm = float(exact.norm()) if exact.numel() else 0.0
+    eager_error = float((eager.detach().double() - exact).norm()) if exact.numel() else 0.0
+    bound = 2 * eager_error + TOLERANCES[got.dtype]["rtol"] * exact_norm
+    error = float((got.detach().double() - exact).norm()) if exact.numel() else 0.0
+    assert error <= bound, f"{name}: error {error:.3g} > bound {bound:.3g} (eager's error {eager_error:.3g})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dilation, stride, groups", [(1, 1, 1), (2, 1, 1), (4, 1, 1), (1, 2, 2), (2, 2, 1)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_eval_matches_pytorch(dtype, dilation, stride, groups, residual):
+    conv, bn = _modules(stride=stride, dilation=dilation, groups=groups, bias=groups == 2)
+    bn.eval()
+    x = torch.randn(2, 6, 11, 13, dtype=torch.float64)
+    res = torch.randn(2, 8, 11 // stride + (11 % stride > 0), 13 // stride + (13 % stride > 0), dtype=torch.float64) \
+        if residual else None
+    with torch.no_grad():
+        exact = _eager(conv, bn, x, res)
+        conv_d, bn_d = (m.to(dtype) for m in _modules(stride=stride, dilation=dilation, groups=groups,
+                                                        bias=groups == 2))
+        conv_d.load_state_dict(conv.state_dict()), bn_d.load_state_dict(bn.state_dict())
+        bn_d.eval()
+        args = (x.to(dtype), None if res is None else res.to(dtype))
+        eager = _eager(conv_d, bn_d, *args)
+        got = _call(conv_d, bn_d, *args)
+    assert got.dtype == dtype and got.shape == exact.shape
+    _assert_within_twice_pytorch_error(got, eager, exact)
+
+
+def test_eval_channels_last_and_gradients():
+    conv, bn = _modules(dtype=torch.float64)
+    bn.eval()
+    x = torch.randn(2, 6, 9, 10, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
+    params = [x, conv.weight, bn.weight, bn.bias]
+    want = torch.autograd.grad(_eager(conv, bn, x).sum(), params)
+    got = torch.autograd.grad(_call(conv, bn, x).sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+def test_frozen_batch_norm_matches_torchvision(eps):
+    theirs = TorchvisionFrozenBatchNorm2d(8)
+    ours = FrozenBatchNorm2d(8)
+    state = {k: torch.rand_like(v) + 0.5 for k, v in theirs.state_dict().items()}
+    theirs.load_state_dict(state)
+    ours.load_state_dict(dict(state, num_batches_tracked=torch.tensor(3)))  # dropped on load, as torchvision
+    theirs.eps = ours.eps = eps  # changed after construction: read at run time
+    x = torch.randn(2, 8, 5, 6)
+    assert torch.equal(ours(x), theirs(x))
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    fused = ConvBNReLU2d.from_modules(conv, ours, nn.ReLU())
+    x = torch.randn(2, 4, 7, 9)
+    torch.testing.assert_close(fused(x), F.relu(theirs(conv(x))), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual, relu", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_matches_pytorch(backend, dtype, residual, relu, channels_last):
+    """Output, running statistics and every gradient against the float64 run: within twice eager
+    PyTorch's own error in dtype."""
+    conv, bn = _modules(dilation=2, dtype=dtype)
+    conv64, bn64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    bn_fused = copy.deepcopy(bn)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 6, 9, 11, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    res = torch.randn(2, 8, 9, 11, dtype=torch.float64).to(dtype).requires_grad_() if residual else None
+    grad_out = torch.randn(2, 8, 9, 11, dtype=torch.float64).to(dtype)
+
+    def run(conv, bn, x, res, fused):
+        inputs = [x, conv.weight, bn.weight, bn.bias] + ([res] if residual else [])
+        if fused:
+            with fastbb.use_backend(backend):
+                out = _call(conv, bn, x, res, relu, training=True)
+        else:
+            out = _eager(conv, bn, x, res, relu)
+        grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+        return [out, bn.running_mean, bn.running_var, *grads]
+
+    x64 = x.detach().double().requires_grad_()
+    res64 = res.detach().double().requires_grad_() if residual else None
+    exact = run(conv64, bn64, x64, res64, fused=False)
+    eager = run(conv, bn, x, res, fused=False)
+    got = run(conv, bn_fused, x, res, fused=True)
+    names = ["out", "running_mean", "running_var", "x", "conv.weight", "bn.weight", "bn.bias", "residual"]
+    if relu and dtype == torch.bfloat16:
+        # A bfloat16 pre-activation within an ulp of 0 can take either sign, and the ReLU mask with it; one
+        # flipped element then dominates any gradient error. bfloat16 gradients are compared without ReLU.
+        names = names[:3]
+    for name, g, e, w in zip(names, got, eager, exact):
+        assert g.dtype == e.dtype and g.shape == w.shape, name
+        _assert_within_twice_pytorch_error(g, e, w, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_cumulative_average_momentum_none(backend):
+    conv, bn = _modules(dtype=torch.float32)
+    bn.momentum = None
+    fused = ConvBNReLU2d.from_modules(*[m for m in _modules(dtype=torch.float32)], nn.ReLU())
+    fused.load_state_dict({"conv.weight": conv.weight, **{f"bn.{k}": v for k, v in bn.state_dict().items()}})
+    fused.bn.momentum = None
+    for _ in range(3):
+        x = torch.randn(2, 6, 7, 8)
+        want = F.relu(bn(conv(x)))
+        with fastbb.use_backend(backend):
+            got = fused(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.bn.running_mean, bn.running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused.bn.running_var, bn.running_var, rtol=1e-6, atol=1e-6)
+    assert int(fused.bn.num_batches_tracked) == int(bn.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend):
+    """Training mode per backend (the fused BN pass); eval mode is plain differentiable PyTorch on every
+    backend. The interpreter is slow, so Triton uses gradcheck's fast mode (random projections)."""
+    conv, bn = _modules(c_in=3, c_out=4, dtype=torch.float64)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(2, 4, 5, 4, dtype=torch.float64, requires_grad=True)
+
+    def train(x, w, g, b, r):
+        return conv_bn_relu(x, w, None, g, b, padding=1, training=True, residual=r)
+
+    def evaluate(x, w, g, b, r):
+        return conv_bn_relu(x, w, None, g, b, bn.running_mean, bn.running_var, padding=1, residual=r)
+
+    args = (x, conv.weight, bn.weight, bn.bias, res)
+    with fastbb.use_backend(backend):
+        torch.autograd.gradcheck(train, args, fast_mode=backend == "triton")
+        if backend == "reference":
+            torch.autograd.gradcheck(evaluate, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    y = torch.randn(2, 5, 4, 6, requires_grad=True)
+    weight, bias = torch.rand(5) + 0.5, torch.randn(5)
+    res = torch.randn(2, 5, 4, 6)
+    with fastbb.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastbb.bn_relu_train, (y, weight.requires_grad_(), bias, res, 1e-5, True))
+        out, mean, invstd = torch.ops.fastbb.bn_relu_train(y.detach(), weight.detach(), bias, res, 1e-5, True)
+        torch.library.opcheck(torch.ops.fastbb.bn_relu_train_backward,
+                              (torch.randn(2, 5, 4, 6), out, y.detach(), mean, invstd, weight.detach(), True, True))
+
+
+def test_fused_pass_reference_matches_batch_norm():
+    """The fused BN pass's reference against F.batch_norm + ReLU and its autograd, in float64."""
+    y = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True) * 3 + 10
+    weight = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    want = F.relu(F.batch_norm(y, None, None, weight, bias, training=True, eps=1e-3) + res)
+    out, mean, invstd = bn_relu_forward_reference(y.detach(), weight.detach(), bias.detach(), res.detach(), 1e-3, True)
+    torch.testing.assert_close(out, want.detach())
+    grad_out = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (y, weight, bias, res), grad_out)
+    got = bn_relu_backward_reference(grad_out, out, y.detach(), mean, invstd, weight.detach(), True, True)
+    for g, w in zip(got, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+def test_conv_bn_relu_module_keeps_sequential_keys():
+    sequential = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    fused = ConvBNReLU2d.from_modules(*sequential, names=("0", "1", "2"))
+    assert list(fused.state_dict()) == list(sequential.state_dict())
+    fresh = ConvBNReLU2d(3, 8, 3, padding=1, names=("0", "1", "2"))
+    fresh.load_state_dict(sequential.state_dict())
+    x = torch.randn(2, 3, 6, 7)
+    for mode in ("train", "eval"):
+        getattr(sequential, mode)(), getattr(fresh, mode)()
+        torch.testing.assert_close(fresh(x), sequential(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda a: a.update(x=a["x"][0]), ValueError, "x must be 4-D"),
+    (lambda a: a.update(weight=a["weight"][:, :4]), ValueError, "does not fit x"),
+    (lambda a: a.update(bn_weight=a["bn_weight"][:5]), ValueError, "bn_weight must be"),
+    (lambda a: a.update(running_mean=None), ValueError, "needs running_mean"),
+    (lambda a: a.update(groups=0), ValueError, "groups"),
+    (lambda a: a.update(padding=(1,)), ValueError, "padding"),
+    (lambda a: a.update(stride=0), ValueError, "stride"),
+    (lambda a: a.update(eps=float("nan")), ValueError, "eps must be finite"),
+    (lambda a: a.update(weight=a["weight"].double()), TypeError, "x's dtype"),
+    (lambda a: a.update(residual=torch.randn(2, 8, 3, 3)), ValueError, "residual"),
+    (lambda a: a.update(bn_bias=a["bn_bias"].to("meta")), ValueError, "one device"),
+])
+def test_bad_input(change, error, message):
+    conv, bn = _modules(dtype=torch.float32)
+    args = dict(x=torch.randn(2, 6, 7, 8), weight=conv.weight, bias=None, bn_weight=bn.weight, bn_bias=bn.bias,
+                running_mean=bn.running_mean, running_var=bn.running_var, padding=1)
+    change(args)
+    with pytest.raises(error, match=message):
+        conv_bn_relu(**args)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        conv_bn_relu(torch.randn(1, 6, 1, 1), conv.weight, padding=1, training=True)

@@ -1,0 +1,137 @@
+"""fastbb.models ResNets and fastbb.convert against torchvision's ResNets with the same weights."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fastbb
+from fastbb.models import resnet18, resnet50
+
+from conftest import usable_backends
+
+# Whole ResNets run on the compiled CPU backend and the reference; the Triton kernels (too slow for a
+# ResNet under the interpreter) are checked op by op in test_conv_bn_relu.py.
+BACKENDS = [b for b in usable_backends("cpu", {"cpp": "fastbb_C::bn_relu_forward"}) if b != "triton"]
+
+
+def _randomize_bn(model):
+    """Non-trivial BN statistics and affine parameters, so eval mode is not the identity."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def _error(out, exact):
+    return float((out.detach().double() - exact.detach()).norm())
+
+
+def _assert_within_twice_torchvision_error(ours, theirs, exact):
+    """Error against the float64 run at most twice torchvision's own float32 error (norm of the difference)."""
+    assert _error(ours, exact) <= 2 * _error(theirs, exact) + 1e-12
+
+
+@pytest.mark.parametrize("builder, tv_builder", [(resnet18, torchvision.models.resnet18),
+                                                 (resnet50, torchvision.models.resnet50)])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_matches_torchvision(builder, tv_builder, mode):
+    theirs = _randomize_bn(tv_builder())
+    ours = builder(weights=theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    theirs64 = copy.deepcopy(theirs).double()
+    x = torch.randn(2, 3, 64, 72)
+    for model in (theirs, ours, theirs64):
+        getattr(model, mode)()
+    with torch.no_grad():
+        exact = theirs64(x.double())
+        want = theirs(x)
+        got = ours(x)
+    _assert_within_twice_torchvision_error(got, want, exact)
+    if mode == "train":  # the running statistics moved alike: within twice torchvision's float32 error
+        exact_state = theirs64.state_dict()
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            if "running" in name:
+                bound = 2 * _error(b, exact_state[name]) + 1e-6 * float(exact_state[name].norm())
+                assert _error(a, exact_state[name]) <= bound, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dilated_resnet50_training_step_matches_torchvision(backend):
+    """replace_stride_with_dilation=[False, True, True] (layer3 dilations 1,2,2,..., layer4 2,4,4), a
+    training forward + backward in float64: every parameter gradient and running statistic equal."""
+    theirs = _randomize_bn(torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])).double()
+    ours = resnet50(weights=theirs.state_dict(), replace_stride_with_dilation=[False, True, True]).double()
+    assert [m.dilation for m in ours.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)] == \
+        [m.dilation for m in theirs.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    x = torch.randn(2, 3, 48, 40, dtype=torch.float64)
+    grads = []
+    for model in (theirs, ours):
+        model.train()
+        with fastbb.use_backend(backend):
+            loss = model(x).square().mean()
+            grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for g, w in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9)
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_weights_from_path_and_strict_keys(tmp_path):
+    theirs = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(theirs.state_dict(), path)
+    ours = resnet18(weights=str(path))
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    state = theirs.state_dict()
+    del state["layer1.0.conv1.weight"]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        resnet18(weights=state)
+    with pytest.raises(TypeError, match="weights must be a state_dict"):
+        resnet18(weights=3)
+
+
+def test_constructor_errors_as_torchvision():
+    with pytest.raises(ValueError, match="replace_stride_with_dilation"):
+        resnet50(replace_stride_with_dilation=[False, True])
+    with pytest.raises(NotImplementedError, match="Dilation > 1"):
+        resnet18(replace_stride_with_dilation=[False, True, True])
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_convert_torchvision_resnet(mode):
+    theirs = _randomize_bn(torchvision.models.resnet50())
+    converted = copy.deepcopy(theirs)
+    keys = list(converted.state_dict())
+    report = fastbb.convert(converted)
+    assert list(converted.state_dict()) == keys
+    assert len(report) == 1 + 16 and "ResNet stem" in report[0]
+    theirs64 = copy.deepcopy(theirs).double()
+    for model in (theirs, converted, theirs64):
+        getattr(model, mode)()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _assert_within_twice_torchvision_error(converted(x), theirs(x), theirs64(x.double()))
+
+
+def test_convert_sequential_chains_and_frozen_bn():
+    """torchvision's Conv2dNormActivation (a Sequential) with FrozenBatchNorm2d, as detection backbones use."""
+    block = torchvision.ops.Conv2dNormActivation(4, 8, norm_layer=torchvision.ops.FrozenBatchNorm2d)
+    model = nn.Sequential(block, nn.Conv2d(8, 8, 1))
+    with torch.no_grad():
+        for buffer in block[1].buffers():
+            buffer.uniform_(0.5, 1.5)
+    x = torch.randn(2, 4, 9, 9)
+    want = model(x)
+    keys = list(model.state_dict())
+    report = fastbb.convert(model)
+    assert report == ["0: Sequential(Conv2d, FrozenBatchNorm2d, ReLU)"]
+    assert isinstance(model[0], fastbb.nn.ConvBNReLU2d) and list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="nn.Module"):
+        fastbb.convert("resnet50")
