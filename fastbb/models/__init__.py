@@ -1,4 +1,6 @@
 """State-dict compatible model builders whose conv -> BN -> ReLU chains run fused."""
+from fastbb.models.mm_resnet import MMResNet, ResNetV1c, ResNetV1d
 from fastbb.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+__all__ = ["BasicBlock", "Bottleneck", "MMResNet", "ResNet", "ResNetV1c", "ResNetV1d", "resnet18", "resnet34",
+           "resnet50", "resnet101", "resnet152"]

@@ -22,12 +22,16 @@ def conv1x1(in_planes, out_planes, stride=1):
 
 
 def _shortcut(block, x):
-    """The identity branch: x, or the downsample's conv -> BN (fused when it is that pair)."""
+    """The identity branch: x, or the downsample's [AvgPool2d ->] conv -> BN, the pair fused."""
     downsample = block.downsample
     if downsample is None:
         return x
-    if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
-        return fused_conv_bn(downsample[0], downsample[1], x, relu=False)
+    layers = list(downsample) if isinstance(downsample, nn.Sequential) else []
+    if len(layers) == 3 and isinstance(layers[0], nn.AvgPool2d):  # mmdet's avg_down
+        x = layers[0](x)
+        layers = layers[1:]
+    if len(layers) == 2 and isinstance(layers[0], nn.Conv2d):
+        return fused_conv_bn(layers[0], layers[1], x, relu=False)
     return downsample(x)
 
 
