@@ -37,18 +37,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#define FASTBB_BN_X86 1
-#endif
-
-// The element loops are also compiled for AVX2, chosen at load time where the CPU has it. FMA is left
-// out on purpose: both versions then round every operation alike and give the same bits.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 9
-#define FASTBB_BN_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FASTBB_BN_CLONES
-#endif
+#include "cpu_simd.h"
 
 namespace fastbb {
 namespace {
@@ -98,48 +87,24 @@ inline c10::BFloat16 float_to_bf16(float value) {
   return c10::BFloat16(static_cast<uint16_t>(is_nan ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
 }
 
-FASTBB_BN_CLONES void widen(const c10::BFloat16* __restrict__ src, float* __restrict__ dst, int64_t n) {
+FASTBB_AVX2_CLONES void widen(const c10::BFloat16* __restrict__ src, float* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
 }
 
-FASTBB_BN_CLONES void narrow(const float* __restrict__ src, c10::BFloat16* __restrict__ dst, int64_t n) {
+FASTBB_AVX2_CLONES void narrow(const float* __restrict__ src, c10::BFloat16* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
 }
 
-#ifdef FASTBB_BN_X86
-bool cpu_has_f16c() {
-  static const bool has_f16c = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-  return has_f16c;
-}
-
-__attribute__((target("avx,f16c"))) void widen_f16c(const c10::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  }
-  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i].x);
-}
-
-__attribute__((target("avx,f16c"))) void narrow_f16c(const float* src, c10::Half* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i halves = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), halves);
-  }
-  for (; i < n; ++i) dst[i].x = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
-}
-#endif
-
 void widen(const c10::Half* src, float* dst, int64_t n) {
-#ifdef FASTBB_BN_X86
-  if (cpu_has_f16c()) return widen_f16c(src, dst, n);
+#ifdef FASTBB_X86
+  if (simd::cpu_has_f16c()) return simd::widen_f16c(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 void narrow(const float* src, c10::Half* dst, int64_t n) {
-#ifdef FASTBB_BN_X86
-  if (cpu_has_f16c()) return narrow_f16c(src, dst, n);
+#ifdef FASTBB_X86
+  if (simd::cpu_has_f16c()) return simd::narrow_f16c(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
@@ -201,7 +166,7 @@ inline void merge_into(Moments& a, double count_b, double mean_b, double m2_b) {
 }
 
 // Per channel, for C channels sharing the counts.
-FASTBB_BN_CLONES void merge_into(double* __restrict__ mean, double* __restrict__ m2, double count_a, double count_b,
+FASTBB_AVX2_CLONES void merge_into(double* __restrict__ mean, double* __restrict__ m2, double count_a, double count_b,
                                  const double* __restrict__ mean_b, const double* __restrict__ m2_b, int64_t C) {
   const double count = count_a + count_b;
   const double weight_b = count_b / count;
@@ -231,7 +196,7 @@ double lane_total(const acc_t* lanes) {
 
 // Mean and M2 of n > 0 contiguous values.
 template <typename acc_t>
-FASTBB_BN_CLONES void piece_moments(const acc_t* __restrict__ x, int64_t n, double* mean, double* m2) {
+FASTBB_AVX2_CLONES void piece_moments(const acc_t* __restrict__ x, int64_t n, double* mean, double* m2) {
   constexpr int L = kLanes<acc_t>;
   acc_t sum[L] = {};
   int64_t i = 0;
@@ -265,7 +230,7 @@ FASTBB_BN_CLONES void piece_moments(const acc_t* __restrict__ x, int64_t n, doub
 
 // pivot[c] = mean of channel c over `pixels` > 0 pixels.
 template <typename acc_t>
-FASTBB_BN_CLONES void pixel_means(const acc_t* __restrict__ x, int64_t pixels, int64_t C, acc_t* __restrict__ pivot) {
+FASTBB_AVX2_CLONES void pixel_means(const acc_t* __restrict__ x, int64_t pixels, int64_t C, acc_t* __restrict__ pivot) {
   std::fill(pivot, pivot + C, acc_t(0));
   for (int64_t p = 0; p < pixels; ++p) {
     const acc_t* __restrict__ row = x + p * C;
@@ -277,7 +242,7 @@ FASTBB_BN_CLONES void pixel_means(const acc_t* __restrict__ x, int64_t pixels, i
 
 // Adds x - pivot and (x - pivot)^2 of `pixels` pixels to the float32 sums of each channel.
 template <typename acc_t>
-FASTBB_BN_CLONES void pixel_shifted_sums(const acc_t* __restrict__ x, int64_t pixels, int64_t C,
+FASTBB_AVX2_CLONES void pixel_shifted_sums(const acc_t* __restrict__ x, int64_t pixels, int64_t C,
                                          const acc_t* __restrict__ pivot, acc_t* __restrict__ dev,
                                          acc_t* __restrict__ sq) {
   for (int64_t p = 0; p < pixels; ++p) {
@@ -292,7 +257,7 @@ FASTBB_BN_CLONES void pixel_shifted_sums(const acc_t* __restrict__ x, int64_t pi
 
 // Adds the float32 sums of a piece to the float64 ones and clears them for the next.
 template <typename acc_t>
-FASTBB_BN_CLONES void flush_sums(acc_t* __restrict__ a, acc_t* __restrict__ b, double* __restrict__ sum_a,
+FASTBB_AVX2_CLONES void flush_sums(acc_t* __restrict__ a, acc_t* __restrict__ b, double* __restrict__ sum_a,
                                  double* __restrict__ sum_b, int64_t C) {
   for (int64_t c = 0; c < C; ++c) {
     sum_a[c] += static_cast<double>(a[c]);
@@ -327,7 +292,7 @@ void finish_channel(int64_t c, const Moments& moments, double eps, const double*
 }
 
 template <typename acc_t, bool kResidual, bool kRelu>
-FASTBB_BN_CLONES void normalize_span(const acc_t* __restrict__ x, const acc_t* __restrict__ residual,
+FASTBB_AVX2_CLONES void normalize_span(const acc_t* __restrict__ x, const acc_t* __restrict__ residual,
                                      acc_t* __restrict__ out, int64_t n, acc_t mean, acc_t scale, acc_t shift) {
   for (int64_t i = 0; i < n; ++i) {
     acc_t v = (x[i] - mean) * scale + shift;
@@ -338,7 +303,7 @@ FASTBB_BN_CLONES void normalize_span(const acc_t* __restrict__ x, const acc_t* _
 }
 
 template <typename acc_t, bool kResidual, bool kRelu>
-FASTBB_BN_CLONES void normalize_pixels(const acc_t* __restrict__ x, const acc_t* __restrict__ residual,
+FASTBB_AVX2_CLONES void normalize_pixels(const acc_t* __restrict__ x, const acc_t* __restrict__ residual,
                                        acc_t* __restrict__ out, int64_t pixels, int64_t C,
                                        const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
                                        const acc_t* __restrict__ shift) {
@@ -548,7 +513,7 @@ inline acc_t masked_grad(acc_t grad, acc_t out) {
 
 // sum(g) and sum(g * (y - mean)) of n values of one channel.
 template <typename acc_t, bool kRelu>
-FASTBB_BN_CLONES void piece_grad_sums(const acc_t* __restrict__ grad, const acc_t* __restrict__ out,
+FASTBB_AVX2_CLONES void piece_grad_sums(const acc_t* __restrict__ grad, const acc_t* __restrict__ out,
                                       const acc_t* __restrict__ y, int64_t n, acc_t mean, double* sum_g,
                                       double* sum_gd) {
   constexpr int L = kLanes<acc_t>;
@@ -572,7 +537,7 @@ FASTBB_BN_CLONES void piece_grad_sums(const acc_t* __restrict__ grad, const acc_
 
 // The same per channel over `pixels` pixels of C channels, added to the float32 sums of each channel.
 template <typename acc_t, bool kRelu>
-FASTBB_BN_CLONES void pixel_grad_sums(const acc_t* __restrict__ grad, const acc_t* __restrict__ out,
+FASTBB_AVX2_CLONES void pixel_grad_sums(const acc_t* __restrict__ grad, const acc_t* __restrict__ out,
                                       const acc_t* __restrict__ y, int64_t pixels, int64_t C,
                                       const acc_t* __restrict__ mean, acc_t* __restrict__ piece_g,
                                       acc_t* __restrict__ piece_gd) {
@@ -606,7 +571,7 @@ void finish_grad_channel(int64_t c, double sum_g, double sum_gd, double count, c
 }
 
 template <typename acc_t, bool kRelu, bool kResidualGrad>
-FASTBB_BN_CLONES void grad_input_span(const acc_t* __restrict__ grad, const acc_t* __restrict__ out,
+FASTBB_AVX2_CLONES void grad_input_span(const acc_t* __restrict__ grad, const acc_t* __restrict__ out,
                                       const acc_t* __restrict__ y, acc_t* __restrict__ grad_y,
                                       acc_t* __restrict__ grad_residual, int64_t n, acc_t mean, acc_t mean_g,
                                       acc_t slope, acc_t scale) {
@@ -618,7 +583,7 @@ FASTBB_BN_CLONES void grad_input_span(const acc_t* __restrict__ grad, const acc_
 }
 
 template <typename acc_t, bool kRelu, bool kResidualGrad>
-FASTBB_BN_CLONES void grad_input_pixels(const acc_t* __restrict__ grad, const acc_t* __restrict__ out,
+FASTBB_AVX2_CLONES void grad_input_pixels(const acc_t* __restrict__ grad, const acc_t* __restrict__ out,
                                         const acc_t* __restrict__ y, acc_t* __restrict__ grad_y,
                                         acc_t* __restrict__ grad_residual, int64_t pixels, int64_t C,
                                         const acc_t* __restrict__ mean, const acc_t* __restrict__ mean_g,

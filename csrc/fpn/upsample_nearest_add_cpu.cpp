@@ -29,19 +29,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#define FASTBB_FPN_X86 1
-#endif
-
-// The row loops are also compiled for AVX2, chosen at load time where the CPU has it: plain x86-64 lacks
-// the 32-to-16-bit packs that bfloat16 rounding needs, and the wider vectors help the deinterleaving
-// sums of the backward.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 9
-#define FASTBB_FPN_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FASTBB_FPN_CLONES
-#endif
+#include "cpu_simd.h"
 
 #include "fpn/upsample_nearest.h"
 
@@ -90,7 +78,7 @@ inline scalar_t from_acc(acc_type<scalar_t> value) {
 
 // out = a + b, rounded once.
 template <typename scalar_t, typename acc_t>
-FASTBB_FPN_CLONES void add_arrays(const scalar_t* __restrict__ a, const acc_t* __restrict__ b,
+FASTBB_AVX2_CLONES void add_arrays(const scalar_t* __restrict__ a, const acc_t* __restrict__ b,
                                   scalar_t* __restrict__ out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = from_acc<scalar_t>(to_acc(a[i]) + b[i]);
 }
@@ -98,43 +86,21 @@ FASTBB_FPN_CLONES void add_arrays(const scalar_t* __restrict__ a, const acc_t* _
 // out += b: a loop of its own for out == lateral. restrict cannot promise that case, and without the
 // promise the compiler vectorizes behind a run-time overlap test that an exact alias fails.
 template <typename scalar_t, typename acc_t>
-FASTBB_FPN_CLONES void add_into(scalar_t* __restrict__ out, const acc_t* __restrict__ b, int64_t n) {
+FASTBB_AVX2_CLONES void add_into(scalar_t* __restrict__ out, const acc_t* __restrict__ b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = from_acc<scalar_t>(to_acc(out[i]) + b[i]);
 }
 
 template <typename scalar_t>
-FASTBB_FPN_CLONES void widen(const scalar_t* __restrict__ src, acc_type<scalar_t>* __restrict__ dst, int64_t n) {
+FASTBB_AVX2_CLONES void widen(const scalar_t* __restrict__ src, acc_type<scalar_t>* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_acc(src[i]);
 }
 
 template <typename scalar_t>
-FASTBB_FPN_CLONES void narrow(const acc_type<scalar_t>* __restrict__ src, scalar_t* __restrict__ dst, int64_t n) {
+FASTBB_AVX2_CLONES void narrow(const acc_type<scalar_t>* __restrict__ src, scalar_t* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = from_acc<scalar_t>(src[i]);
 }
 
-#ifdef FASTBB_FPN_X86
-bool cpu_has_f16c() {
-  static const bool has_f16c = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-  return has_f16c;
-}
-
-__attribute__((target("avx,f16c"))) void widen_f16c(const c10::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  }
-  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i].x);
-}
-
-__attribute__((target("avx,f16c"))) void narrow_f16c(const float* src, c10::Half* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i halves = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), halves);
-  }
-  for (; i < n; ++i) dst[i].x = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
-}
-
+#ifdef FASTBB_X86
 // out = a + b with out == a allowed: each block of eight is loaded before it is stored.
 __attribute__((target("avx,f16c"))) void add_f16c(const c10::Half* a, const float* b, c10::Half* out, int64_t n) {
   int64_t i = 0;
@@ -148,22 +114,22 @@ __attribute__((target("avx,f16c"))) void add_f16c(const c10::Half* a, const floa
 #endif
 
 void widen(const c10::Half* src, float* dst, int64_t n) {
-#ifdef FASTBB_FPN_X86
-  if (cpu_has_f16c()) return widen_f16c(src, dst, n);
+#ifdef FASTBB_X86
+  if (simd::cpu_has_f16c()) return simd::widen_f16c(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 void narrow(const float* src, c10::Half* dst, int64_t n) {
-#ifdef FASTBB_FPN_X86
-  if (cpu_has_f16c()) return narrow_f16c(src, dst, n);
+#ifdef FASTBB_X86
+  if (simd::cpu_has_f16c()) return simd::narrow_f16c(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
 
 void add_arrays(const c10::Half* a, const float* b, c10::Half* out, int64_t n) {
-#ifdef FASTBB_FPN_X86
-  if (cpu_has_f16c()) return add_f16c(a, b, out, n);
+#ifdef FASTBB_X86
+  if (simd::cpu_has_f16c()) return add_f16c(a, b, out, n);
 #endif
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<c10::Half>(static_cast<float>(a[i]) + b[i]);
 }
@@ -177,7 +143,7 @@ void add_into(c10::Half* out, const float* b, int64_t n) { add_arrays(out, b, ou
 // the neighbouring row streams would make both slow. SSE2 is part of x86-64, so no dispatch is needed.
 constexpr int64_t kStreamingMinBytes = int64_t(16) << 20;
 
-#ifdef FASTBB_FPN_X86
+#ifdef FASTBB_X86
 inline void stream_value(float* dst, float value) {
   int32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
@@ -208,7 +174,7 @@ void add_arrays_streaming(const double* a, const double* b, double* out, int64_t
 // out = a + b for out != a, streamed when asked and possible.
 template <typename scalar_t, typename acc_t>
 void add_to_output(const scalar_t* a, const acc_t* b, scalar_t* out, int64_t n, bool streaming) {
-#ifdef FASTBB_FPN_X86
+#ifdef FASTBB_X86
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (streaming) return add_arrays_streaming(a, b, out, n);
   }
@@ -217,7 +183,7 @@ void add_to_output(const scalar_t* a, const acc_t* b, scalar_t* out, int64_t n, 
 }
 
 bool use_streaming(int64_t out_bytes, bool in_place) {
-#ifdef FASTBB_FPN_X86
+#ifdef FASTBB_X86
   return !in_place && out_bytes >= kStreamingMinBytes;
 #else
   return false;
@@ -226,7 +192,7 @@ bool use_streaming(int64_t out_bytes, bool in_place) {
 
 // Streaming stores are weakly ordered: fence them before the thread reports its part done.
 void finish_streaming(bool streaming) {
-#ifdef FASTBB_FPN_X86
+#ifdef FASTBB_X86
   if (streaming) _mm_sfence();
 #endif
 }
@@ -293,7 +259,7 @@ std::vector<WindowRun> window_runs(int64_t in_size, int64_t out_size) {
 
 // One top row repeated along the output width; `pixel` values per column.
 template <typename acc_t>
-FASTBB_FPN_CLONES void stretch_row(const acc_t* __restrict__ top_row, acc_t* __restrict__ stretched,
+FASTBB_AVX2_CLONES void stretch_row(const acc_t* __restrict__ top_row, acc_t* __restrict__ stretched,
                                    const std::vector<WindowRun>& runs, int64_t pixel) {
   for (const WindowRun& run : runs) {
     const acc_t* src = top_row + run.first_source * pixel;
@@ -426,7 +392,7 @@ void upsample_nearest_add_out_cpu(const at::Tensor& top, const at::Tensor& later
 
 // Adds one gradient row into the accumulators of one top row, each window in order.
 template <typename acc_t>
-FASTBB_FPN_CLONES void accumulate_row(acc_t* __restrict__ acc, const acc_t* __restrict__ grad,
+FASTBB_AVX2_CLONES void accumulate_row(acc_t* __restrict__ acc, const acc_t* __restrict__ grad,
                                       const std::vector<WindowRun>& runs, int64_t pixel) {
   for (const WindowRun& run : runs) {
     acc_t* a = acc + run.first_source * pixel;
