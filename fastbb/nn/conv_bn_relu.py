@@ -1,8 +1,10 @@
 """FrozenBatchNorm2d (torchvision's) and ConvBNReLU2d: a Conv2d -> BatchNorm -> [ReLU] chain run as one
 fastbb.ops.conv_bn_relu call, its submodules kept under their original names so state_dicts load unchanged."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fastbb.nn.sync_batch_norm import sync_batch_norm_train
 from fastbb.ops.conv_bn_relu import conv_bn_relu
 
 
@@ -48,7 +50,7 @@ class ConvBNReLU2d(nn.Module):
     names given (default "conv", "bn", "relu"; from_modules(..., names=("0", "1", "2")) keeps an
     nn.Sequential's keys). forward(x, residual=None). The BN mode follows the module: training (batch
     statistics, running stats updated as nn.BatchNorm2d does), eval, or frozen. SyncBatchNorm training
-    across processes runs the modules unfused (its statistics need the all-reduce).
+    across processes all-reduces the batch statistics itself (fastbb.nn.sync_batch_norm), on any device.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
@@ -98,15 +100,18 @@ def fusable(conv, bn):
             and (isinstance(bn, nn.modules.batchnorm._BatchNorm) or _is_frozen(bn)))
 
 
+def _synchronizes(bn):
+    """Whether bn is a SyncBatchNorm whose training batch statistics span more than this process (as
+    nn.SyncBatchNorm decides: training mode, torch.distributed initialized, process group size > 1)."""
+    return (isinstance(bn, nn.SyncBatchNorm) and bn.training and torch.distributed.is_available()
+            and torch.distributed.is_initialized() and torch.distributed.get_world_size(bn.process_group) > 1)
+
+
 def fused_conv_bn(conv, bn, x, relu=True, residual=None):
     """relu(bn(conv(x)) [+ residual]) with the BN module's mode (training, eval, frozen), as one fused call;
-    the modules' own forward when the pair is not fusable (e.g. GroupNorm) or SyncBatchNorm trains across
-    processes (its statistics need the all-reduce)."""
-    batch_statistics = not _is_frozen(bn) and (bn.training or bn.running_mean is None)
-    distributed = (batch_statistics and isinstance(bn, nn.SyncBatchNorm) and torch.distributed.is_available()
-                   and torch.distributed.is_initialized()
-                   and torch.distributed.get_world_size(bn.process_group) > 1)
-    if not fusable(conv, bn) or distributed:
+    the modules' own forward when the pair is not fusable (e.g. GroupNorm). A SyncBatchNorm training across
+    processes runs the conv, then fastbb's synchronized BN (torch's SyncBatchNorm is GPU-only)."""
+    if not fusable(conv, bn):
         out = bn(conv(x))
         out = out + residual if residual is not None else out
         return torch.relu(out) if relu else out
@@ -114,13 +119,19 @@ def fused_conv_bn(conv, bn, x, relu=True, residual=None):
     if _is_frozen(bn):
         return conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                             eps=bn.eps, relu=relu, residual=residual, **conv_args)
+    batch_statistics = bn.training or bn.running_mean is None
     momentum = bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+        bn.num_batches_tracked.add_(1)  # the one increment per forward, on every path below
         if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
             momentum = 1.0 / float(bn.num_batches_tracked)
     use_running = not batch_statistics or (bn.training and bn.track_running_stats)
-    return conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias,
-                        bn.running_mean if use_running else None, bn.running_var if use_running else None,
+    running_mean = bn.running_mean if use_running else None
+    running_var = bn.running_var if use_running else None
+    if _synchronizes(bn):
+        y = F.conv2d(x, conv.weight, conv.bias, **conv_args)
+        return sync_batch_norm_train(y, bn.weight, bn.bias, running_mean, running_var, momentum, bn.eps,
+                                     bn.process_group, residual=residual, relu=relu)
+    return conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, running_mean, running_var,
                         training=batch_statistics, momentum=momentum, eps=bn.eps, relu=relu, residual=residual,
                         **conv_args)
