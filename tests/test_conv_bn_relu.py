@@ -1,5 +1,6 @@
 """fastbb.ops.conv_bn_relu and its modules against nn.Conv2d + nn.BatchNorm2d / FrozenBatchNorm2d + ReLU."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -87,6 +88,45 @@ def test_eval_channels_last_and_gradients():
     got = torch.autograd.grad(_call(conv, bn, x).sum(), params)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_eval_fold_is_reused_until_a_source_changes(monkeypatch):
+    """Inference reuses the folded weight; any in-place change, replaced tensor or new eps refolds."""
+    op = importlib.import_module("fastbb.ops.conv_bn_relu")  # the module (fastbb.ops.conv_bn_relu is the op)
+    folds = []
+
+    def counting_fold(*args):
+        folds.append(1)
+        return fold(*args)
+
+    fold = op._fold
+    monkeypatch.setattr(op, "_fold", counting_fold)
+    conv, bn = _modules(dtype=torch.float64)
+    bn.eval()
+    fused = ConvBNReLU2d.from_modules(conv, bn, nn.ReLU())
+    x = torch.randn(2, 6, 9, 10, dtype=torch.float64)
+
+    def check(expected_folds):
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), _eager(conv, bn, x))
+        assert len(folds) == expected_folds
+
+    check(1)
+    check(1)  # reused
+    with torch.no_grad():
+        bn.running_var.mul_(2)
+    check(2)
+    bn.eps = 1e-3
+    check(3)
+    conv.load_state_dict({"weight": torch.randn_like(conv.weight)})
+    check(4)
+    bn.running_mean = torch.randn_like(bn.running_mean)
+    check(5)
+    with torch.no_grad():
+        bn.weight.add_(1)  # a parameter stepped in place
+    check(6)
+    out = fused(x)  # grad mode with parameters that need gradients: folded afresh, differentiably
+    assert len(folds) == 7 and out.requires_grad
 
 
 @pytest.mark.parametrize("eps", [1e-5, 0.0])

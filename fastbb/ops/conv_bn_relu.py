@@ -3,8 +3,12 @@
 - eval / frozen BN (running statistics; FrozenBatchNorm2d passes its eps read at call time): the BN is
   folded into the conv (weight * scale per output channel, shift as the bias), so the conv is the only
   pass over memory; residual and ReLU follow in place. On the CPU without autograd the folded conv runs
-  as oneDNN's conv with the ReLU (and the residual add) as post-ops. The folding is plain differentiable
-  PyTorch, so gradients reach x, the conv weight/bias and the BN affine parameters.
+  as oneDNN's conv with the ReLU as its post-op. On CUDA without autograd it runs as the fastest, timed
+  per shape at the shape's first call, of cuDNN's fused conv + bias (+ add) + ReLU, the Triton
+  implicit-GEMM conv with shift, residual and ReLU in its epilogue, and the plain conv then an in-place
+  add and ReLU; a forced backend picks one ("cuda"/"cpp": cuDNN's, "triton", "reference": the plain
+  ops). The folding is plain differentiable PyTorch, so gradients reach x, the conv weight/bias and the BN
+  affine parameters.
 - training BN (batch statistics): the conv (oneDNN / cuDNN), then ONE fused pass computing the
   per-channel mean and variance and writing the normalized, affine, residual-added, ReLU'd output
   (fastbb::bn_relu_train); backward is one fused kernel too (ReLU mask, the two per-channel sums, grad).
@@ -12,6 +16,9 @@
   average when momentum is None: the caller passes 1 / num_batches_tracked).
 Backends of the fused BN pass: cpu "cpp"; cuda "triton"; "reference" (plain PyTorch).
 """
+import functools
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -172,6 +179,166 @@ _bn_relu_train_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The eval conv (BN folded into weight and shift)
+
+def _eager_eval(x, weight, shift, residual, stride, padding, dilation, groups, relu, in_place=True):
+    out = F.conv2d(x, weight, shift, stride, padding, dilation, groups)
+    if residual is not None:
+        out = out.add_(residual) if in_place else out + residual
+    if relu:
+        out = out.relu_() if in_place else F.relu(out)
+    return out
+
+
+def _conv_output_format(x, weight):
+    # cuDNN's rule (F.conv2d and the fused cuDNN ops alike): channels_last when x or the weight is.
+    return torch.channels_last if torch.channels_last in (_layout(x), _layout(weight)) else torch.contiguous_format
+
+
+def _cudnn_eval(x, weight, shift, residual, stride, padding, dilation, groups, relu):
+    """cuDNN's fused conv + bias (+ residual) + ReLU; offered only with relu=True."""
+    if residual is None:
+        return torch.cudnn_convolution_relu(x, weight, shift, stride, padding, dilation, groups)
+    return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, shift, stride, padding, dilation, groups)
+
+
+def _triton_eval(x, weight, shift, residual, stride, padding, dilation, groups, relu):
+    """The Triton implicit-GEMM conv with shift, residual and ReLU in its epilogue (groups=1)."""
+    from fastbb.kernels import conv_bn_relu
+    scale = torch.ones(weight.shape[0], dtype=torch.float32, device=x.device)  # the BN scale is in the weight
+    out = conv_bn_relu.conv2d_epilogue(x, weight, scale, shift.float(), residual, relu, stride, padding, dilation)
+    # The kernel writes channels_last; every candidate returns eager's layout, whichever one runs.
+    return out.contiguous(memory_format=_conv_output_format(x, weight))
+
+
+_CUDA_EVAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_HAS_CUDNN_FUSED = hasattr(torch, "cudnn_convolution_relu") and hasattr(torch, "cudnn_convolution_add_relu")
+
+
+def _cuda_candidates(x, weight, shift, residual, stride, padding, dilation, groups, relu):
+    """{name: zero-argument callable} of the implementations usable for this call, "eager" first."""
+    args = (x, weight, shift, residual, stride, padding, dilation, groups, relu)
+    candidates = {"eager": functools.partial(_eager_eval, *args)}
+    if x.dtype not in _CUDA_EVAL_DTYPES:
+        return candidates
+    # The fused cuDNN ops pass deterministic=False to cuDNN whatever torch's setting, so they stay out
+    # when determinism is asked for; their residual must have x's dtype (the eager add casts it).
+    if (relu and _HAS_CUDNN_FUSED and torch.backends.cudnn.enabled and torch.backends.cudnn.is_available()
+            and not torch.backends.cudnn.deterministic and not torch.are_deterministic_algorithms_enabled()
+            and (residual is None or residual.dtype == x.dtype)):
+        candidates["cudnn"] = functools.partial(_cudnn_eval, *args)
+    if groups == 1 and _backend.backend_usable("triton", "cuda"):
+        candidates["triton"] = functools.partial(_triton_eval, *args)
+    return candidates
+
+
+def _time_candidate(fn, warmup=2, repeats=5):
+    """Milliseconds per call of fn on the current CUDA stream: the mean of `repeats` calls after `warmup`
+    (which also absorb cuDNN's and Triton's own first-call autotuning and compilation)."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def _can_time():
+    # Timing runs the candidates and waits for the device: impossible inside a CUDA graph capture, and
+    # meaningless while torch.compile traces with fake tensors.
+    return not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+
+
+def _same_layout(out, reference):
+    return out.shape == reference.shape and out.dtype == reference.dtype and _layout(out) == _layout(reference)
+
+
+class _ConvAlgorithmCache:
+    """The fastest implementation of the eval conv per shape, timed at the first call of each key and
+    remembered, as torch.backends.cudnn.benchmark does for cuDNN's algorithms.
+
+    Timed rather than ruled: cuDNN's fused conv + bias (+ add) + ReLU wins on some shapes, the Triton
+    implicit-GEMM conv with its epilogue on others, and on others still the plain cuDNN conv followed by the
+    in-place add and ReLU (cuDNN's fused engines do not cover every shape as well as its plain ones). The
+    winner moves with channels, spatial size, stride, dtype, layout and GPU, and no static rule holds
+    across them. Like cudnn.benchmark, the choice (and so the rounding of the result) can differ between
+    runs when two candidates time alike; force a backend for a fixed one.
+    """
+
+    def __init__(self):
+        self._winners = {}
+
+    def choose(self, key, candidates):
+        """The name of the candidate to run for `key`.
+
+        candidates: {name: zero-argument callable}, with "eager", the implementation that always works.
+        A candidate that raises on its trial, or returns another shape, dtype or layout than eager, is
+        dropped for this key. Without timing (compiling, capturing a CUDA graph): the remembered winner,
+        else eager.
+        """
+        if len(candidates) == 1:
+            return "eager"
+        winner = self._winners.get(key)
+        if winner in candidates:
+            return winner
+        if not _can_time():
+            return "eager"
+        reference = candidates["eager"]()
+        timings = {"eager": _time_candidate(candidates["eager"])}
+        for name, fn in candidates.items():
+            if name == "eager":
+                continue
+            try:
+                if _same_layout(fn(), reference):
+                    timings[name] = _time_candidate(fn)
+            except Exception:  # no kernel for this shape, dtype or layout, or out of memory: keep the others
+                continue
+        winner = min(timings, key=timings.get)  # eager comes first: it wins ties
+        self._winners[key] = winner
+        return winner
+
+
+_conv_algorithms = _ConvAlgorithmCache()
+
+# A forced backend (FASTBB_BACKEND, fastbb.use_backend) names the eval candidate to run; when that one is
+# not offered for the call (relu=False for cuDNN, groups > 1 for Triton, ...), eager runs.
+_FORCED_CANDIDATE = {"reference": "eager", "cpp": "cudnn", "cuda": "cudnn", "triton": "triton"}
+
+
+def _cuda_eval_forward(x, weight, shift, residual, stride, padding, dilation, groups, relu):
+    args = (x, weight, shift, residual, stride, padding, dilation, groups, relu)
+    if torch.compiler.is_compiling():
+        # Only the plain ops trace: the fused cuDNN ops have no fake (meta) kernel and the Triton launcher
+        # needs real tensors. torch.compile optimizes the plain ops itself.
+        return _eager_eval(*args)
+    candidates = _cuda_candidates(*args)
+    forced = _backend.forced_backend()
+    if forced is not None:
+        return candidates.get(_FORCED_CANDIDATE[forced], candidates["eager"])()
+    key = (x.device, x.dtype, _layout(x), _layout(weight), tuple(x.shape), tuple(weight.shape), stride, padding,
+           dilation, groups, None if residual is None else (residual.dtype, _layout(residual)), relu)
+    with torch.cuda.device(x.device):  # time, and check for a capture, on x's device
+        name = _conv_algorithms.choose(key, candidates)
+    return candidates[name]()
+
+
+def _eval_forward(x, weight, shift, residual, stride, padding, dilation, groups, relu):
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, shift, residual))
+    if not needs_grad and x.device.type == "cuda":
+        return _cuda_eval_forward(x, weight, shift, residual, stride, padding, dilation, groups, relu)
+    if not needs_grad and residual is None and x.device.type == "cpu" and x.dtype == torch.float32 \
+            and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling():
+        # oneDNN's conv with the ReLU as its post-op: one pass over the output.
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, shift, list(padding), list(stride), list(dilation),
+                                                       groups, "relu" if relu else "none", [], "")
+    return _eager_eval(x, weight, shift, residual, stride, padding, dilation, groups, relu, in_place=not needs_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The public op
 
 def _pair(name, value):
@@ -245,20 +412,48 @@ def _fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
     return (weight * scale.to(weight.dtype)[:, None, None, None]), shift.to(weight.dtype)
 
 
-def _eval_forward(x, weight, shift, residual, stride, padding, dilation, groups, relu):
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, shift, residual))
-    if not needs_grad and residual is None and x.device.type == "cpu" and x.dtype == torch.float32 \
-            and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling():
-        # oneDNN's conv with the ReLU as its post-op: one pass over the output.
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, shift, list(padding), list(stride), list(dilation),
-                                                       groups, "relu" if relu else "none", [], "")
-    out = F.conv2d(x, weight, shift, stride, padding, dilation, groups)
-    if residual is not None:
-        out = out + residual if needs_grad else out.add_(residual)
-    if relu:
-        out = F.relu(out) if needs_grad else out.relu_()
-    return out
+class _FoldCache:
+    """Folded (weight, shift) pairs reused across inference calls until one of their sources changes.
+
+    Folding reads and writes every conv weight: at batch 1 that is a third of a CPU ResNet-50 forward,
+    for a result that only changes when the parameters or BN statistics do. An entry is keyed by the
+    identity (a weak reference, so a replaced tensor never matches) and the in-place version counter of
+    each source tensor, plus eps: load_state_dict, an optimizer step or a running-statistics update all
+    bump a version. Only calls that need no autograd graph use it, outside torch.compile (which traces the
+    folding into its own graph). The folded weights live as long as the conv weight they came from.
+    """
+
+    def __init__(self):
+        self._entries = {}  # id(weight) -> (source references, versions, eps, folded weight, shift)
+
+    @staticmethod
+    def usable(sources):
+        if torch.compiler.is_compiling():
+            return False
+        present = [t for t in sources if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+            return False
+        return not any(t.is_inference() for t in present)  # inference tensors keep no version counter
+
+    def get(self, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
+        sources = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
+        versions = tuple(None if t is None else t._version for t in sources)
+        entry = self._entries.get(id(weight))
+        if entry is not None:
+            refs, cached_versions, cached_eps, folded, shift = entry
+            if (cached_versions == versions and cached_eps == eps
+                    and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, sources))):
+                return folded, shift
+        folded, shift = _fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+        key = id(weight)
+        # The entry goes when its weight does (the callback runs before that id can be reused).
+        refs = tuple(None if t is None else weakref.ref(t) for t in sources[1:])
+        refs = (weakref.ref(weight, lambda _, key=key: self._entries.pop(key, None)),) + refs
+        self._entries[key] = (refs, versions, eps, folded, shift)
+        return folded, shift
+
+
+_fold_cache = _FoldCache()
 
 
 def conv_bn_relu(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, *,
@@ -276,7 +471,9 @@ def conv_bn_relu(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mea
                                                       running_var, stride, padding, dilation, groups, training,
                                                       momentum, eps, residual)
     if not training:
-        folded_weight, shift = _fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+        sources = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
+        fold = _fold_cache.get if _FoldCache.usable(sources) else _fold
+        folded_weight, shift = fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
         return _eval_forward(x, folded_weight, shift, residual, stride, padding, dilation, groups, relu)
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     count = y.numel() // max(y.shape[1], 1)
