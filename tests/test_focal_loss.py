@@ -226,6 +226,24 @@ def test_gradcheck(backend, reduction, check):
             check(lambda x: sigmoid_focal_loss_labels(x, labels, gamma, 0.25, weight, reduction), (logits,))
 
 
+@pytest.mark.parametrize("backend", backends())
+def test_retained_graph_gradients_stay_correct(backend):
+    """backward of a summed loss hands out the saved gradient itself (no scaling pass); a second backward
+    through the retained graph must still give the right gradient after the first one was changed."""
+    logits = random_logits((30, 7), torch.float64).requires_grad_()
+    targets = torch.rand(30, 7, dtype=torch.float64)
+    want = torch.autograd.grad(torchvision.ops.sigmoid_focal_loss(logits, targets, reduction="sum"), logits)[0]
+    with fastbb.use_backend(backend):
+        loss = sigmoid_focal_loss(logits, targets, reduction="sum")
+        first = torch.autograd.grad(loss, logits, retain_graph=True)[0]
+        torch.testing.assert_close(first, want)
+        first.zero_()  # the caller owns what it was given
+        second = torch.autograd.grad(loss, logits, retain_graph=True)[0]
+        third = torch.autograd.grad(loss, logits, torch.tensor(3.0, dtype=torch.float64))[0]
+    torch.testing.assert_close(second, want)
+    torch.testing.assert_close(third, 3 * want)
+
+
 def test_gradient_penalty_matches_torchvision():
     """The gradient of a loss built from the gradient (a gradient penalty) equals torchvision's."""
     logits = random_logits((7, 3), torch.float64)
