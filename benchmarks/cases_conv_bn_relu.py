@@ -3,9 +3,9 @@
 - conv_bn_relu eval: a 3x3 256->256 conv (dilation 1, 2, 4, padding = dilation) + BN (running statistics)
   + ReLU at 1x256x64x64, float32: nn modules eager, torch.compile of them, fastbb.ops.conv_bn_relu.
 - conv_bn_relu training forward + backward (dilation 2): eager modules vs fastbb.
-- ResNet-50 eval at 1x3x224x224 (torchvision, torch.compile of it, fastbb.models.resnet50 with the same
-  weights), the C2..C5 features of 2x3x800x1344 (eval), and a training step (forward + backward) of the
-  backbone at 2x3x224x224.
+- ResNet-50 eval at 1x3x224x224, NCHW and (on the CPU) channels_last (torchvision, torch.compile of it,
+  fastbb.models.resnet50 with the same weights), the C2..C5 features of 2x3x800x1344 (eval), and a
+  training step (forward + backward) of the backbone at 2x3x224x224.
 On a GPU the ResNet-50 eval case runs at batch 32 in bfloat16 channels_last as well.
 """
 import copy
@@ -81,6 +81,8 @@ def _resnet_cases(device):
     theirs = _randomize_bn(torchvision.models.resnet50()).to(device).eval()
     ours = fastbb.models.resnet50(weights=theirs.state_dict()).to(device).eval()
     variants = [("", torch.float32, torch.contiguous_format, 1)]
+    if device == "cpu":  # channels_last: where fastbb runs oneDNN on packed folded weights
+        variants.append((" NHWC", torch.float32, torch.channels_last, 1))
     if device == "cuda":
         variants.append((" bf16 NHWC", torch.bfloat16, torch.channels_last, 32))
     cases = []

@@ -90,7 +90,8 @@ def test_eval_channels_last_and_gradients():
         torch.testing.assert_close(g, w)
 
 
-def test_eval_fold_is_reused_until_a_source_changes(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the packed oneDNN path on CPU
+def test_eval_fold_is_reused_until_a_source_changes(monkeypatch, dtype):
     """Inference reuses the folded weight; any in-place change, replaced tensor or new eps refolds."""
     op = importlib.import_module("fastbb.ops.conv_bn_relu")  # the module (fastbb.ops.conv_bn_relu is the op)
     folds = []
@@ -101,14 +102,20 @@ def test_eval_fold_is_reused_until_a_source_changes(monkeypatch):
 
     fold = op._fold
     monkeypatch.setattr(op, "_fold", counting_fold)
-    conv, bn = _modules(dtype=torch.float64)
+    conv, bn = _modules(dtype=dtype)
     bn.eval()
     fused = ConvBNReLU2d.from_modules(conv, bn, nn.ReLU())
-    x = torch.randn(2, 6, 9, 10, dtype=torch.float64)
+    x = torch.randn(2, 6, 9, 10, dtype=dtype)
+    # channels_last: on the CPU in float32 the conv then runs on the weight packed for oneDNN, kept too.
+    other_shape = torch.randn(1, 6, 5, 13, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
     def check(expected_folds):
         with torch.no_grad():
-            torch.testing.assert_close(fused(x), _eager(conv, bn, x))
+            for _ in range(2):
+                for inputs in (x, other_shape):
+                    got, want = fused(inputs), _eager(conv, bn, inputs)
+                    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+                    assert got.stride() == want.stride()
         assert len(folds) == expected_folds
 
     check(1)

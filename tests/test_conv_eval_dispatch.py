@@ -205,9 +205,13 @@ def test_cpu_never_takes_the_cuda_branch(monkeypatch, dtype, residual, relu, cha
           torch.rand(6, dtype=dtype) + 0.5]
     with torch.no_grad():
         got = fastbb.ops.conv_bn_relu(x, weight, None, *bn, padding=padding, relu=relu, residual=res)
-        folded, shift = op._fold(weight, None, *bn, 1e-5)
+        folded, shift = op._fold(weight, None, *bn, 1e-5, torch.float64)  # as the inference cache folds
         want = _cpu_eval_before(x, folded, shift, res, stride, padding, dilation, groups, relu)
-    assert torch.equal(got, want)
+    if dtype == torch.float32 and res is None:
+        # oneDNN with the packed folded weight may pick another kernel, which rounds differently.
+        torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+    else:
+        assert torch.equal(got, want)
     assert got.stride() == want.stride()
 
 

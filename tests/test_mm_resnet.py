@@ -78,6 +78,7 @@ def test_default_resnet50_is_torchvision_without_fc():
     assert len(got) == 4
     for g, w, e in zip(got, want.values(), exact.values()):
         assert _error(g, e) <= 2 * _error(w, e) + 1e-12
+        assert g.stride() == w.stride()  # NCHW out for NCHW in, whatever layout runs inside
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])

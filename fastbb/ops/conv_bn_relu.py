@@ -325,14 +325,38 @@ def _cuda_eval_forward(x, weight, shift, residual, stride, padding, dilation, gr
     return candidates[name]()
 
 
-def _eval_forward(x, weight, shift, residual, stride, padding, dilation, groups, relu):
+_HAS_ONEDNN_PACKING = hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
+_PACKED_SHAPES_PER_WEIGHT = 4  # input shapes whose packed weight is kept (varying image sizes evict)
+
+
+def _packed_weight(packed_weights, weight, x, stride, padding, dilation, groups):
+    """The folded weight in oneDNN's blocked layout for x's shape, packed once and kept with the folded
+    weight: otherwise oneDNN reorders every weight on every call, which at batch 1 costs as much as the
+    BN the folding removed."""
+    key = (tuple(x.shape), stride, padding, dilation, groups)
+    packed = packed_weights.get(key)
+    if packed is None:
+        packed = torch.ops.mkldnn._reorder_convolution_weight(weight, list(padding), list(stride), list(dilation),
+                                                              groups, list(x.shape))
+        if len(packed_weights) >= _PACKED_SHAPES_PER_WEIGHT:
+            packed_weights.pop(next(iter(packed_weights)))  # the oldest shape
+        packed_weights[key] = packed
+    return packed
+
+
+def _eval_forward(x, weight, shift, residual, stride, padding, dilation, groups, relu, packed_weights=None):
+    """The folded conv + residual + ReLU. packed_weights: a dict kept with a cached folded weight, where the
+    CPU path keeps that weight packed for oneDNN (None: the weight is not cached, nothing is packed)."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, shift, residual))
     if not needs_grad and x.device.type == "cuda":
         return _cuda_eval_forward(x, weight, shift, residual, stride, padding, dilation, groups, relu)
     if not needs_grad and residual is None and x.device.type == "cpu" and x.dtype == torch.float32 \
             and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling():
-        # oneDNN's conv with the ReLU as its post-op: one pass over the output.
+        # oneDNN's conv with the ReLU as its post-op: one pass over the output. The packed weight only for
+        # channels_last x: for NCHW x oneDNN would answer in channels_last, not eager's layout.
+        if packed_weights is not None and _HAS_ONEDNN_PACKING and _layout(x) == torch.channels_last:
+            weight = _packed_weight(packed_weights, weight, x, stride, padding, dilation, groups)
         return torch.ops.mkldnn._convolution_pointwise(x, weight, shift, list(padding), list(stride), list(dilation),
                                                        groups, "relu" if relu else "none", [], "")
     return _eager_eval(x, weight, shift, residual, stride, padding, dilation, groups, relu, in_place=not needs_grad)
@@ -400,20 +424,26 @@ def _check(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, strid
     return stride, padding, dilation, eps, momentum
 
 
-def _fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
-    """The eval BN folded into the conv: weight * scale per output channel, and the shift as its bias."""
-    compute = _compute_dtype(weight.dtype)
+def _fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, compute=None):
+    """The eval BN folded into the conv: weight * scale per output channel, and the shift as its bias.
+
+    compute: the dtype of the folding (default float32, float64 for float64 weights). The inference
+    cache folds once in float64, so each folded weight carries a single rounding: as close to the unfused
+    conv -> BN as folding comes (a float32 scale adds its own few ulps to every weight).
+    """
+    compute = compute or _compute_dtype(weight.dtype)
     scale = torch.rsqrt(running_var.to(compute) + eps)
     if bn_weight is not None:
         scale = scale * bn_weight.to(compute)
     shift = -running_mean.to(compute) * scale if bias is None else (bias.to(compute) - running_mean.to(compute)) * scale
     if bn_bias is not None:
         shift = shift + bn_bias.to(compute)
-    return (weight * scale.to(weight.dtype)[:, None, None, None]), shift.to(weight.dtype)
+    return (weight.to(compute) * scale[:, None, None, None]).to(weight.dtype), shift.to(weight.dtype)
 
 
 class _FoldCache:
-    """Folded (weight, shift) pairs reused across inference calls until one of their sources changes.
+    """Folded (weight, shift) pairs, and on the CPU their oneDNN-packed forms, reused across inference
+    calls until one of their sources changes.
 
     Folding reads and writes every conv weight: at batch 1 that is a third of a CPU ResNet-50 forward,
     for a result that only changes when the parameters or BN statistics do. An entry is keyed by the
@@ -424,7 +454,8 @@ class _FoldCache:
     """
 
     def __init__(self):
-        self._entries = {}  # id(weight) -> (source references, versions, eps, folded weight, shift)
+        # id(weight) -> (source references, versions, eps, folded weight, shift, packed weights by shape)
+        self._entries = {}
 
     @staticmethod
     def usable(sources):
@@ -440,17 +471,18 @@ class _FoldCache:
         versions = tuple(None if t is None else t._version for t in sources)
         entry = self._entries.get(id(weight))
         if entry is not None:
-            refs, cached_versions, cached_eps, folded, shift = entry
+            refs, cached_versions, cached_eps, folded, shift, packed_weights = entry
             if (cached_versions == versions and cached_eps == eps
                     and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, sources))):
-                return folded, shift
-        folded, shift = _fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+                return folded, shift, packed_weights
+        folded, shift = _fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, torch.float64)
         key = id(weight)
         # The entry goes when its weight does (the callback runs before that id can be reused).
         refs = tuple(None if t is None else weakref.ref(t) for t in sources[1:])
         refs = (weakref.ref(weight, lambda _, key=key: self._entries.pop(key, None)),) + refs
-        self._entries[key] = (refs, versions, eps, folded, shift)
-        return folded, shift
+        packed_weights = {}
+        self._entries[key] = (refs, versions, eps, folded, shift, packed_weights)
+        return folded, shift, packed_weights
 
 
 _fold_cache = _FoldCache()
@@ -472,9 +504,13 @@ def conv_bn_relu(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mea
                                                       momentum, eps, residual)
     if not training:
         sources = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
-        fold = _fold_cache.get if _FoldCache.usable(sources) else _fold
-        folded_weight, shift = fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
-        return _eval_forward(x, folded_weight, shift, residual, stride, padding, dilation, groups, relu)
+        if _FoldCache.usable(sources):
+            folded_weight, shift, packed_weights = _fold_cache.get(*sources, eps)
+        else:
+            folded_weight, shift = _fold(*sources, eps)
+            packed_weights = None
+        return _eval_forward(x, folded_weight, shift, residual, stride, padding, dilation, groups, relu,
+                             packed_weights)
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     count = y.numel() // max(y.shape[1], 1)
     if count <= 1:
