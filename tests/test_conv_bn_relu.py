@@ -136,6 +136,22 @@ def test_eval_fold_is_reused_until_a_source_changes(monkeypatch, dtype):
     assert len(folds) == 7 and out.requires_grad
 
 
+def test_eval_fold_made_in_inference_mode_serves_input_gradients():
+    """A frozen model first run under torch.inference_mode, then asked for the input's gradient."""
+    conv, bn = _modules(dtype=torch.float64)
+    bn.eval()
+    for p in (*conv.parameters(), *bn.parameters()):
+        p.requires_grad_(False)
+    fused = ConvBNReLU2d.from_modules(conv, bn, nn.ReLU())
+    x = torch.randn(2, 6, 9, 10, dtype=torch.float64)
+    with torch.inference_mode():
+        fused(x)
+    x.requires_grad_()
+    got = torch.autograd.grad(fused(x).sum(), x)[0]
+    want = torch.autograd.grad(_eager(conv, bn, x).sum(), x)[0]
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("eps", [1e-5, 0.0])
 def test_frozen_batch_norm_matches_torchvision(eps):
     theirs = TorchvisionFrozenBatchNorm2d(8)

@@ -475,7 +475,10 @@ class _FoldCache:
             if (cached_versions == versions and cached_eps == eps
                     and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, sources))):
                 return folded, shift, packed_weights
-        folded, shift = _fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, torch.float64)
+        # Normal tensors even under torch.inference_mode: a later call whose x needs a gradient saves the
+        # folded weight for backward, which autograd refuses for inference tensors.
+        with torch.inference_mode(False):
+            folded, shift = _fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, torch.float64)
         key = id(weight)
         # The entry goes when its weight does (the callback runs before that id can be reused).
         refs = tuple(None if t is None else weakref.ref(t) for t in sources[1:])
