@@ -114,7 +114,7 @@ def test_eval_fold_is_reused_until_a_source_changes(monkeypatch, dtype):
             for _ in range(2):
                 for inputs in (x, other_shape):
                     got, want = fused(inputs), _eager(conv, bn, inputs)
-                    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+                    torch.testing.assert_close(got, want, **TOLERANCES[inputs.dtype])
                     assert got.stride() == want.stride()
         assert len(folds) == expected_folds
 
@@ -134,6 +134,11 @@ def test_eval_fold_is_reused_until_a_source_changes(monkeypatch, dtype):
     check(6)
     out = fused(x)  # grad mode with parameters that need gradients: folded afresh, differentiably
     assert len(folds) == 7 and out.requires_grad
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var):
+        t.data = t.data.to(other)  # as module.to() does for parameters: same tensors and versions, new storage
+    x, other_shape = x.to(other), other_shape.to(other)
+    check(8)
 
 
 def test_eval_fold_made_in_inference_mode_serves_input_gradients():

@@ -447,9 +447,9 @@ class _FoldCache:
 
     Folding reads and writes every conv weight: at batch 1 that is a third of a CPU ResNet-50 forward,
     for a result that only changes when the parameters or BN statistics do. An entry is keyed by the
-    identity (a weak reference, so a replaced tensor never matches) and the in-place version counter of
-    each source tensor, plus eps: load_state_dict, an optimizer step or a running-statistics update all
-    bump a version. Only calls that need no autograd graph use it, outside torch.compile (which traces the
+    identity (a weak reference, so a replaced tensor never matches), the in-place version counter and the
+    storage of each source tensor, plus eps: load_state_dict, an optimizer step or a running-statistics
+    update bump a version, and module.to() / .double() swap the storage. Only calls that need no autograd graph use it, outside torch.compile (which traces the
     folding into its own graph). The folded weights live as long as the conv weight they came from.
     """
 
@@ -468,7 +468,8 @@ class _FoldCache:
 
     def get(self, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
         sources = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
-        versions = tuple(None if t is None else t._version for t in sources)
+        # The storage pointer too: module.to() / .half() swap a parameter's .data without a version bump.
+        versions = tuple(None if t is None else (t._version, t.data_ptr()) for t in sources)
         entry = self._entries.get(id(weight))
         if entry is not None:
             refs, cached_versions, cached_eps, folded, shift, packed_weights = entry
