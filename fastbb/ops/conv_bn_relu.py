@@ -449,8 +449,9 @@ class _FoldCache:
     for a result that only changes when the parameters or BN statistics do. An entry is keyed by the
     identity (a weak reference, so a replaced tensor never matches), the in-place version counter and the
     storage of each source tensor, plus eps: load_state_dict, an optimizer step or a running-statistics
-    update bump a version, and module.to() / .double() swap the storage. Only calls that need no autograd graph use it, outside torch.compile (which traces the
-    folding into its own graph). The folded weights live as long as the conv weight they came from.
+    update bump a version, and module.to() / .double() swap the storage. Only calls that need no
+    autograd graph use it, outside torch.compile (which traces the folding into its own graph). The
+    folded weights live as long as the conv weight they came from.
     """
 
     def __init__(self):
