@@ -47,5 +47,20 @@ __attribute__((target("avx,f16c"))) inline void narrow_f16c(const float* src, c1
 }
 #endif
 
+// float16 <-> float32 of n values: F16C where the CPU has it, c10::Half's scalar conversion otherwise.
+inline void widen_half(const c10::Half* src, float* dst, int64_t n) {
+#ifdef FASTBB_X86
+  if (cpu_has_f16c()) return widen_f16c(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void narrow_half(const float* src, c10::Half* dst, int64_t n) {
+#ifdef FASTBB_X86
+  if (cpu_has_f16c()) return narrow_f16c(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+
 }  // namespace simd
 }  // namespace fastbb

@@ -34,6 +34,19 @@ def usable_backends(device, kernel_names=None):
             if fastbb._backend.backend_usable(b, device, kernel_names.get(b))]
 
 
+def randomize_bn(model):
+    """Non-trivial BN statistics and affine parameters in every BatchNorm of model (in place), so that eval
+    mode is not the identity and zero-initialised residual branches take part."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: large shapes; deselect with -m 'not slow'")

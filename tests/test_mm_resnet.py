@@ -15,17 +15,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import fastbb
 from fastbb.models import MMResNet, ResNetV1c, ResNetV1d, resnet50
 
-
-def _randomize_bn(model):
-    """Non-trivial BN statistics and affine parameters (mmdet's zero_init_residual would hide blocks)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model
+from conftest import randomize_bn
 
 
 def _block_reference(block, x):
@@ -65,7 +55,7 @@ def _error(out, exact):
 
 
 def test_default_resnet50_is_torchvision_without_fc():
-    theirs = _randomize_bn(torchvision.models.resnet50()).eval()
+    theirs = randomize_bn(torchvision.models.resnet50()).eval()
     ours = MMResNet(depth=50).eval()
     assert list(ours.state_dict()) == [k for k in theirs.state_dict() if not k.startswith("fc.")]
     state = {k: v for k, v in theirs.state_dict().items() if not k.startswith("fc.")}
@@ -85,7 +75,7 @@ def test_default_resnet50_is_torchvision_without_fc():
 def test_mmseg_contract_dilation_equals_torchvision_dilated_resnet50(mode):
     """CONTRACT: mmseg ResNet(dilations=(1,1,2,4), strides=(1,2,1,1), contract_dilation=True) with a
     torchvision state_dict is torchvision's resnet50(replace_stride_with_dilation=[False, True, True])."""
-    theirs = _randomize_bn(torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True]))
+    theirs = randomize_bn(torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True]))
     state = {k: v for k, v in theirs.state_dict().items() if not k.startswith("fc.")}
     ours = MMResNet(depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True, norm_eval=False)
     ours.load_state_dict(state)
@@ -121,7 +111,7 @@ VARIANTS = [
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_variants_match_their_unfused_modules(kwargs, mode):
     torch.manual_seed(0)
-    model = _randomize_bn(MMResNet(norm_eval=False, **kwargs)).double()
+    model = randomize_bn(MMResNet(norm_eval=False, **kwargs)).double()
     reference = copy.deepcopy(model)
     model.train(mode == "train")
     reference.train(mode == "train")
@@ -182,7 +172,7 @@ def test_frozen_stages_and_norm_eval():
 
 def test_with_cp_gives_the_same_gradients():
     torch.manual_seed(0)
-    plain = _randomize_bn(MMResNet(depth=18, base_channels=8)).double().train()
+    plain = randomize_bn(MMResNet(depth=18, base_channels=8)).double().train()
     checkpointed = MMResNet(depth=18, base_channels=8, with_cp=True).double()
     checkpointed.load_state_dict(plain.state_dict())
     checkpointed.train()
@@ -207,7 +197,7 @@ def test_build_from_configs():
 
 
 def test_pretrained_local_checkpoint(tmp_path):
-    source = _randomize_bn(MMResNet(depth=18))
+    source = randomize_bn(MMResNet(depth=18))
     path = tmp_path / "r18.pth"
     torch.save({"state_dict": {**source.state_dict(), "fc.weight": torch.zeros(2, 512)}}, path)
     for model in (MMResNet(depth=18, pretrained=str(path)),
@@ -227,8 +217,8 @@ def test_pretrained_local_checkpoint(tmp_path):
     (dict(depth=50, norm_cfg=dict(type="GN", num_groups=32)), ValueError, "norm_cfg type 'GN'"),
     (dict(depth=50, norm_cfg=dict(type="BN", foo=1)), ValueError, r"norm_cfg key\(s\) \['foo'\]"),
     (dict(depth=50, conv_cfg=dict(type="ConvWS")), ValueError, "conv_cfg"),
-    (dict(depth=50, dcn=dict(type="DCNv2"), stage_with_dcn=(False, True, True, True)), NotImplementedError, "dcn"),
-    (dict(depth=50, plugins=[dict(cfg=dict(type="ContextBlock"))]), NotImplementedError, "plugins"),
+    (dict(depth=50, dcn=dict(type="DCNv2"), stage_with_dcn=(False, True, True, True)), ValueError, "dcn"),
+    (dict(depth=50, plugins=[dict(cfg=dict(type="ContextBlock"))]), ValueError, "plugins"),
     (dict(depth=50, multi_grid=(1, 2)), ValueError, "multi_grid"),
 ])
 def test_bad_configs_name_the_option(kwargs, error, match):

@@ -9,23 +9,11 @@ from torch import nn
 import fastbb
 from fastbb.models import resnet18, resnet50
 
-from conftest import usable_backends
+from conftest import randomize_bn, usable_backends
 
 # Whole ResNets run on the compiled CPU backend and the reference; the Triton kernels (too slow for a
 # ResNet under the interpreter) are checked op by op in test_conv_bn_relu.py.
 BACKENDS = [b for b in usable_backends("cpu", {"cpp": "fastbb_C::bn_relu_forward"}) if b != "triton"]
-
-
-def _randomize_bn(model):
-    """Non-trivial BN statistics and affine parameters, so eval mode is not the identity."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model
 
 
 def _error(out, exact):
@@ -41,7 +29,7 @@ def _assert_within_twice_torchvision_error(ours, theirs, exact):
                                                  (resnet50, torchvision.models.resnet50)])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_matches_torchvision(builder, tv_builder, mode):
-    theirs = _randomize_bn(tv_builder())
+    theirs = randomize_bn(tv_builder())
     ours = builder(weights=theirs.state_dict())
     assert list(ours.state_dict()) == list(theirs.state_dict())
     theirs64 = copy.deepcopy(theirs).double()
@@ -65,7 +53,7 @@ def test_matches_torchvision(builder, tv_builder, mode):
 def test_dilated_resnet50_training_step_matches_torchvision(backend):
     """replace_stride_with_dilation=[False, True, True] (layer3 dilations 1,2,2,..., layer4 2,4,4), a
     training forward + backward in float64: every parameter gradient and running statistic equal."""
-    theirs = _randomize_bn(torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])).double()
+    theirs = randomize_bn(torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])).double()
     ours = resnet50(weights=theirs.state_dict(), replace_stride_with_dilation=[False, True, True]).double()
     assert [m.dilation for m in ours.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)] == \
         [m.dilation for m in theirs.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
@@ -105,7 +93,7 @@ def test_constructor_errors_as_torchvision():
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_convert_torchvision_resnet(mode):
-    theirs = _randomize_bn(torchvision.models.resnet50())
+    theirs = randomize_bn(torchvision.models.resnet50())
     converted = copy.deepcopy(theirs)
     keys = list(converted.state_dict())
     report = fastbb.convert(converted)

@@ -61,6 +61,14 @@ constexpr int64_t kMinChannelsPerThread = 4;
 // Threads get at least this many elements each: below it, starting them costs more than it saves.
 constexpr int64_t kMinElementsPerThread = 32768;
 
+// NCHW work item `item`, a (plane, segment) pair: its first element and length, with `segments` segments
+// of kSegmentElements per plane of HW elements.
+inline void segment_span(int64_t item, int64_t segments, int64_t HW, int64_t* start, int64_t* len) {
+  const int64_t plane = item / segments, s = item - plane * segments;
+  *start = plane * HW + s * kSegmentElements;
+  *len = std::min(kSegmentElements, HW - s * kSegmentElements);
+}
+
 int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, elements_per_item));
 }
@@ -95,19 +103,9 @@ FASTBB_AVX2_CLONES void narrow(const float* __restrict__ src, c10::BFloat16* __r
   for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
 }
 
-void widen(const c10::Half* src, float* dst, int64_t n) {
-#ifdef FASTBB_X86
-  if (simd::cpu_has_f16c()) return simd::widen_f16c(src, dst, n);
-#endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
+void widen(const c10::Half* src, float* dst, int64_t n) { simd::widen_half(src, dst, n); }
 
-void narrow(const float* src, c10::Half* dst, int64_t n) {
-#ifdef FASTBB_X86
-  if (simd::cpu_has_f16c()) return simd::narrow_f16c(src, dst, n);
-#endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
-}
+void narrow(const float* src, c10::Half* dst, int64_t n) { simd::narrow_half(src, dst, n); }
 
 // The values of src as acc_t: src itself for float32 and float64, else widened into buffer.
 template <typename scalar_t, typename acc_t>
@@ -387,16 +385,11 @@ void forward_nchw(const scalar_t* y, const scalar_t* residual, scalar_t* out, ac
   // Items are (plane, segment) pairs, so that a few large channels still split.
   const int64_t items = N * C * segments;
   std::vector<Moments> segment_stats(items);
-  auto item_span = [&](int64_t item, int64_t* start, int64_t* len) {
-    const int64_t plane = item / segments, s = item - plane * segments;
-    *start = plane * HW + s * kSegmentElements;
-    *len = std::min(kSegmentElements, HW - s * kSegmentElements);
-  };
   at::parallel_for(0, items, grain_for(kSegmentElements), [&](int64_t begin, int64_t end) {
     Scratch<scalar_t> scratch(kPieceElements);
     for (int64_t item = begin; item < end; ++item) {
       int64_t start, len;
-      item_span(item, &start, &len);
+      segment_span(item, segments, HW, &start, &len);
       segment_stats[item] = segment_moments(y + start, len, scratch);
     }
   });
@@ -414,7 +407,7 @@ void forward_nchw(const scalar_t* y, const scalar_t* residual, scalar_t* out, ac
     Scratch<scalar_t> scratch(kPieceElements);
     for (int64_t item = begin; item < end; ++item) {
       int64_t start, len;
-      item_span(item, &start, &len);
+      segment_span(item, segments, HW, &start, &len);
       const int64_t c = (item / segments) % C;
       normalize_run<scalar_t, kResidual, kRelu>(y + start, kResidual ? residual + start : nullptr, out + start, len,
                                                 c, affine, scratch);
@@ -684,16 +677,11 @@ void backward_nchw(const BackwardData<scalar_t>& data, acc_type<scalar_t>* grad_
   }
   const int64_t items = N * C * segments;
   std::vector<double> segment_sums(2 * items);
-  auto item_span = [&](int64_t item, int64_t* start, int64_t* len) {
-    const int64_t plane = item / segments, s = item - plane * segments;
-    *start = plane * HW + s * kSegmentElements;
-    *len = std::min(kSegmentElements, HW - s * kSegmentElements);
-  };
   at::parallel_for(0, items, grain_for(kSegmentElements), [&](int64_t begin, int64_t end) {
     Scratch<scalar_t> scratch(kPieceElements);
     for (int64_t item = begin; item < end; ++item) {
       int64_t start, len;
-      item_span(item, &start, &len);
+      segment_span(item, segments, HW, &start, &len);
       const int64_t c = (item / segments) % C;
       double segment_g = 0, segment_gd = 0;
       run_grad_sums<scalar_t, kRelu>(data, start, len, static_cast<acc_t>(args.mean[c]), scratch, &segment_g,
@@ -717,7 +705,7 @@ void backward_nchw(const BackwardData<scalar_t>& data, acc_type<scalar_t>* grad_
     Scratch<scalar_t> scratch(kPieceElements);
     for (int64_t item = begin; item < end; ++item) {
       int64_t start, len;
-      item_span(item, &start, &len);
+      segment_span(item, segments, HW, &start, &len);
       run_grad_input<scalar_t, kRelu, kResidualGrad>(data, start, len, (item / segments) % C, k, scratch);
     }
   });

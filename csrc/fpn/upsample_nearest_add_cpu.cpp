@@ -113,19 +113,9 @@ __attribute__((target("avx,f16c"))) void add_f16c(const c10::Half* a, const floa
 }
 #endif
 
-void widen(const c10::Half* src, float* dst, int64_t n) {
-#ifdef FASTBB_X86
-  if (simd::cpu_has_f16c()) return simd::widen_f16c(src, dst, n);
-#endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
+void widen(const c10::Half* src, float* dst, int64_t n) { simd::widen_half(src, dst, n); }
 
-void narrow(const float* src, c10::Half* dst, int64_t n) {
-#ifdef FASTBB_X86
-  if (simd::cpu_has_f16c()) return simd::narrow_f16c(src, dst, n);
-#endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
-}
+void narrow(const float* src, c10::Half* dst, int64_t n) { simd::narrow_half(src, dst, n); }
 
 void add_arrays(const c10::Half* a, const float* b, c10::Half* out, int64_t n) {
 #ifdef FASTBB_X86

@@ -187,9 +187,9 @@ class MMResNet(nn.Module):
         if conv_cfg is not None and conv_cfg.get("type") not in ("Conv", "Conv2d"):
             raise ValueError(f"conv_cfg {conv_cfg!r} is not supported by fastbb's ResNet (only Conv2d)")
         if dcn is not None or any(stage_with_dcn[:num_stages]):
-            raise NotImplementedError("dcn (deformable convolution) is not supported by fastbb's ResNet")
+            raise ValueError("dcn (deformable convolution) is not supported by fastbb's ResNet; use dcn=None")
         if plugins is not None:
-            raise NotImplementedError("plugins are not supported by fastbb's ResNet")
+            raise ValueError("plugins are not supported by fastbb's ResNet; use plugins=None")
         if init_cfg is not None and pretrained is not None:
             raise ValueError("init_cfg and pretrained cannot be set at the same time")
         self.depth = depth
