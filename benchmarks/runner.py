@@ -3,7 +3,9 @@
 Each benchmarks/cases_<op>.py offers `cases(device)`: a list of
 {"name": str, "providers": {provider: zero-argument callable}, "baseline": provider}. The runner times
 every provider on the same prebuilt inputs in this process and prints the median times and the
-speedup of each provider over the baseline.
+speedup of each provider over the baseline. On the CPU a case's providers are timed in interleaved rounds
+(one call of each per round), so that a machine whose speed drifts over seconds (a shared VM) slows them
+alike instead of favouring whichever ran in a quiet moment.
 """
 import datetime
 import importlib
@@ -46,6 +48,34 @@ def time_median(fn, device, min_time=1.0, max_repeats=50, warmup=2):
     return statistics.median(times), len(times)
 
 
+def time_interleaved(providers, min_time=1.0, max_repeats=50, warmup=2):
+    """{provider: (median seconds of one call, timed calls) or the exception it raised} on the CPU.
+
+    After warm-up, rounds call every provider once each, until the providers have had `min_time` seconds
+    each on average or `max_repeats` rounds ran (at least 3).
+    """
+    results, live = {}, {}
+    for name, fn in providers.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            live[name] = fn
+        except Exception as exc:  # a provider that fails is reported, not hidden
+            results[name] = exc
+    times = {name: [] for name in live}
+    start = time.perf_counter()
+    rounds = 0
+    while live and (rounds < 3 or (rounds < max_repeats and time.perf_counter() - start < min_time * len(live))):
+        for name, fn in live.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    for name in live:
+        results[name] = (statistics.median(times[name]), len(times[name]))
+    return results
+
+
 def peak_memory(fn, device):
     """Peak bytes allocated by one call on CUDA (the caching allocator's counter); None on CPU."""
     if device != "cuda":
@@ -85,9 +115,16 @@ def run(device=None, only=None, min_time=1.0, log=print):
     results = []
     for case in collect_cases(device, only):
         row = {"name": case["name"], "baseline": case["baseline"], "providers": {}}
+        if device == "cpu":
+            timings = time_interleaved(case["providers"], min_time=min_time)
         for provider, fn in case["providers"].items():
             try:
-                seconds, repeats = time_median(fn, device, min_time=min_time)
+                if device == "cpu":
+                    if isinstance(timings[provider], Exception):
+                        raise timings[provider]
+                    seconds, repeats = timings[provider]
+                else:
+                    seconds, repeats = time_median(fn, device, min_time=min_time)
                 row["providers"][provider] = {"median_s": seconds, "repeats": repeats,
                                               "peak_bytes": peak_memory(fn, device)}
             except Exception as exc:  # a provider that fails is reported, not hidden
@@ -99,6 +136,7 @@ def run(device=None, only=None, min_time=1.0, log=print):
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "device_type": device,
         "cpu_threads": torch.get_num_threads(),
+        "timing": "interleaved rounds" if device == "cpu" else "triton.testing.do_bench per provider",
         "versions": {"fastbb": fastbb.__version__, "torch": torch.__version__,
                      "cuda": torch.version.cuda, "python": platform.python_version()},
         "backends": fastbb.backends(),

@@ -1,5 +1,6 @@
 """fastbb.models ResNets and fastbb.convert against torchvision's ResNets with the same weights."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -25,8 +26,13 @@ def _assert_within_twice_torchvision_error(ours, theirs, exact):
     assert _error(ours, exact) <= 2 * _error(theirs, exact) + 1e-12
 
 
-@pytest.mark.parametrize("builder, tv_builder", [(resnet18, torchvision.models.resnet18),
-                                                 (resnet50, torchvision.models.resnet50)])
+_DILATED = dict(replace_stride_with_dilation=[False, True, True])
+
+
+@pytest.mark.parametrize("builder, tv_builder", [
+    (resnet18, torchvision.models.resnet18), (resnet50, torchvision.models.resnet50),
+    # layer3 / layer4 dilated: in float32 eval their 3x3 convs run as Winograd convs with dilation 2 and 4
+    (functools.partial(resnet50, **_DILATED), functools.partial(torchvision.models.resnet50, **_DILATED))])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_matches_torchvision(builder, tv_builder, mode):
     theirs = randomize_bn(tv_builder())

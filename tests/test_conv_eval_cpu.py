@@ -1,0 +1,256 @@
+"""The CPU eval convs of conv_bn_relu beyond oneDNN: the Winograd F(2x2, 3x3) kernel against F.conv2d in
+float64, the 1x1 conv as a GEMM, and when conv_bn_relu uses each."""
+import contextlib
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastbb
+from fastbb.nn.conv_bn_relu import ConvBNReLU2d
+from fastbb.ops.conv_bn_relu import conv_bn_relu, winograd_weight
+
+from conftest import TOLERANCES
+
+op = importlib.import_module("fastbb.ops.conv_bn_relu")  # the module (fastbb.ops.conv_bn_relu is the op)
+
+pytestmark = pytest.mark.skipif(not fastbb._backend.has_kernel("fastbb_C::winograd_conv2d", "CPU"),
+                                reason="fastbb._C is not built")
+
+
+def _within_twice_eager_error(got, eager, exact):
+    """got's error against the float64 result is at most twice eager PyTorch's float32 error, plus float32's
+    relative tolerance of the result (norms of the differences: a max over a few elements is too noisy)."""
+    eager_error = float((eager.double() - exact).norm())
+    error = float((got.double() - exact).norm())
+    bound = 2 * eager_error + TOLERANCES[torch.float32]["rtol"] * float(exact.norm())
+    assert error <= bound, f"error {error:.3g} > bound {bound:.3g} (eager's error {eager_error:.3g})"
+
+
+def _winograd(x, weight, shift, residual=None, relu=True, padding=(1, 1), dilation=(1, 1)):
+    return torch.ops.fastbb_C.winograd_conv2d(x, winograd_weight(weight), shift, residual, relu, *padding, *dilation)
+
+
+@pytest.mark.parametrize("n, c, k, h, w, padding, dilation", [
+    (2, 3, 5, 7, 9, (1, 1), (1, 1)),        # odd sizes: the last tile row and column are half outside
+    (1, 4, 6, 10, 13, (2, 2), (2, 2)),
+    (2, 5, 3, 17, 11, (4, 4), (4, 4)),
+    (1, 3, 2, 9, 9, (0, 0), (1, 1)),        # no padding: the output shrinks by 2
+    (1, 2, 3, 12, 8, (3, 1), (2, 1)),       # padding and dilation differ between the dimensions
+    (1, 2, 2, 5, 5, (0, 0), (2, 2)),        # a 1x1 output
+    (3, 8, 8, 40, 40, (1, 1), (1, 1)),      # several chunks of tile rows, across images
+    (1, 16, 24, 33, 70, (3, 3), (3, 3)),
+])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_kernel_matches_conv2d(n, c, k, h, w, padding, dilation, residual, relu):
+    x = torch.randn(n, c, h, w)
+    weight, shift = torch.randn(k, c, 3, 3), torch.randn(k)
+    exact = F.conv2d(x.double(), weight.double(), shift.double(), 1, padding, dilation)
+    eager = F.conv2d(x, weight, shift, 1, padding, dilation)
+    res = torch.randn(exact.shape) if residual else None
+    if residual:
+        exact, eager = exact + res.double(), eager + res
+    if relu:
+        exact, eager = exact.relu(), eager.relu()
+    inputs = [t.clone() for t in (x, weight, shift)] + ([res.clone()] if residual else [])
+    got = _winograd(x, weight, shift, res, relu, padding, dilation)
+    assert got.shape == exact.shape and got.dtype == torch.float32 and got.is_contiguous()
+    _within_twice_eager_error(got, eager, exact)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4)
+    for before, after in zip(inputs, (x, weight, shift, res)):
+        assert torch.equal(before, after)  # inputs are left as they were
+
+
+def test_kernel_nan_propagates():
+    x = torch.randn(1, 4, 8, 8)
+    x[0, 1, 3, 3] = float("nan")
+    weight, shift = torch.randn(5, 4, 3, 3), torch.randn(5)
+    got, want = _winograd(x, weight, shift), F.conv2d(x, weight, shift, 1, 1).relu()
+    # The NaN reaches every output that reads the pixel, and only those (as in the direct conv); the
+    # Winograd patch of a tile reads 4x4 pixels, so tiles next to it may see NaN too: at least eager's.
+    assert torch.isnan(want).any() and torch.isnan(got)[torch.isnan(want)].all()
+
+
+def test_kernel_rejects_what_it_cannot_do():
+    x, weight, shift = torch.randn(1, 4, 8, 8), torch.randn(5, 4, 3, 3), torch.randn(5)
+    u = winograd_weight(weight)
+    with pytest.raises(RuntimeError, match="x must be a contiguous NCHW float32"):
+        torch.ops.fastbb_C.winograd_conv2d(x.double(), u, shift, None, True, 1, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="u must be a contiguous"):
+        torch.ops.fastbb_C.winograd_conv2d(x, u[:, :, :3], shift, None, True, 1, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="shift must be"):
+        torch.ops.fastbb_C.winograd_conv2d(x, u, shift[:4], None, True, 1, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        torch.ops.fastbb_C.winograd_conv2d(x, u, shift, torch.randn(1, 5, 7, 8), True, 1, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="output would be empty"):
+        torch.ops.fastbb_C.winograd_conv2d(torch.randn(1, 4, 2, 2), u, shift, None, True, 0, 0, 1, 1)
+
+
+def _bn(channels):
+    bn = nn.BatchNorm2d(channels).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.1, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.2, 0.2)
+    return bn
+
+
+def _count_calls(monkeypatch, name):
+    """A list that grows by one at each call of fastbb.ops.conv_bn_relu's function `name`."""
+    calls, run = [], getattr(op, name)
+
+    def counting(*args):
+        calls.append(1)
+        return run(*args)
+
+    monkeypatch.setattr(op, name, counting)
+    return calls
+
+
+def _expected(conv, bn, x, residual, relu):
+    """(eager float32, float64) results of conv -> bn (-> + residual) (-> ReLU), and the residual used."""
+    eager = bn(conv(x))
+    exact = bn.double()(conv.double()(x.double()))
+    conv.float(), bn.float()
+    res = torch.randn(eager.shape) if residual else None
+    if residual:
+        eager, exact = eager + res, exact + res.double()
+    if relu:
+        eager, exact = eager.relu(), exact.relu()
+    return eager, exact, res
+
+
+@pytest.fixture
+def winograd_calls(monkeypatch):
+    """Counts the eval convs that run as Winograd convs."""
+    return _count_calls(monkeypatch, "_winograd_eval")
+
+
+@pytest.mark.parametrize("dilation, padding", [(1, 1), (2, 2), (4, 4), (2, 0), (1, 3)])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv_bn_relu_eval_runs_winograd(winograd_calls, dilation, padding, residual, relu):
+    """A 3x3 stride-1 eval conv with 128+ channels, NCHW float32, without autograd: the Winograd conv, with
+    eager's result within twice eager's own error."""
+    conv = nn.Conv2d(128, 136, 3, padding=padding, dilation=dilation, bias=True)
+    bn = _bn(136)
+    x = torch.randn(2, 128, 13, 18)
+    with torch.no_grad():
+        eager, exact, res = _expected(conv, bn, x, residual, relu)
+        for _ in range(2):  # the second call reuses the transformed weight
+            got = conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                               padding=padding, dilation=dilation, eps=bn.eps, relu=relu, residual=res)
+            assert got.shape == eager.shape and got.stride() == eager.stride()
+            _within_twice_eager_error(got, eager, exact)
+    assert len(winograd_calls) == 2
+
+
+def test_transformed_weight_is_cached_until_a_source_changes(monkeypatch):
+    transforms = _count_calls(monkeypatch, "winograd_weight")
+    conv, bn = nn.Conv2d(128, 128, 3, padding=1, bias=False), _bn(128)
+    fused = ConvBNReLU2d.from_modules(conv, bn, nn.ReLU()).eval()
+    x = torch.randn(1, 128, 10, 10)
+
+    def check(expected):
+        with torch.no_grad():
+            for _ in range(2):
+                torch.testing.assert_close(fused(x), bn(conv(x)).relu(), rtol=1e-4, atol=1e-4)
+        assert len(transforms) == expected
+
+    check(1)
+    with torch.no_grad():
+        conv.weight.mul_(-1)  # refolded, so transformed again: a stale transform would fail the comparison
+    check(2)
+    with torch.no_grad():
+        bn.running_mean.add_(1)
+    check(3)
+
+
+def test_64_channels_run_winograd_on_large_images_only(winograd_calls):
+    conv, bn = nn.Conv2d(64, 64, 3, padding=1, bias=False), _bn(64)
+    fused = ConvBNReLU2d.from_modules(conv, bn, nn.ReLU()).eval()
+    with torch.no_grad():
+        for side, expected_calls in ((60, 0), (64, 1)):  # 900 tiles, then 1024
+            x = torch.randn(1, 64, side, side)
+            torch.testing.assert_close(fused(x), bn(conv(x)).relu(), rtol=1e-4, atol=1e-4)
+            assert len(winograd_calls) == expected_calls
+
+
+@pytest.mark.parametrize("case", ["32 channels", "stride 2", "5x5", "groups 2", "channels_last", "float64",
+                                  "needs grad", "reference backend", "residual float64"])
+def test_other_convs_do_not_run_winograd(winograd_calls, case):
+    channels, kernel, stride, groups = (32 if case == "32 channels" else 128), (5 if case == "5x5" else 3), \
+        (2 if case == "stride 2" else 1), (2 if case == "groups 2" else 1)
+    conv = nn.Conv2d(channels, channels, kernel, stride, padding=kernel // 2, groups=groups, bias=False)
+    bn = _bn(channels)
+    x = torch.randn(1, channels, 12, 12)
+    dtype = torch.float64 if case == "float64" else torch.float32
+    conv, bn, x = conv.to(dtype), bn.to(dtype), x.to(dtype)
+    if case == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(1, channels, 12, 12, dtype=torch.float64) if case == "residual float64" else None
+    fused = ConvBNReLU2d.from_modules(conv, bn, nn.ReLU()).eval()
+    want = bn(conv(x)) if residual is None else bn(conv(x)) + residual
+    want = want.relu()
+    grad_mode = torch.enable_grad() if case == "needs grad" else torch.no_grad()
+    backend = fastbb.use_backend("reference") if case == "reference backend" else contextlib.nullcontext()
+    with grad_mode, backend:
+        got = fused(x) if residual is None else conv_bn_relu(
+            x, conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, padding=1, eps=bn.eps,
+            residual=residual)
+    torch.testing.assert_close(got, want.to(got.dtype), **TOLERANCES[dtype])
+    assert not winograd_calls
+
+
+def test_empty_batch():
+    conv, bn = nn.Conv2d(64, 64, 3, padding=1, bias=False), _bn(64)
+    with torch.no_grad():
+        got = conv_bn_relu(torch.randn(0, 64, 8, 8), conv.weight, None, bn.weight, bn.bias, bn.running_mean,
+                           bn.running_var, padding=1)
+    assert got.shape == (0, 64, 8, 8)
+
+
+@pytest.fixture
+def gemm_calls(monkeypatch):
+    """Counts the eval convs that run as GEMMs."""
+    return _count_calls(monkeypatch, "_pointwise_gemm_eval")
+
+
+@pytest.mark.parametrize("shape", [(1, 24, 5, 7), (2, 24, 32, 40)])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_pointwise_conv_runs_as_gemm(gemm_calls, shape, residual, relu, bias):
+    conv, bn = nn.Conv2d(24, 40, 1, bias=bias), _bn(40)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        eager, exact, res = _expected(conv, bn, x, residual, relu)
+        inputs = [x.clone()] + ([res.clone()] if residual else [])
+        got = conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                           eps=bn.eps, relu=relu, residual=res)
+    assert got.shape == eager.shape and got.is_contiguous()
+    _within_twice_eager_error(got, eager, exact)
+    for before, after in zip(inputs, (x, res)):
+        assert torch.equal(before, after)
+    assert len(gemm_calls) == 1
+
+
+@pytest.mark.parametrize("case", ["stride 2", "padding 1", "channels_last", "groups 2", "batch 2 small images",
+                                  "needs grad"])
+def test_other_pointwise_convs_do_not_run_as_gemm(gemm_calls, case):
+    conv = nn.Conv2d(24, 40, 1, stride=2 if case == "stride 2" else 1, padding=1 if case == "padding 1" else 0,
+                     groups=2 if case == "groups 2" else 1, bias=False)
+    bn = _bn(40)
+    x = torch.randn(2 if case == "batch 2 small images" else 1, 24, 9, 11)
+    if case == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    fused = ConvBNReLU2d.from_modules(conv, bn, nn.ReLU()).eval()
+    with torch.enable_grad() if case == "needs grad" else torch.no_grad():
+        got, want = fused(x), bn(conv(x)).relu()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.stride() == want.stride()
+    assert not gemm_calls
