@@ -1,25 +1,25 @@
-// Winograd F(2x2, 3x3) transforms of the CPU eval conv (schemas and the GEMM in fastbb/ops/conv_bn_relu.py):
-//   fastbb_C::winograd_input_transform(x, pad_h, pad_w, dilation_h, dilation_w) -> V (16, C, T)
-//   fastbb_C::winograd_output_transform(M, shift, residual?, relu, N, H_out, W_out, dilation_h, dilation_w)
-//       -> out (N, K, H_out, W_out)
+// Winograd F(2x2, 3x3) conv of the CPU eval path (schema and the weight transform in
+// fastbb/ops/conv_bn_relu.py):
+//   fastbb_C::winograd_conv2d(x, u, shift, residual?, relu, pad_h, pad_w, dilation_h, dilation_w)
+//       -> out = relu?(conv3x3(x) + shift [+ residual]), (N, K, H_out, W_out), H_out = H + 2 pad_h - 2 dilation_h
 //
 // A 3x3 stride-1 conv computes each 2x2 output tile from a 4x4 input patch. With the patch transformed
-// (V = B^T d B) and the weight transformed (U = G g G^T, done once per folded weight), the conv becomes 16
-// independent GEMMs M[a] = U[a] (K x C) @ V[a] (C x T) over the T tiles, with 16 multiplies per tile
+// (V = B^T d B) and the weight transformed (u = G g G^T, done once per folded weight), the conv becomes 16
+// independent GEMMs M[a] = u[a] (K x C) @ V[a] (C x T) over the T tiles, with 16 multiplies per tile
 // and channel pair instead of 36: 2.25x fewer. The output is A^T M A per tile, plus the BN shift, the
-// residual and the ReLU in the same pass.
+// residual and the ReLU in the same pass. The GEMMs are ATen's bmm (MKL on x86).
 //
 // Dilation d: outputs x and x + d share inputs x + {0, d, 2d, 3d}, so a tile covers the outputs
 // {oy, oy + dy} x {ox, ox + dx} and its patch rows/columns are d apart. Tile origins along a dimension are
 // the positions o with o mod 2d < d: each output is then in exactly one tile.
 //
-// T = N * TY * TX with tiles in (n, tile row, tile column) order. x is contiguous NCHW float32; the
-// output is contiguous NCHW float32.
+// Tiles are numbered (n, tile row, tile column). x, residual and the output are contiguous NCHW float32.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -119,6 +119,49 @@ void output_transform_row(const float* m, int64_t stride_a, const int64_t* origi
   }
 }
 
+// u = G g G^T of each 3x3 kernel g = weight[k][c], as (16, K, C), computed in float64 and rounded once.
+at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 && weight.scalar_type() == at::kFloat &&
+                  weight.is_contiguous(),
+              "winograd_weight: weight must be a contiguous (K, C, 3, 3) float32 tensor");
+  const int64_t K = weight.size(0), C = weight.size(1), plane = K * C;
+  at::Tensor u = at::empty({16, K, C}, weight.options());
+  const float* wp = weight.const_data_ptr<float>();
+  float* up = u.mutable_data_ptr<float>();
+  // Blocks of kernels are transformed into a local buffer, then written as 16 contiguous runs: writing
+  // each kernel's 16 values straight into the 16 planes of u is several times slower.
+  constexpr int64_t kBlock = 256;
+  at::parallel_for(0, (plane + kBlock - 1) / kBlock, 16, [&](int64_t begin, int64_t end) {
+    float block[16][kBlock];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t first = blk * kBlock, count = std::min(kBlock, plane - first);
+      for (int64_t i = 0; i < count; ++i) {
+        const float* g = wp + (first + i) * 9;
+        double t[4][3];  // G g
+        for (int j = 0; j < 3; ++j) {
+          const double g0 = g[j], g1 = g[3 + j], g2 = g[6 + j];
+          t[0][j] = g0;
+          t[1][j] = 0.5 * (g0 + g1 + g2);
+          t[2][j] = 0.5 * (g0 - g1 + g2);
+          t[3][j] = g2;
+        }
+        for (int a = 0; a < 4; ++a) {  // (G g) G^T
+          block[4 * a][i] = static_cast<float>(t[a][0]);
+          block[4 * a + 1][i] = static_cast<float>(0.5 * (t[a][0] + t[a][1] + t[a][2]));
+          block[4 * a + 2][i] = static_cast<float>(0.5 * (t[a][0] - t[a][1] + t[a][2]));
+          block[4 * a + 3][i] = static_cast<float>(t[a][2]);
+        }
+      }
+      for (int ab = 0; ab < 16; ++ab) std::copy(block[ab], block[ab] + count, up + ab * plane + first);
+    }
+  });
+  return u;
+}
+
+// The 180-degree turn of a kernel g reverses G's columns, which for this G is swapping its rows 0 and 3
+// (G J = P G): the turned kernel's transform is u with both 4-indices mapped by 0 <-> 3.
+constexpr int kTurned[16] = {15, 13, 14, 12, 7, 5, 6, 4, 11, 9, 10, 8, 3, 1, 2, 0};
+
 // The tiles are processed in chunks of whole tile rows whose V and M together take about kChunkBytes, so
 // that they stay in cache from their transform to the GEMM and from the GEMM to the output transform
 // (all at once, a 2x800x1344 backbone's V and M reach hundreds of MB and every pass goes through
@@ -127,17 +170,25 @@ void output_transform_row(const float* m, int64_t stride_a, const int64_t* origi
 constexpr int64_t kChunkBytes = int64_t{2} << 20;
 constexpr int64_t kMinChunkTiles = 128;
 
-at::Tensor winograd_conv2d_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& shift,
+at::Tensor winograd_conv2d_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& shift,
                                const std::optional<at::Tensor>& residual, bool relu, int64_t pad_h, int64_t pad_w,
-                               int64_t dh, int64_t dw) {
+                               int64_t dh, int64_t dw, bool transpose_flip) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "winograd_conv2d: x must be a contiguous NCHW float32 tensor");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(2) == C && u.scalar_type() == at::kFloat && u.is_contiguous(),
-              "winograd_conv2d: u must be a contiguous (16, K, C) float32 tensor with C = ", C);
-  const int64_t K = u.size(1);
-  TORCH_CHECK(shift.dim() == 1 && shift.size(0) == K && shift.scalar_type() == at::kFloat && shift.is_contiguous(),
-              "winograd_conv2d: shift must be a contiguous (K,) float32 tensor");
+  // transpose_flip: u is the transform of a conv from K to C channels, and this conv is its gradient with
+  // respect to its input (kernels transposed and turned by 180 degrees), read from u without a copy.
+  const int64_t u_in = transpose_flip ? 1 : 2;
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(u_in) == C && u.scalar_type() == at::kFloat && u.is_contiguous(),
+              "winograd_conv2d: u must be a contiguous (16, K, C) float32 tensor ((16, C, K) with transpose_flip), C = ",
+              C);
+  const int64_t K = u.size(3 - u_in);
+  const float* sp = nullptr;
+  if (shift.has_value()) {
+    TORCH_CHECK(shift->dim() == 1 && shift->size(0) == K && shift->scalar_type() == at::kFloat && shift->is_contiguous(),
+                "winograd_conv2d: shift must be a contiguous (K,) float32 tensor");
+    sp = shift->const_data_ptr<float>();
+  }
   TORCH_CHECK(pad_h >= 0 && pad_w >= 0 && dh >= 1 && dw >= 1, "winograd_conv2d: bad padding or dilation");
   const int64_t Ho = H + 2 * pad_h - 2 * dh, Wo = W + 2 * pad_w - 2 * dw;
   TORCH_CHECK(Ho > 0 && Wo > 0, "winograd_conv2d: the output would be empty");
@@ -160,7 +211,6 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& x, const at::Tensor& u, const a
   at::Tensor v = at::empty({16 * C * rows_per_chunk * TX}, x.options());
   at::Tensor m = at::empty({16 * K * rows_per_chunk * TX}, x.options());
   const float* xp = x.const_data_ptr<float>();
-  const float* sp = shift.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   const int64_t in_width = Wo + 3 * dw;  // the last tile reads up to its origin + 3 dw
   const int64_t out_width = Wo + dw;     // and writes its origin + dw
@@ -177,7 +227,14 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& x, const at::Tensor& u, const a
                             buffer.data(), in_width, vp + c * tiles + (row - row0) * TX, C * tiles);
       }
     });
-    at::bmm_out(m_chunk, u, v_chunk);
+    if (transpose_flip) {
+      for (int ab = 0; ab < 16; ++ab) {
+        at::Tensor m_ab = m_chunk.select(0, ab);
+        at::mm_out(m_ab, u.select(0, kTurned[ab]).t(), v_chunk.select(0, ab));
+      }
+    } else {
+      at::bmm_out(m_chunk, u, v_chunk);
+    }
     const float* mp = m.const_data_ptr<float>();
     at::parallel_for(0, K * rows, std::max<int64_t>(1, kMinTilesPerThread / TX), [&](int64_t begin, int64_t end) {
       std::vector<float> buffer(2 * out_width);
@@ -188,8 +245,8 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& x, const at::Tensor& u, const a
         // Rows oy and oy + dh of the output plane (n, k), dh * Wo apart.
         const int64_t offset = ((n * K + k) * Ho + oy) * Wo;
         output_transform_row(mp + k * tiles + (row - row0) * TX, K * tiles, origins_x.data(), TX, dw, buffer.data(),
-                             out_width, Wo, rows_out, sp[k], res == nullptr ? nullptr : res + offset, dh * Wo, relu,
-                             op + offset);
+                             out_width, Wo, rows_out, sp == nullptr ? 0.0f : sp[k],
+                             res == nullptr ? nullptr : res + offset, dh * Wo, relu, op + offset);
       }
     });
   }
@@ -199,6 +256,7 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& x, const at::Tensor& u, const a
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastbb_C, CPU, m) {
+  m.impl("winograd_weight", &winograd_weight_cpu);
   m.impl("winograd_conv2d", &winograd_conv2d_cpu);
 }
 

@@ -40,11 +40,14 @@ kernel_lib.define("bn_relu_forward(Tensor y, Tensor? weight, Tensor? bias, Tenso
 # Returns grad_y, grad_weight, grad_bias ((C,) compute dtype) and grad_residual (empty unless asked).
 kernel_lib.define("bn_relu_backward(Tensor grad_out, Tensor out, Tensor y, Tensor mean, Tensor invstd, "
                   "Tensor? weight, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)")
-# x (N, C, H, W) contiguous float32; u (16, K, C) the Winograd-transformed weight (winograd_weight); shift
-# (K,); residual (N, K, H_out, W_out) contiguous float32 or None. Returns the 3x3 stride-1 conv + shift
-# (+ residual) (+ ReLU), contiguous (N, K, H_out, W_out) with H_out = H + 2 pad_h - 2 dilation_h.
-kernel_lib.define("winograd_conv2d(Tensor x, Tensor u, Tensor shift, Tensor? residual, bool relu, int pad_h, "
-                  "int pad_w, int dilation_h, int dilation_w) -> Tensor")
+# weight (K, C, 3, 3) contiguous float32. Returns its Winograd transform u, (16, K, C).
+kernel_lib.define("winograd_weight(Tensor weight) -> Tensor")
+# x (N, C, H, W) contiguous float32; u (16, K, C) from winograd_weight; shift (K,) or None; residual
+# (N, K, H_out, W_out) contiguous float32 or None. Returns the 3x3 stride-1 conv + shift (+ residual)
+# (+ ReLU), contiguous (N, K, H_out, W_out) with H_out = H + 2 pad_h - 2 dilation_h. transpose_flip: u is
+# the transform of a conv from C to K channels and this conv is its input gradient's (C out, u read as is).
+kernel_lib.define("winograd_conv2d(Tensor x, Tensor u, Tensor? shift, Tensor? residual, bool relu, int pad_h, "
+                  "int pad_w, int dilation_h, int dilation_w, bool transpose_flip=False) -> Tensor")
 
 
 def _compute_dtype(dtype):
@@ -167,14 +170,34 @@ def _setup_context(ctx, inputs, output):
     y, weight, bias, residual, eps, relu = inputs
     out, mean, invstd = output
     ctx.save_for_backward(out, y, mean, invstd, weight)
-    ctx.relu = relu
+    ctx.relu, ctx.eps = relu, eps
     ctx.has_weight = weight is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.mark_non_differentiable(mean, invstd)
 
 
+def _differentiable_backward(ctx, grad_out, out, y, weight):
+    """The gradients in differentiable PyTorch, for a backward with create_graph (a gradient penalty): the
+    BN is recomputed from y, so the graph holds how the batch statistics depend on y (the kernel's mean and
+    invstd are constants to autograd). The ReLU mask is taken from out, as eager's ReLU backward does."""
+    g = grad_out * (out > 0) if ctx.relu else grad_out
+    wanted = [t for t, need in ((y, ctx.needs_input_grad[0]), (weight, ctx.needs_input_grad[1]))
+              if need and t is not None]
+    grads = []
+    if wanted:
+        normalized = F.batch_norm(y, None, None, weight, None, training=True, momentum=0.0, eps=ctx.eps)
+        grads = list(torch.autograd.grad(normalized, wanted, g.to(normalized.dtype), create_graph=True))
+    grad_y = grads.pop(0) if ctx.needs_input_grad[0] else None
+    grad_weight = grads.pop(0) if ctx.needs_input_grad[1] and weight is not None else None
+    grad_bias = g.sum((0, 2, 3)).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] \
+        else None
+    return grad_y, grad_weight, grad_bias, g if ctx.needs_input_grad[3] else None, None, None
+
+
 def _backward(ctx, grad_out, _grad_mean, _grad_invstd):
     out, y, mean, invstd, weight = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _differentiable_backward(ctx, grad_out, out, y, weight)
     needs_residual = ctx.needs_input_grad[3]
     grad_y, grad_weight, grad_bias, grad_residual = torch.ops.fastbb.bn_relu_train_backward(
         grad_out, out, y, mean, invstd, weight, ctx.relu, needs_residual)
@@ -353,17 +376,24 @@ def _packed_weight(packed_weights, weight, x, stride, padding, dilation, groups)
     return packed
 
 
-# Winograd F(2x2, 3x3): U = G g G^T per 3x3 kernel g (csrc/conv_bn_relu/winograd_cpu.cpp has V and Y).
+# Winograd F(2x2, 3x3): u = G g G^T per 3x3 kernel g (csrc/conv_bn_relu/winograd_cpu.cpp).
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 # Fewer channels make GEMMs too small to repay the transforms: oneDNN's direct conv is faster there.
 _WINOGRAD_MIN_CHANNELS = 64
+# A training step transforms the weight afresh (it changes at every step): only convs over this many
+# output positions repay it (the transform of a 512 x 512 x 3 x 3 weight takes milliseconds).
+_WINOGRAD_TRAIN_MIN_POSITIONS = 4096
 
 
-def winograd_weight(weight):
+def winograd_weight_reference(weight):
     """(16, K, C): the Winograd transform of each (K, C, 3, 3) kernel, computed in float64, rounded once."""
     g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
     u = torch.einsum("ai,kcij,bj->abkc", g, weight.double(), g)
     return u.reshape(16, weight.shape[0], weight.shape[1]).to(weight.dtype).contiguous()
+
+
+def winograd_weight(weight):
+    return torch.ops.fastbb_C.winograd_weight(weight.contiguous())
 
 
 def _winograd_applies(x, weight, residual, stride, padding, dilation, groups):
@@ -379,6 +409,54 @@ def _winograd_applies(x, weight, residual, stride, padding, dilation, groups):
     return (x.is_contiguous() and x.numel() > 0 and (residual is None or residual.dtype == torch.float32)
             and _backend.forced_backend() in (None, "cpp")
             and _backend.has_kernel("fastbb_C::winograd_conv2d", "CPU"))
+
+
+class _WinogradTrainConv(torch.autograd.Function):
+    """The training conv as a Winograd conv: forward, and the input gradient (a 3x3 stride-1 conv of the
+    output gradient with the kernels transposed and turned, read from the same transform). The weight and
+    bias gradients are ATen's. With create_graph, the backward is ATen's differentiable one."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, dilation):
+        u = winograd_weight(weight)
+        ctx.save_for_backward(x, weight, u)
+        ctx.padding, ctx.dilation, ctx.has_bias = padding, dilation, bias is not None
+        return torch.ops.fastbb_C.winograd_conv2d(x, u, bias, None, False, *padding, *dilation)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, u = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        args = ([weight.shape[0]] if ctx.has_bias else None, [1, 1], list(ctx.padding), list(ctx.dilation), False,
+                [0, 0], 1)
+        if torch.is_grad_enabled():
+            grads = torch.ops.aten.convolution_backward(grad_y, x, weight, *args, [need_x, need_w, need_b])
+            return (*grads, None, None)
+        grad_y = grad_y.contiguous()
+        grad_x = None
+        back_padding = [2 * d - p for p, d in zip(ctx.padding, ctx.dilation)]
+        if need_x and min(back_padding) >= 0:
+            grad_x = torch.ops.fastbb_C.winograd_conv2d(grad_y, u, None, None, False, *back_padding, *ctx.dilation,
+                                                        True)
+        aten_x = need_x and grad_x is None
+        grad_w = grad_b = None
+        if aten_x or need_w or need_b:
+            aten_grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(grad_y, x, weight, *args,
+                                                                              [aten_x, need_w, need_b])
+            grad_x = aten_grad_x if aten_x else grad_x
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _train_conv(x, weight, bias, stride, padding, dilation, groups):
+    """The conv before a training BN: the Winograd conv on the CPU in float32 for 3x3 stride-1 convs with
+    enough channels over many output positions, else F.conv2d."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and x.numel() > 0 and _winograd_applies(x, weight, None, stride, padding, dilation, groups)
+            and x.shape[0] * (x.shape[2] + 2 * padding[0] - 2 * dilation[0])
+            * (x.shape[3] + 2 * padding[1] - 2 * dilation[1]) >= _WINOGRAD_TRAIN_MIN_POSITIONS
+            and (bias is None or bias.dtype == torch.float32)):
+        return _WinogradTrainConv.apply(x, weight, bias, padding, dilation)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def _winograd_eval(x, weight, shift, residual, padding, dilation, relu, packed_weights):
@@ -594,7 +672,7 @@ def conv_bn_relu(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mea
             packed_weights = None
         return _eval_forward(x, folded_weight, shift, residual, stride, padding, dilation, groups, relu,
                              packed_weights)
-    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    y = _train_conv(x, weight, bias, stride, padding, dilation, groups)
     count = y.numel() // max(y.shape[1], 1)
     if count <= 1:
         raise ValueError(f"{_OP}: expected more than 1 value per channel when training, got input size "

@@ -1,6 +1,7 @@
-"""The CPU eval convs of conv_bn_relu beyond oneDNN: the Winograd F(2x2, 3x3) kernel against F.conv2d in
-float64, the 1x1 conv as a GEMM, and when conv_bn_relu uses each."""
+"""The CPU convs of conv_bn_relu beyond oneDNN: the Winograd F(2x2, 3x3) kernels against F.conv2d in float64
+(eval, and training with its input gradient), the 1x1 eval conv as a GEMM, and when conv_bn_relu uses each."""
 import contextlib
+import copy
 import importlib
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 import fastbb
 from fastbb.nn.conv_bn_relu import ConvBNReLU2d
-from fastbb.ops.conv_bn_relu import conv_bn_relu, winograd_weight
+from fastbb.ops.conv_bn_relu import conv_bn_relu, winograd_weight, winograd_weight_reference
 
 from conftest import TOLERANCES
 
@@ -20,13 +21,13 @@ pytestmark = pytest.mark.skipif(not fastbb._backend.has_kernel("fastbb_C::winogr
                                 reason="fastbb._C is not built")
 
 
-def _within_twice_eager_error(got, eager, exact):
+def _within_twice_eager_error(got, eager, exact, name=""):
     """got's error against the float64 result is at most twice eager PyTorch's float32 error, plus float32's
     relative tolerance of the result (norms of the differences: a max over a few elements is too noisy)."""
     eager_error = float((eager.double() - exact).norm())
     error = float((got.double() - exact).norm())
     bound = 2 * eager_error + TOLERANCES[torch.float32]["rtol"] * float(exact.norm())
-    assert error <= bound, f"error {error:.3g} > bound {bound:.3g} (eager's error {eager_error:.3g})"
+    assert error <= bound, f"{name} error {error:.3g} > bound {bound:.3g} (eager's error {eager_error:.3g})"
 
 
 def _winograd(x, weight, shift, residual=None, relu=True, padding=(1, 1), dilation=(1, 1)):
@@ -62,6 +63,30 @@ def test_kernel_matches_conv2d(n, c, k, h, w, padding, dilation, residual, relu)
     torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4)
     for before, after in zip(inputs, (x, weight, shift, res)):
         assert torch.equal(before, after)  # inputs are left as they were
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3, 3), (64, 33, 3, 3), (3, 300, 3, 3)])
+def test_weight_transform_matches_reference(shape):
+    weight = torch.randn(shape)
+    torch.testing.assert_close(winograd_weight(weight), winograd_weight_reference(weight), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n, c, k, h, w, padding, dilation", [
+    (2, 5, 7, 11, 13, (1, 1), (1, 1)), (1, 6, 4, 12, 9, (2, 2), (2, 2)), (2, 3, 5, 10, 10, (0, 0), (1, 1)),
+    (1, 4, 6, 14, 11, (3, 1), (2, 1)), (1, 3, 3, 20, 20, (4, 4), (4, 4))])
+def test_kernel_input_gradient_matches_conv2d(n, c, k, h, w, padding, dilation):
+    """transpose_flip: the conv of the output gradient that gives the input gradient of the conv from c to k
+    channels, read from that conv's transform."""
+    x = torch.randn(n, c, h, w, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(k, c, 3, 3)
+    y = F.conv2d(x, weight.double(), None, 1, padding, dilation)
+    grad_y = torch.randn(y.shape)
+    exact, = torch.autograd.grad(y, x, grad_y.double())
+    back_padding = [2 * d - p for p, d in zip(padding, dilation)]
+    got = torch.ops.fastbb_C.winograd_conv2d(grad_y, winograd_weight(weight), None, None, False, *back_padding,
+                                             *dilation, True)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4)
 
 
 def test_kernel_nan_propagates():
@@ -254,3 +279,84 @@ def test_other_pointwise_convs_do_not_run_as_gemm(gemm_calls, case):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.stride() == want.stride()
     assert not gemm_calls
+
+
+def _train_modules(channels_in, channels_out, padding, dilation, bias):
+    conv = nn.Conv2d(channels_in, channels_out, 3, padding=padding, dilation=dilation, bias=bias)
+    return conv, _bn(channels_out).train()
+
+
+@pytest.fixture
+def winograd_train_calls(monkeypatch):
+    """Counts the training convs that run as Winograd convs."""
+    calls = []
+    apply = op._WinogradTrainConv.apply
+
+    def counting(*args):
+        calls.append(1)
+        return apply(*args)
+
+    monkeypatch.setattr(op._WinogradTrainConv, "apply", counting)
+    return calls
+
+
+@pytest.mark.parametrize("padding, dilation", [(1, 1), (2, 2), (0, 1), (3, 1)])  # (3, 1): ATen's input gradient
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_training_runs_winograd(winograd_train_calls, padding, dilation, bias, residual):
+    """Training in float32 with a 3x3 stride-1 conv over 4096+ output positions: outputs, every gradient and
+    the running statistics within twice eager's float32 error of the float64 run. Without the ReLU: over
+    this many outputs a value within float32 rounding of 0 would flip a ReLU mask element in one run and
+    not another, and its whole gradient with it (the fused ReLU backward is tested in test_conv_bn_relu)."""
+    conv, bn = _train_modules(128, 136, padding, dilation, bias)
+    x = torch.randn(2, 128, 48, 48)
+    results = {}
+    for name, dtype in (("exact", torch.float64), ("eager", torch.float32), ("fastbb", torch.float32)):
+        c, b = copy.deepcopy(conv).to(dtype), copy.deepcopy(bn).to(dtype)
+        xi = x.to(dtype).requires_grad_()
+        torch.manual_seed(3)
+        res = torch.randn(2, 136, 48 + 2 * padding - 2 * dilation, 48 + 2 * padding - 2 * dilation).to(dtype) \
+            if residual else None
+        if name == "fastbb":
+            out = conv_bn_relu(xi, c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var,
+                               padding=padding, dilation=dilation, training=True, residual=res, relu=False)
+        else:
+            out = b(c(xi))
+            out = out if res is None else out + res
+        torch.manual_seed(4)
+        grads = torch.autograd.grad(out, [xi, c.weight, b.weight, b.bias] + ([c.bias] if bias else []),
+                                    torch.randn(out.shape).to(dtype))
+        results[name] = (out, *grads, b.running_mean, b.running_var)
+    names = ["out", "grad x", "grad conv weight", "grad bn weight", "grad bn bias"] + (["grad conv bias"] if bias
+                                                                                      else []) + ["mean", "var"]
+    for name, got, eager, exact in zip(names, results["fastbb"], results["eager"], results["exact"]):
+        _within_twice_eager_error(got.detach(), eager.detach(), exact.detach(), name)
+    assert len(winograd_train_calls) == 1
+
+
+def test_training_double_backward_through_winograd(winograd_train_calls):
+    """create_graph: the backward is differentiable (a gradient penalty trains as in eager)."""
+    conv, bn = _train_modules(128, 128, 1, 1, False)
+    x = torch.randn(1, 128, 64, 64, requires_grad=True)
+    penalties = []
+    for fused in (False, True):
+        c, b = copy.deepcopy(conv), copy.deepcopy(bn)
+        out = conv_bn_relu(x, c.weight, None, b.weight, b.bias, padding=1, training=True) if fused \
+            else b(c(x)).relu()
+        grad_x, = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        penalties.append(torch.autograd.grad(grad_x.square().sum(), c.weight)[0])
+    assert float((penalties[1] - penalties[0]).norm()) <= 1e-4 * float(penalties[0].norm())
+    assert len(winograd_train_calls) == 1
+
+
+@pytest.mark.parametrize("case", ["few positions", "float64", "reference backend"])
+def test_other_training_convs_do_not_run_winograd(winograd_train_calls, case):
+    conv, bn = _train_modules(128, 128, 1, 1, False)
+    x = torch.randn(1, 128, 60 if case == "few positions" else 64, 64)  # 3840 positions, then 4096
+    dtype = torch.float64 if case == "float64" else torch.float32
+    conv, bn, x = conv.to(dtype), bn.to(dtype), x.to(dtype)
+    backend = fastbb.use_backend("reference") if case == "reference backend" else contextlib.nullcontext()
+    with backend:
+        got = conv_bn_relu(x, conv.weight, None, bn.weight, bn.bias, padding=1, training=True)
+    torch.testing.assert_close(got, bn(conv(x)).relu(), **TOLERANCES[dtype])
+    assert not winograd_train_calls
