@@ -11,7 +11,8 @@ from torch import nn
 
 import fastbb
 from fastbb.nn.conv_bn_relu import ConvBNReLU2d
-from fastbb.ops.conv_bn_relu import conv_bn_relu, winograd_weight, winograd_weight_reference
+from fastbb.ops.conv_bn_relu import (conv_bn_relu, winograd_weight, winograd_weight_of_input_gradient,
+                                     winograd_weight_reference)
 
 from conftest import TOLERANCES
 
@@ -75,16 +76,17 @@ def test_weight_transform_matches_reference(shape):
     (2, 5, 7, 11, 13, (1, 1), (1, 1)), (1, 6, 4, 12, 9, (2, 2), (2, 2)), (2, 3, 5, 10, 10, (0, 0), (1, 1)),
     (1, 4, 6, 14, 11, (3, 1), (2, 1)), (1, 3, 3, 20, 20, (4, 4), (4, 4))])
 def test_kernel_input_gradient_matches_conv2d(n, c, k, h, w, padding, dilation):
-    """transpose_flip: the conv of the output gradient that gives the input gradient of the conv from c to k
-    channels, read from that conv's transform."""
+    """The conv of the output gradient that gives the input gradient of the conv from c to k channels, with
+    its transform taken from that conv's."""
     x = torch.randn(n, c, h, w, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(k, c, 3, 3)
     y = F.conv2d(x, weight.double(), None, 1, padding, dilation)
     grad_y = torch.randn(y.shape)
     exact, = torch.autograd.grad(y, x, grad_y.double())
     back_padding = [2 * d - p for p, d in zip(padding, dilation)]
-    got = torch.ops.fastbb_C.winograd_conv2d(grad_y, winograd_weight(weight), None, None, False, *back_padding,
-                                             *dilation, True)
+    u = winograd_weight_of_input_gradient(winograd_weight(weight))
+    torch.testing.assert_close(u, winograd_weight_reference(weight.flip(2, 3).transpose(0, 1)), rtol=0, atol=0)
+    got = torch.ops.fastbb_C.winograd_conv2d(grad_y, u, None, None, False, *back_padding, *dilation)
     assert got.shape == x.shape
     torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4)
 
@@ -349,10 +351,11 @@ def test_training_double_backward_through_winograd(winograd_train_calls):
     assert len(winograd_train_calls) == 1
 
 
-@pytest.mark.parametrize("case", ["few positions", "float64", "reference backend"])
+@pytest.mark.parametrize("case", ["few positions", "64 channels", "float64", "reference backend"])
 def test_other_training_convs_do_not_run_winograd(winograd_train_calls, case):
-    conv, bn = _train_modules(128, 128, 1, 1, False)
-    x = torch.randn(1, 128, 60 if case == "few positions" else 64, 64)  # 3840 positions, then 4096
+    channels = 64 if case == "64 channels" else 128
+    conv, bn = _train_modules(channels, channels, 1, 1, False)
+    x = torch.randn(1, channels, 60 if case == "few positions" else 64, 64)  # 3840 positions, then 4096
     dtype = torch.float64 if case == "float64" else torch.float32
     conv, bn, x = conv.to(dtype), bn.to(dtype), x.to(dtype)
     backend = fastbb.use_backend("reference") if case == "reference backend" else contextlib.nullcontext()
@@ -360,3 +363,25 @@ def test_other_training_convs_do_not_run_winograd(winograd_train_calls, case):
         got = conv_bn_relu(x, conv.weight, None, bn.weight, bn.bias, padding=1, training=True)
     torch.testing.assert_close(got, bn(conv(x)).relu(), **TOLERANCES[dtype])
     assert not winograd_train_calls
+
+
+@pytest.mark.parametrize("shape, gemm", [((2, 24, 14, 14), True), ((2, 24, 13, 15), False), ((1, 24, 20, 20), True)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_training_pointwise_conv_as_gemm(monkeypatch, shape, gemm, bias):
+    """A training 1x1 stride-1 conv over 196+ pixels per image runs as a batched GEMM with autograd: output
+    and every gradient within twice eager's float32 error of the float64 run."""
+    calls = _count_calls(monkeypatch, "_pointwise_gemm_train")
+    conv, bn = nn.Conv2d(24, 40, 1, bias=bias), _bn(40).train()
+    results = {}
+    for name, dtype in (("exact", torch.float64), ("eager", torch.float32), ("fastbb", torch.float32)):
+        c, b = copy.deepcopy(conv).to(dtype), copy.deepcopy(bn).to(dtype)
+        xi = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(dtype).requires_grad_()
+        out = conv_bn_relu(xi, c.weight, c.bias, b.weight, b.bias, training=True, relu=False) \
+            if name == "fastbb" else b(c(xi))
+        params = [xi, c.weight, b.weight, b.bias] + ([c.bias] if bias else [])
+        grads = torch.autograd.grad(out, params, torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+                                    .to(dtype))
+        results[name] = (out, *grads)
+    for got, eager, exact in zip(results["fastbb"], results["eager"], results["exact"]):
+        _within_twice_eager_error(got.detach(), eager.detach(), exact.detach())
+    assert len(calls) == (1 if gemm else 0)

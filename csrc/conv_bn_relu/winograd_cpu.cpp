@@ -1,6 +1,7 @@
 // Winograd F(2x2, 3x3) conv of the CPU eval path (schema and the weight transform in
 // fastbb/ops/conv_bn_relu.py):
-//   fastbb_C::winograd_conv2d(x, u, shift, residual?, relu, pad_h, pad_w, dilation_h, dilation_w)
+//   fastbb_C::winograd_weight(weight) -> u (16, K, C)
+//   fastbb_C::winograd_conv2d(x, u, shift?, residual?, relu, pad_h, pad_w, dilation_h, dilation_w)
 //       -> out = relu?(conv3x3(x) + shift [+ residual]), (N, K, H_out, W_out), H_out = H + 2 pad_h - 2 dilation_h
 //
 // A 3x3 stride-1 conv computes each 2x2 output tile from a 4x4 input patch. With the patch transformed
@@ -19,7 +20,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -158,10 +158,6 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
   return u;
 }
 
-// The 180-degree turn of a kernel g reverses G's columns, which for this G is swapping its rows 0 and 3
-// (G J = P G): the turned kernel's transform is u with both 4-indices mapped by 0 <-> 3.
-constexpr int kTurned[16] = {15, 13, 14, 12, 7, 5, 6, 4, 11, 9, 10, 8, 3, 1, 2, 0};
-
 // The tiles are processed in chunks of whole tile rows whose V and M together take about kChunkBytes, so
 // that they stay in cache from their transform to the GEMM and from the GEMM to the output transform
 // (all at once, a 2x800x1344 backbone's V and M reach hundreds of MB and every pass goes through
@@ -172,17 +168,13 @@ constexpr int64_t kMinChunkTiles = 128;
 
 at::Tensor winograd_conv2d_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& shift,
                                const std::optional<at::Tensor>& residual, bool relu, int64_t pad_h, int64_t pad_w,
-                               int64_t dh, int64_t dw, bool transpose_flip) {
+                               int64_t dh, int64_t dw) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "winograd_conv2d: x must be a contiguous NCHW float32 tensor");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  // transpose_flip: u is the transform of a conv from K to C channels, and this conv is its gradient with
-  // respect to its input (kernels transposed and turned by 180 degrees), read from u without a copy.
-  const int64_t u_in = transpose_flip ? 1 : 2;
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(u_in) == C && u.scalar_type() == at::kFloat && u.is_contiguous(),
-              "winograd_conv2d: u must be a contiguous (16, K, C) float32 tensor ((16, C, K) with transpose_flip), C = ",
-              C);
-  const int64_t K = u.size(3 - u_in);
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(2) == C && u.scalar_type() == at::kFloat && u.is_contiguous(),
+              "winograd_conv2d: u must be a contiguous (16, K, C) float32 tensor with C = ", C);
+  const int64_t K = u.size(1);
   const float* sp = nullptr;
   if (shift.has_value()) {
     TORCH_CHECK(shift->dim() == 1 && shift->size(0) == K && shift->scalar_type() == at::kFloat && shift->is_contiguous(),
@@ -227,14 +219,7 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& x, const at::Tensor& u, const s
                             buffer.data(), in_width, vp + c * tiles + (row - row0) * TX, C * tiles);
       }
     });
-    if (transpose_flip) {
-      for (int ab = 0; ab < 16; ++ab) {
-        at::Tensor m_ab = m_chunk.select(0, ab);
-        at::mm_out(m_ab, u.select(0, kTurned[ab]).t(), v_chunk.select(0, ab));
-      }
-    } else {
-      at::bmm_out(m_chunk, u, v_chunk);
-    }
+    at::bmm_out(m_chunk, u, v_chunk);
     const float* mp = m.const_data_ptr<float>();
     at::parallel_for(0, K * rows, std::max<int64_t>(1, kMinTilesPerThread / TX), [&](int64_t begin, int64_t end) {
       std::vector<float> buffer(2 * out_width);

@@ -44,10 +44,9 @@ kernel_lib.define("bn_relu_backward(Tensor grad_out, Tensor out, Tensor y, Tenso
 kernel_lib.define("winograd_weight(Tensor weight) -> Tensor")
 # x (N, C, H, W) contiguous float32; u (16, K, C) from winograd_weight; shift (K,) or None; residual
 # (N, K, H_out, W_out) contiguous float32 or None. Returns the 3x3 stride-1 conv + shift (+ residual)
-# (+ ReLU), contiguous (N, K, H_out, W_out) with H_out = H + 2 pad_h - 2 dilation_h. transpose_flip: u is
-# the transform of a conv from C to K channels and this conv is its input gradient's (C out, u read as is).
+# (+ ReLU), contiguous (N, K, H_out, W_out) with H_out = H + 2 pad_h - 2 dilation_h.
 kernel_lib.define("winograd_conv2d(Tensor x, Tensor u, Tensor? shift, Tensor? residual, bool relu, int pad_h, "
-                  "int pad_w, int dilation_h, int dilation_w, bool transpose_flip=False) -> Tensor")
+                  "int pad_w, int dilation_h, int dilation_w) -> Tensor")
 
 
 def _compute_dtype(dtype):
@@ -122,10 +121,8 @@ def bn_relu_backward_reference(grad_out, out, y, mean, invstd, weight, relu, res
 # ---------------------------------------------------------------------------------------------------------
 # The fused BN pass as custom ops
 
-@torch.library.custom_op("fastbb::bn_relu_train", mutates_args=())
-def _bn_relu_train_op(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                      residual: torch.Tensor | None, eps: float, relu: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bn_relu_train_forward(y, weight, bias, residual, eps, relu):
+    """The fused BN pass on the chosen backend: the body of fastbb::bn_relu_train."""
     backend = _backend.choose(_OP, y.device.type, _PREFERENCE, _FORWARD_KERNELS)
     layout = _layout(y)
     y = y.contiguous(memory_format=layout)
@@ -139,15 +136,20 @@ def _bn_relu_train_op(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.
     return bn_relu_forward_reference(y, weight, bias, residual, eps, relu)
 
 
+@torch.library.custom_op("fastbb::bn_relu_train", mutates_args=())
+def _bn_relu_train_op(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      residual: torch.Tensor | None, eps: float, relu: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bn_relu_train_forward(y, weight, bias, residual, eps, relu)
+
+
 @_bn_relu_train_op.register_fake
 def _(y, weight, bias, residual, eps, relu):
     return _forward_shapes(y)
 
 
-@torch.library.custom_op("fastbb::bn_relu_train_backward", mutates_args=())
-def _bn_relu_train_backward_op(grad_out: torch.Tensor, out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
-                               invstd: torch.Tensor, weight: torch.Tensor | None, relu: bool, residual_grad: bool
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bn_relu_train_backward(grad_out, out, y, mean, invstd, weight, relu, residual_grad):
+    """The fused BN backward on the chosen backend: the body of fastbb::bn_relu_train_backward."""
     backend = _backend.choose(_OP, y.device.type, _PREFERENCE, _BACKWARD_KERNELS)
     layout = _layout(y)
     grad_out = grad_out.contiguous(memory_format=layout)
@@ -159,6 +161,13 @@ def _bn_relu_train_backward_op(grad_out: torch.Tensor, out: torch.Tensor, y: tor
         from fastbb.kernels import conv_bn_relu
         return conv_bn_relu.bn_relu_backward(*args)
     return bn_relu_backward_reference(*args)
+
+
+@torch.library.custom_op("fastbb::bn_relu_train_backward", mutates_args=())
+def _bn_relu_train_backward_op(grad_out: torch.Tensor, out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
+                               invstd: torch.Tensor, weight: torch.Tensor | None, relu: bool, residual_grad: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bn_relu_train_backward(grad_out, out, y, mean, invstd, weight, relu, residual_grad)
 
 
 @_bn_relu_train_backward_op.register_fake
@@ -194,12 +203,13 @@ def _differentiable_backward(ctx, grad_out, out, y, weight):
     return grad_y, grad_weight, grad_bias, g if ctx.needs_input_grad[3] else None, None, None
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_invstd):
+def _backward(ctx, grad_out, _grad_mean, _grad_invstd, kernel=None):
+    """kernel: the backward to run (default the custom op fastbb::bn_relu_train_backward)."""
     out, y, mean, invstd, weight = ctx.saved_tensors
     if torch.is_grad_enabled():
         return _differentiable_backward(ctx, grad_out, out, y, weight)
     needs_residual = ctx.needs_input_grad[3]
-    grad_y, grad_weight, grad_bias, grad_residual = torch.ops.fastbb.bn_relu_train_backward(
+    grad_y, grad_weight, grad_bias, grad_residual = (kernel or torch.ops.fastbb.bn_relu_train_backward)(
         grad_out, out, y, mean, invstd, weight, ctx.relu, needs_residual)
     grad_weight = grad_weight.to(weight.dtype) if ctx.has_weight and ctx.needs_input_grad[1] else None
     grad_bias = grad_bias.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
@@ -207,6 +217,28 @@ def _backward(ctx, grad_out, _grad_mean, _grad_invstd):
 
 
 _bn_relu_train_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _BnReluTrainFunction(torch.autograd.Function):
+    """fastbb::bn_relu_train's forward and backward without the custom-op dispatch, for eager calls: that
+    dispatch costs about 0.2 ms per layer and step on a CPU, several percent of a ResNet-50 training step
+    at batch 2. torch.compile traces the custom op instead."""
+
+    @staticmethod
+    def forward(y, weight, bias, residual, eps, relu):
+        return _bn_relu_train_forward(y, weight, bias, residual, eps, relu)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mean, grad_invstd):
+        return _backward(ctx, grad_out, grad_mean, grad_invstd, kernel=_bn_relu_train_backward)
+
+
+def _bn_relu_train(y, weight, bias, residual, eps, relu):
+    if torch.compiler.is_compiling():
+        return torch.ops.fastbb.bn_relu_train(y, weight, bias, residual, eps, relu)
+    return _BnReluTrainFunction.apply(y, weight, bias, residual, eps, relu)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -380,8 +412,11 @@ def _packed_weight(packed_weights, weight, x, stride, padding, dilation, groups)
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 # Fewer channels make GEMMs too small to repay the transforms: oneDNN's direct conv is faster there.
 _WINOGRAD_MIN_CHANNELS = 64
-# A training step transforms the weight afresh (it changes at every step): only convs over this many
-# output positions repay it (the transform of a 512 x 512 x 3 x 3 weight takes milliseconds).
+# Training convs run as Winograd convs only from 128 channels in and out and over 4096 output positions:
+# measured on a 2-core AVX2 CPU, forward + input gradient against oneDNN's, 1.3x at 256 channels and
+# 64x64 but slower at ResNet-50's 64- and 128-channel 3x3 convs at batch 2 (the weight is transformed
+# afresh at every step, and the thinner GEMMs gain less).
+_WINOGRAD_TRAIN_MIN_CHANNELS = 128
 _WINOGRAD_TRAIN_MIN_POSITIONS = 4096
 
 
@@ -394,6 +429,17 @@ def winograd_weight_reference(weight):
 
 def winograd_weight(weight):
     return torch.ops.fastbb_C.winograd_weight(weight.contiguous())
+
+
+# Turning a kernel by 180 degrees reverses G's columns, which for this G swaps its rows 0 and 3 (G J = P G):
+# the turned kernel's transform is u with both of its 4-indices mapped by 0 <-> 3.
+_TURNED = (15, 13, 14, 12, 7, 5, 6, 4, 11, 9, 10, 8, 3, 1, 2, 0)
+
+
+def winograd_weight_of_input_gradient(u):
+    """(16, C, K): the transform of the conv whose output is the input gradient of the conv transformed in u
+    (16, K, C): kernels transposed and turned by 180 degrees, taken from u by a copy."""
+    return u[list(_TURNED)].transpose(1, 2).contiguous()
 
 
 def _winograd_applies(x, weight, residual, stride, padding, dilation, groups):
@@ -413,8 +459,8 @@ def _winograd_applies(x, weight, residual, stride, padding, dilation, groups):
 
 class _WinogradTrainConv(torch.autograd.Function):
     """The training conv as a Winograd conv: forward, and the input gradient (a 3x3 stride-1 conv of the
-    output gradient with the kernels transposed and turned, read from the same transform). The weight and
-    bias gradients are ATen's. With create_graph, the backward is ATen's differentiable one."""
+    output gradient with the kernels transposed and turned, whose transform is a copy of the forward's).
+    The weight and bias gradients are ATen's. With create_graph, the backward is ATen's differentiable one."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding, dilation):
@@ -436,8 +482,8 @@ class _WinogradTrainConv(torch.autograd.Function):
         grad_x = None
         back_padding = [2 * d - p for p, d in zip(ctx.padding, ctx.dilation)]
         if need_x and min(back_padding) >= 0:
-            grad_x = torch.ops.fastbb_C.winograd_conv2d(grad_y, u, None, None, False, *back_padding, *ctx.dilation,
-                                                        True)
+            grad_x = torch.ops.fastbb_C.winograd_conv2d(grad_y, winograd_weight_of_input_gradient(u), None, None,
+                                                        False, *back_padding, *ctx.dilation)
         aten_x = need_x and grad_x is None
         grad_w = grad_b = None
         if aten_x or need_w or need_b:
@@ -448,15 +494,29 @@ class _WinogradTrainConv(torch.autograd.Function):
 
 
 def _train_conv(x, weight, bias, stride, padding, dilation, groups):
-    """The conv before a training BN: the Winograd conv on the CPU in float32 for 3x3 stride-1 convs with
-    enough channels over many output positions, else F.conv2d."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and x.numel() > 0 and _winograd_applies(x, weight, None, stride, padding, dilation, groups)
+    """The conv before a training BN. On the CPU in float32: the Winograd conv for 3x3 stride-1 convs with
+    enough channels over enough output positions; a 1x1 stride-1 conv over 196+ pixels per image as a
+    batched GEMM with autograd (MKL's GEMMs, forward and backward, 1.2x oneDNN's conv and its backward on
+    ResNet-50's 1x1 convs at batch 2, even at 14x14 and slower at 7x7); otherwise F.conv2d."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling() or x.numel() == 0
+            or (bias is not None and bias.dtype != torch.float32)):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if (_winograd_applies(x, weight, None, stride, padding, dilation, groups)
+            and min(weight.shape[0], weight.shape[1]) >= _WINOGRAD_TRAIN_MIN_CHANNELS
             and x.shape[0] * (x.shape[2] + 2 * padding[0] - 2 * dilation[0])
-            * (x.shape[3] + 2 * padding[1] - 2 * dilation[1]) >= _WINOGRAD_TRAIN_MIN_POSITIONS
-            and (bias is None or bias.dtype == torch.float32)):
+            * (x.shape[3] + 2 * padding[1] - 2 * dilation[1]) >= _WINOGRAD_TRAIN_MIN_POSITIONS):
         return _WinogradTrainConv.apply(x, weight, bias, padding, dilation)
+    if (tuple(weight.shape[2:]) == (1, 1) and stride == (1, 1) and padding == (0, 0) and groups == 1
+            and x.is_contiguous() and x.shape[2] * x.shape[3] >= 196 and _backend.forced_backend() in (None, "cpp")):
+        return _pointwise_gemm_train(x, weight, bias)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _pointwise_gemm_train(x, weight, bias):
+    n, c, h, w = x.shape
+    k = weight.shape[0]
+    y = torch.bmm(weight.reshape(k, c).expand(n, k, c), x.view(n, c, h * w)).view(n, k, h, w)
+    return y if bias is None else y + bias.view(1, k, 1, 1)
 
 
 def _winograd_eval(x, weight, shift, residual, padding, dilation, relu, packed_weights):
@@ -677,7 +737,7 @@ def conv_bn_relu(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mea
     if count <= 1:
         raise ValueError(f"{_OP}: expected more than 1 value per channel when training, got input size "
                          f"{list(y.shape)}")
-    out, mean, invstd = torch.ops.fastbb.bn_relu_train(y, bn_weight, bn_bias, residual, eps, relu)
+    out, mean, invstd = _bn_relu_train(y, bn_weight, bn_bias, residual, eps, relu)
     if running_mean is not None and momentum is not None:
         with torch.no_grad():
             var = (invstd.pow(-2) - eps) * (count / (count - 1))
