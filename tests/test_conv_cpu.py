@@ -130,9 +130,9 @@ def _count_calls(monkeypatch, name):
     """A list that grows by one at each call of fastbb.ops.conv_bn_relu's function `name`."""
     calls, run = [], getattr(op, name)
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         calls.append(1)
-        return run(*args)
+        return run(*args, **kwargs)
 
     monkeypatch.setattr(op, name, counting)
     return calls
@@ -385,3 +385,22 @@ def test_training_pointwise_conv_as_gemm(monkeypatch, shape, gemm, bias):
     for got, eager, exact in zip(results["fastbb"], results["eager"], results["exact"]):
         _within_twice_eager_error(got.detach(), eager.detach(), exact.detach())
     assert len(calls) == (1 if gemm else 0)
+
+
+@pytest.mark.parametrize("residual_layout, fused", [(torch.channels_last, True), (torch.contiguous_format, False)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_channels_last_residual_joins_the_onednn_conv(monkeypatch, residual_layout, fused, relu):
+    """channels_last eval with a channels_last float32 residual: oneDNN's conv with the add (and ReLU) as
+    post-ops, on the packed weight; another residual layout takes the conv, then the add and ReLU."""
+    plain_calls = _count_calls(monkeypatch, "_eager_eval")
+    conv, bn = nn.Conv2d(24, 40, 3, padding=1, bias=False), _bn(40)
+    x = torch.randn(2, 24, 9, 11).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        eager, exact, res = _expected(conv, bn, x, True, relu)
+        res = res.contiguous(memory_format=residual_layout)
+        kept = res.clone()
+        got = conv_bn_relu(x, conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, padding=1,
+                           eps=bn.eps, relu=relu, residual=res)
+    assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(res, kept)
+    _within_twice_eager_error(got, eager, exact)
+    assert len(plain_calls) == (0 if fused else 1)

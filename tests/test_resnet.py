@@ -129,3 +129,22 @@ def test_convert_sequential_chains_and_frozen_bn():
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="nn.Module"):
         fastbb.convert("resnet50")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_cpu_inference_runs_channels_last_inside(grad):
+    """An eval forward without autograd of NCHW float32 images runs channels_last inside (oneDNN's packed
+    weights); the logits are the same 2-D tensor, within twice torchvision's error of the float64 run.
+    With autograd the caller's layout is kept."""
+    theirs = randomize_bn(torchvision.models.resnet18()).eval()
+    ours = resnet18(weights=theirs.state_dict()).eval()
+    layouts = []
+    ours.layer1.register_forward_hook(lambda module, inputs, output: layouts.append(
+        output.is_contiguous(memory_format=torch.channels_last) and not output.is_contiguous()))
+    x = torch.randn(2, 3, 40, 48)
+    with torch.set_grad_enabled(grad):
+        got = ours(x)
+    with torch.no_grad():
+        want, exact = theirs(x), copy.deepcopy(theirs).double()(x.double())
+    assert layouts == [not grad] and got.shape == want.shape and got.is_contiguous()
+    _assert_within_twice_torchvision_error(got, want, exact)

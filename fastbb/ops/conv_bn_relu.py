@@ -389,6 +389,8 @@ def _cuda_eval_forward(x, weight, shift, residual, stride, padding, dilation, gr
 
 
 _HAS_ONEDNN_PACKING = hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
+_HAS_ONEDNN_BINARY = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and hasattr(
+    torch.ops.mkldnn._convolution_pointwise, "binary")
 _PACKED_SHAPES_PER_WEIGHT = 4  # input shapes whose packed weight is kept (varying image sizes evict)
 
 
@@ -568,13 +570,20 @@ def _eval_forward(x, weight, shift, residual, stride, padding, dilation, groups,
         return _winograd_eval(x, weight, shift, residual, padding, dilation, relu, packed_weights)
     if not needs_grad and cpu_float32 and _pointwise_gemm_applies(x, weight, residual, stride, padding, groups):
         return _pointwise_gemm_eval(x, weight, shift, residual, relu)
-    if not needs_grad and residual is None and cpu_float32 and torch.backends.mkldnn.is_available():
-        # oneDNN's conv with the ReLU as its post-op: one pass over the output. The packed weight only for
-        # channels_last x: for NCHW x oneDNN would answer in channels_last, not eager's layout.
-        if packed_weights is not None and _HAS_ONEDNN_PACKING and _layout(x) == torch.channels_last:
+    channels_last = _layout(x) == torch.channels_last
+    # A residual joins oneDNN's conv as an add post-op when it is laid out as the output will be (channels_last).
+    fused_residual = residual is None or (channels_last and _HAS_ONEDNN_BINARY and residual.dtype == torch.float32
+                                          and residual.is_contiguous(memory_format=torch.channels_last))
+    if not needs_grad and fused_residual and cpu_float32 and torch.backends.mkldnn.is_available():
+        # oneDNN's conv with the residual and the ReLU as its post-ops: one pass over the output. The packed
+        # weight only for channels_last x: for NCHW x oneDNN would answer in channels_last, not eager's layout.
+        if packed_weights is not None and _HAS_ONEDNN_PACKING and channels_last:
             weight = _packed_weight(packed_weights, weight, x, stride, padding, dilation, groups)
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, shift, list(padding), list(stride), list(dilation),
-                                                       groups, "relu" if relu else "none", [], "")
+        conv_args = (weight, shift, list(padding), list(stride), list(dilation), groups)
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, *conv_args, "relu" if relu else "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *conv_args, "add", None,
+                                                              "relu" if relu else None, [], "")
     return _eager_eval(x, weight, shift, residual, stride, padding, dilation, groups, relu, in_place=not needs_grad)
 
 
