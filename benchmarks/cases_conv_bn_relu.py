@@ -4,8 +4,9 @@
   + ReLU at 1x256x64x64, float32: nn modules eager, torch.compile of them, fastbb.ops.conv_bn_relu.
 - conv_bn_relu training forward + backward (dilation 2): eager modules vs fastbb.
 - ResNet-50 eval at 1x3x224x224, NCHW and (on the CPU) channels_last (torchvision, torch.compile of it,
-  fastbb.models.resnet50 with the same weights), the C2..C5 features of 2x3x800x1344 (eval), and a
-  training step (forward + backward) of the backbone at 2x3x224x224.
+  fastbb.models.resnet50 with the same weights), the C2..C5 features of 2x3x800x1344 (eval; torchvision's
+  feature extractor, torch.compile of it, fastbb), and a training step (forward + backward) of the
+  backbone at 2x3x224x224.
 On a GPU the ResNet-50 eval case runs at batch 32 in bfloat16 channels_last as well.
 """
 import copy
@@ -112,8 +113,9 @@ def _resnet_cases(device):
                 return fn(image)
         return run
 
+    compiled_extractor = torch.compile(extractor, dynamic=False)
     cases.append({"name": "ResNet-50 eval C2-C5 features 2x3x800x1344",
-                  "providers": {"torchvision": features(extractor),
+                  "providers": {"torchvision": features(extractor), "torch.compile": features(compiled_extractor),
                                 "fastbb": features(lambda im: resnet_forward_features(ours, im))},
                   "baseline": "torchvision"})
 

@@ -244,7 +244,7 @@ def test_empty_batch():
 @pytest.fixture
 def gemm_calls(monkeypatch):
     """Counts the eval convs that run as GEMMs."""
-    return _count_calls(monkeypatch, "_pointwise_gemm_eval")
+    return _count_calls(monkeypatch, "pointwise_conv_gemm")
 
 
 @pytest.mark.parametrize("shape", [(1, 24, 5, 7), (2, 24, 32, 40)])

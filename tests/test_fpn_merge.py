@@ -1,4 +1,6 @@
 """fastbb.ops.fpn_merge against `F.conv2d(x, w, b) + F.interpolate(top, size=..., mode="nearest")`."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,21 @@ def test_forward(backend, dtype, bias, channels_last):
     assert got.dtype == dtype and got.shape == want.shape
     assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     torch.testing.assert_close(got.double(), want, **_tolerance(dtype, want))
+
+
+@pytest.mark.parametrize("n, size, gemm", [(1, (9, 13), True), (2, (32, 40), True), (2, (9, 13), False)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_lateral_conv_as_gemm(monkeypatch, n, size, gemm, bias):
+    """On the CPU in float32 (NCHW, one image or 1024+ pixels each) the lateral 1x1 conv is a GEMM per image."""
+    fpn_merge_module = importlib.import_module("fastbb.ops.fpn_merge")  # the module, not the op
+    calls, run = [], fpn_merge_module.pointwise_conv_gemm
+    monkeypatch.setattr(fpn_merge_module, "pointwise_conv_gemm", lambda *a: calls.append(1) or run(*a))
+    args = _problem(torch.float32, n=n, size=size, top_size=(size[0] // 2 + 1, size[1] // 2 + 1), bias=bias)
+    with torch.no_grad():
+        got = fpn_merge(*args)
+    want = _float64_result(*args)
+    torch.testing.assert_close(got.double(), want, **_tolerance(torch.float32, want))
+    assert len(calls) == (1 if gemm else 0)
 
 
 def test_reference_is_conv_plus_upsample():

@@ -530,29 +530,37 @@ def _winograd_eval(x, weight, shift, residual, padding, dilation, relu, packed_w
     return torch.ops.fastbb_C.winograd_conv2d(x, u, shift, residual, relu, *padding, *dilation)
 
 
-def _pointwise_gemm_applies(x, weight, residual, stride, padding, groups):
-    """A 1x1 stride-1 conv of NCHW x is a matrix product per image: (K, C) @ (C, H*W). MKL's GEMM runs it
-    1.1x to 1.9x faster than oneDNN's conv on NCHW (measured on a 2-core AVX2 CPU, ResNet-50's 1x1 convs
-    at batch 1 and 2 at 800x1344); with many small images (batch 8 at 14x14) the two are even."""
-    return (tuple(weight.shape[2:]) == (1, 1) and stride == (1, 1) and padding == (0, 0) and groups == 1
-            and x.is_contiguous() and x.numel() > 0 and (x.shape[0] == 1 or x.shape[2] * x.shape[3] >= 1024)
+def pointwise_gemm_applies(x, weight, residual, stride, padding, groups):
+    """Whether pointwise_conv_gemm runs this conv. A 1x1 stride-1 conv of NCHW x is a matrix product per
+    image: (K, C) @ (C, H*W). MKL's GEMM runs it 1.1x to 1.9x faster than oneDNN's conv on NCHW (measured
+    on a 2-core AVX2 CPU, ResNet-50's 1x1 convs at batch 1 and 2 at 800x1344); with many small images
+    (batch 8 at 14x14) the two are even."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and tuple(weight.shape[2:]) == (1, 1)
+            and stride == (1, 1) and padding == (0, 0) and groups == 1 and x.is_contiguous() and x.numel() > 0
+            and (x.shape[0] == 1 or x.shape[2] * x.shape[3] >= 1024)
             and (residual is None or residual.dtype == torch.float32)
             and _backend.forced_backend() in (None, "cpp"))
 
 
-def _pointwise_gemm_eval(x, weight, shift, residual, relu):
+def pointwise_conv_gemm(x, weight, shift=None, residual=None, relu=False):
+    """conv1x1(x, weight) + shift (+ residual) (+ ReLU) as one GEMM per image, NCHW in and out (no autograd).
+    The shift is the GEMM's initial value. (GEMMs over blocks of pixels, with the residual and ReLU applied
+    while a block is in cache, measured no faster on 800x1344 feature maps.)"""
     n, c, h, w = x.shape
     k = weight.shape[0]
     matrix = weight.reshape(k, c)
     out = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device)
     x_rows, out_rows = x.view(n, c, h * w), out.view(n, k, h * w)
-    if residual is None:
-        for i in range(n):  # the shift is the GEMM's initial value
-            torch.addmm(shift[:, None], matrix, x_rows[i], out=out_rows[i])
-    else:
-        torch.add(residual, shift[:, None, None], out=out)
+    if residual is not None:
+        torch.add(residual, 0 if shift is None else shift[:, None, None], out=out)
         for i in range(n):
             out_rows[i].addmm_(matrix, x_rows[i])
+    elif shift is None:
+        for i in range(n):
+            torch.mm(matrix, x_rows[i], out=out_rows[i])
+    else:
+        for i in range(n):
+            torch.addmm(shift[:, None], matrix, x_rows[i], out=out_rows[i])
     return out.relu_() if relu else out
 
 
@@ -568,8 +576,8 @@ def _eval_forward(x, weight, shift, residual, stride, padding, dilation, groups,
     if (not needs_grad and cpu_float32 and packed_weights is not None
             and _winograd_applies(x, weight, residual, stride, padding, dilation, groups)):
         return _winograd_eval(x, weight, shift, residual, padding, dilation, relu, packed_weights)
-    if not needs_grad and cpu_float32 and _pointwise_gemm_applies(x, weight, residual, stride, padding, groups):
-        return _pointwise_gemm_eval(x, weight, shift, residual, relu)
+    if not needs_grad and cpu_float32 and pointwise_gemm_applies(x, weight, residual, stride, padding, groups):
+        return pointwise_conv_gemm(x, weight, shift, residual, relu)
     channels_last = _layout(x) == torch.channels_last
     # A residual joins oneDNN's conv as an add post-op when it is laid out as the output will be (channels_last).
     fused_residual = residual is None or (channels_last and _HAS_ONEDNN_BINARY and residual.dtype == torch.float32

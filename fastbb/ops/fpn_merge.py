@@ -3,8 +3,9 @@
 The lateral 1x1 conv and the merge of the upsampled coarser map (upsample_nearest_add's semantics):
 - cuda "triton": one kernel, a GEMM over the input channels whose epilogue adds the bias and the
   upsampled top before the single store (the lateral output never round-trips through memory).
-- cpu "cpp": the 1x1 conv (oneDNN) into a fresh buffer, then the upsampled top added into it in place
-  by the C++ merge kernel: one extra pass instead of eager's two (upsample written, then re-read).
+- cpu "cpp": the 1x1 conv (MKL's GEMM per image for NCHW float32, as in conv_bn_relu; else oneDNN) into
+  a fresh buffer, then the upsampled top added into it in place by the C++ merge kernel: one extra pass
+  instead of eager's two (upsample written, then re-read).
 - "reference": F.conv2d + F.interpolate + add.
 Backward: the conv's gradients by aten's convolution_backward, the top's by upsample_nearest_backward.
 A GEMM-based conv rounds differently from cuDNN/oneDNN in the last bits; float32 GEMMs run in full
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from fastbb import _backend
 from fastbb.ops._common import FLOAT_DTYPES, check_same_device, check_tensor
+from fastbb.ops.conv_bn_relu import pointwise_conv_gemm, pointwise_gemm_applies
 from fastbb.ops.upsample_nearest_add import add_upsampled_, check_top_shape, memory_format
 
 _OP = "fpn_merge"
@@ -31,7 +33,10 @@ def _fpn_merge_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         from fastbb.kernels import fpn
         return fpn.fpn_merge(x, weight, bias, top)
     if backend == "cpp":
-        out = F.conv2d(x, weight, bias)
+        if pointwise_gemm_applies(x, weight, None, (1, 1), (0, 0), 1):
+            out = pointwise_conv_gemm(x, weight, bias)
+        else:
+            out = F.conv2d(x, weight, bias)
         return add_upsampled_(out, top) if out.numel() > 0 else out
     return F.conv2d(x, weight, bias) + F.interpolate(top, size=x.shape[-2:], mode="nearest")
 
