@@ -11,8 +11,8 @@ from torch import nn
 
 import fastbb
 from fastbb.nn.conv_bn_relu import ConvBNReLU2d
-from fastbb.ops.conv_bn_relu import (conv_bn_relu, winograd_weight, winograd_weight_of_input_gradient,
-                                     winograd_weight_reference)
+from fastbb.ops.conv_bn_relu import (conv_bn_relu, winograd_weight, winograd_weight_backward,
+                                     winograd_weight_of_input_gradient, winograd_weight_reference)
 
 from conftest import TOLERANCES
 
@@ -89,6 +89,28 @@ def test_kernel_input_gradient_matches_conv2d(n, c, k, h, w, padding, dilation):
     got = torch.ops.fastbb_C.winograd_conv2d(grad_y, u, None, None, False, *back_padding, *dilation)
     assert got.shape == x.shape
     torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n, c, k, h, w, padding, dilation", [
+    (2, 5, 7, 11, 13, (1, 1), (1, 1)), (1, 6, 4, 12, 9, (2, 2), (2, 2)), (2, 3, 5, 10, 10, (0, 0), (1, 1)),
+    (1, 4, 6, 14, 11, (3, 1), (2, 1)), (3, 8, 8, 40, 40, (1, 1), (1, 1))])  # the last: several chunks
+def test_kernel_weight_gradient_matches_conv2d(n, c, k, h, w, padding, dilation):
+    """The weight gradient through the transform: winograd_weight_gradient, then winograd_weight_backward."""
+    x = torch.randn(n, c, h, w)
+    weight = torch.randn(k, c, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x.double(), weight, None, 1, padding, dilation)
+    grad_y = torch.randn(y.shape)
+    exact, = torch.autograd.grad(y, weight, grad_y.double())
+    got = winograd_weight_backward(torch.ops.fastbb_C.winograd_weight_gradient(x, grad_y, *padding, *dilation))
+    assert got.shape == weight.shape
+    torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
+
+
+def test_weight_backward_is_the_adjoint_of_the_transform():
+    weight = torch.randn(3, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    grad_u = torch.randn(16, 3, 4, dtype=torch.float64)
+    exact, = torch.autograd.grad(winograd_weight_reference(weight), weight, grad_u)
+    torch.testing.assert_close(winograd_weight_backward(grad_u), exact)
 
 
 def test_kernel_nan_propagates():

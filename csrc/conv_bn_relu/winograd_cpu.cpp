@@ -2,6 +2,7 @@
 // fastbb/ops/conv_bn_relu.py):
 //   fastbb_C::winograd_weight(weight) -> u (16, K, C)
 //   fastbb_C::winograd_conv2d(x, u, shift?, residual?, relu, pad_h, pad_w, dilation_h, dilation_w)
+//   fastbb_C::winograd_weight_gradient(x, grad_y, pad_h, pad_w, dilation_h, dilation_w) -> grad_u (16, K, C)
 //       -> out = relu?(conv3x3(x) + shift [+ residual]), (N, K, H_out, W_out), H_out = H + 2 pad_h - 2 dilation_h
 //
 // A 3x3 stride-1 conv computes each 2x2 output tile from a 4x4 input patch. With the patch transformed
@@ -20,6 +21,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -158,6 +160,36 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
   return u;
 }
 
+// grad_M = A grad_y A^T of each tile of one (n, k, tile row), the adjoint of output_transform_row: the
+// tile's outputs {oy, oy + dh} x {ox, ox + dw} (0 where outside the output) into 16 planes of stride_a.
+FASTBB_AVX2_CLONES
+void output_gradient_transform_row(const float* grad_plane, int64_t Ho, int64_t Wo, int64_t oy, int64_t dh,
+                                   const int64_t* origins_x, int64_t TX, int64_t dw, float* rows, int64_t width,
+                                   float* gm, int64_t stride_a) {
+  for (int i = 0; i < 2; ++i) {
+    float* row = rows + i * width;
+    std::fill(row, row + width, 0.0f);
+    if (oy + i * dh < Ho) std::copy(grad_plane + (oy + i * dh) * Wo, grad_plane + (oy + i * dh + 1) * Wo, row);
+  }
+  const float* g0 = rows;
+  const float* g1 = rows + width;
+  for (int64_t t = 0; t < TX; ++t) {
+    const int64_t ox = origins_x[t];
+    // r = A g: rows g0, g0 + g1, g0 - g1, -g1, for both columns.
+    const float r[4][2] = {{g0[ox], g0[ox + dw]},
+                           {g0[ox] + g1[ox], g0[ox + dw] + g1[ox + dw]},
+                           {g0[ox] - g1[ox], g0[ox + dw] - g1[ox + dw]},
+                           {-g1[ox], -g1[ox + dw]}};
+    for (int a = 0; a < 4; ++a) {  // r A^T: columns r0, r0 + r1, r0 - r1, -r1
+      float* out = gm + (4 * a) * stride_a + t;
+      out[0] = r[a][0];
+      out[stride_a] = r[a][0] + r[a][1];
+      out[2 * stride_a] = r[a][0] - r[a][1];
+      out[3 * stride_a] = -r[a][1];
+    }
+  }
+}
+
 // The tiles are processed in chunks of whole tile rows whose V and M together take about kChunkBytes, so
 // that they stay in cache from their transform to the GEMM and from the GEMM to the output transform
 // (all at once, a 2x800x1344 backbone's V and M reach hundreds of MB and every pass goes through
@@ -165,6 +197,38 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
 // columns that read costs more than the chunk's arithmetic.
 constexpr int64_t kChunkBytes = int64_t{2} << 20;
 constexpr int64_t kMinChunkTiles = 128;
+
+// The tiles of a conv's output (N, K, Ho, Wo): origins along each dimension, and chunks of whole tile rows.
+struct Tiling {
+  std::vector<int64_t> origins_y, origins_x;
+  int64_t TY, TX, rows_total, rows_per_chunk;
+
+  Tiling(int64_t N, int64_t Ho, int64_t Wo, int64_t dh, int64_t dw, int64_t C, int64_t K)
+      : origins_y(tile_origins(Ho, dh)), origins_x(tile_origins(Wo, dw)) {
+    TY = origins_y.size();
+    TX = origins_x.size();
+    rows_total = N * TY;
+    const int64_t bytes_per_row = 16 * (C + K) * TX * static_cast<int64_t>(sizeof(float));
+    rows_per_chunk = std::min(rows_total,
+                              std::max({int64_t{1}, kChunkBytes / bytes_per_row, (kMinChunkTiles + TX - 1) / TX}));
+  }
+};
+
+// V of the tile rows [row0, row0 + rows) of x (N, C, H, W) into v, a compact (16, C, rows * TX).
+void input_transform_chunk(const float* xp, int64_t C, int64_t H, int64_t W, int64_t pad_h, int64_t pad_w, int64_t dh,
+                           int64_t dw, const Tiling& tiling, int64_t row0, int64_t rows, float* vp) {
+  const int64_t TX = tiling.TX, TY = tiling.TY, tiles = rows * TX;
+  const int64_t width = (tiling.origins_x.back() + 1) + 3 * dw;  // the last tile reads up to its origin + 3 dw
+  at::parallel_for(0, C * rows, std::max<int64_t>(1, kMinTilesPerThread / TX), [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(4 * width);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t c = item / rows, row = row0 + item % rows, n = row / TY, ty = row % TY;
+      input_transform_row(xp + (n * C + c) * H * W, H, W, pad_h, pad_w, dh, dw, tiling.origins_y[ty],
+                          tiling.origins_x.data(), TX, buffer.data(), width, vp + c * tiles + (row - row0) * TX,
+                          C * tiles);
+    }
+  });
+}
 
 at::Tensor winograd_conv2d_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& shift,
                                const std::optional<at::Tensor>& residual, bool relu, int64_t pad_h, int64_t pad_w,
@@ -194,31 +258,21 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& x, const at::Tensor& u, const s
   }
   at::Tensor out = at::empty({N, K, Ho, Wo}, x.options());
   if (N == 0 || K == 0) return out;
-  const std::vector<int64_t> origins_y = tile_origins(Ho, dh), origins_x = tile_origins(Wo, dw);
-  const int64_t TY = origins_y.size(), TX = origins_x.size(), rows_total = N * TY;
-  const int64_t bytes_per_row = 16 * (C + K) * TX * static_cast<int64_t>(sizeof(float));
-  const int64_t rows_per_chunk = std::min(
-      rows_total, std::max({int64_t{1}, kChunkBytes / bytes_per_row, (kMinChunkTiles + TX - 1) / TX}));
+  const Tiling tiling(N, Ho, Wo, dh, dw, C, K);
+  const std::vector<int64_t>& origins_y = tiling.origins_y;
+  const std::vector<int64_t>& origins_x = tiling.origins_x;
+  const int64_t TY = tiling.TY, TX = tiling.TX;
   // Flat buffers: each chunk views their start as compact (16, C, tiles) and (16, K, tiles) matrices.
-  at::Tensor v = at::empty({16 * C * rows_per_chunk * TX}, x.options());
-  at::Tensor m = at::empty({16 * K * rows_per_chunk * TX}, x.options());
-  const float* xp = x.const_data_ptr<float>();
+  at::Tensor v = at::empty({16 * C * tiling.rows_per_chunk * TX}, x.options());
+  at::Tensor m = at::empty({16 * K * tiling.rows_per_chunk * TX}, x.options());
   float* op = out.mutable_data_ptr<float>();
-  const int64_t in_width = Wo + 3 * dw;  // the last tile reads up to its origin + 3 dw
-  const int64_t out_width = Wo + dw;     // and writes its origin + dw
-  for (int64_t row0 = 0; row0 < rows_total; row0 += rows_per_chunk) {
-    const int64_t rows = std::min(rows_per_chunk, rows_total - row0), tiles = rows * TX;
+  const int64_t out_width = Wo + dw;  // the last tile writes its origin + dw
+  for (int64_t row0 = 0; row0 < tiling.rows_total; row0 += tiling.rows_per_chunk) {
+    const int64_t rows = std::min(tiling.rows_per_chunk, tiling.rows_total - row0), tiles = rows * TX;
     at::Tensor v_chunk = v.narrow(0, 0, 16 * C * tiles).view({16, C, tiles});
     at::Tensor m_chunk = m.narrow(0, 0, 16 * K * tiles).view({16, K, tiles});
-    float* vp = v.mutable_data_ptr<float>();
-    at::parallel_for(0, C * rows, std::max<int64_t>(1, kMinTilesPerThread / TX), [&](int64_t begin, int64_t end) {
-      std::vector<float> buffer(4 * in_width);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t c = item / rows, row = row0 + item % rows, n = row / TY, ty = row % TY;
-        input_transform_row(xp + (n * C + c) * H * W, H, W, pad_h, pad_w, dh, dw, origins_y[ty], origins_x.data(), TX,
-                            buffer.data(), in_width, vp + c * tiles + (row - row0) * TX, C * tiles);
-      }
-    });
+    input_transform_chunk(x.const_data_ptr<float>(), C, H, W, pad_h, pad_w, dh, dw, tiling, row0, rows,
+                          v.mutable_data_ptr<float>());
     at::bmm_out(m_chunk, u, v_chunk);
     const float* mp = m.const_data_ptr<float>();
     at::parallel_for(0, K * rows, std::max<int64_t>(1, kMinTilesPerThread / TX), [&](int64_t begin, int64_t end) {
@@ -238,11 +292,55 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& x, const at::Tensor& u, const s
   return out;
 }
 
+// grad_u (16, K, C): the gradient of the loss with respect to u = winograd_weight(weight) of the conv of x
+// whose output gradient is grad_y, summed over the tiles chunk by chunk: grad_u[a] += grad_M[a] V[a]^T.
+// The weight's gradient is then G^T grad_u G per kernel (in fastbb/ops/conv_bn_relu.py).
+at::Tensor winograd_weight_gradient_cpu(const at::Tensor& x, const at::Tensor& grad_y, int64_t pad_h, int64_t pad_w,
+                                        int64_t dh, int64_t dw) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "winograd_weight_gradient: x must be a contiguous NCHW float32 tensor");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(pad_h >= 0 && pad_w >= 0 && dh >= 1 && dw >= 1, "winograd_weight_gradient: bad padding or dilation");
+  const int64_t Ho = H + 2 * pad_h - 2 * dh, Wo = W + 2 * pad_w - 2 * dw;
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.scalar_type() == at::kFloat && grad_y.is_contiguous() &&
+                  grad_y.size(0) == N && grad_y.size(2) == Ho && grad_y.size(3) == Wo && Ho > 0 && Wo > 0,
+              "winograd_weight_gradient: grad_y must be a contiguous float32 (N, K, H_out, W_out) tensor");
+  const int64_t K = grad_y.size(1);
+  at::Tensor grad_u = at::zeros({16, K, C}, x.options());
+  if (N == 0 || K == 0 || C == 0) return grad_u;
+  const Tiling tiling(N, Ho, Wo, dh, dw, C, K);
+  const int64_t TY = tiling.TY, TX = tiling.TX;
+  at::Tensor v = at::empty({16 * C * tiling.rows_per_chunk * TX}, x.options());
+  at::Tensor gm = at::empty({16 * K * tiling.rows_per_chunk * TX}, x.options());
+  const float* gp = grad_y.const_data_ptr<float>();
+  const int64_t width = Wo + dw;  // the last tile reads its origin + dw
+  for (int64_t row0 = 0; row0 < tiling.rows_total; row0 += tiling.rows_per_chunk) {
+    const int64_t rows = std::min(tiling.rows_per_chunk, tiling.rows_total - row0), tiles = rows * TX;
+    input_transform_chunk(x.const_data_ptr<float>(), C, H, W, pad_h, pad_w, dh, dw, tiling, row0, rows,
+                          v.mutable_data_ptr<float>());
+    float* gmp = gm.mutable_data_ptr<float>();
+    at::parallel_for(0, K * rows, std::max<int64_t>(1, kMinTilesPerThread / TX), [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer(2 * width);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t k = item / rows, row = row0 + item % rows, n = row / TY, ty = row % TY;
+        output_gradient_transform_row(gp + (n * K + k) * Ho * Wo, Ho, Wo, tiling.origins_y[ty], dh,
+                                      tiling.origins_x.data(), TX, dw, buffer.data(), width,
+                                      gmp + k * tiles + (row - row0) * TX, K * tiles);
+      }
+    });
+    at::Tensor v_chunk = v.narrow(0, 0, 16 * C * tiles).view({16, C, tiles});
+    at::Tensor gm_chunk = gm.narrow(0, 0, 16 * K * tiles).view({16, K, tiles});
+    grad_u.baddbmm_(gm_chunk, v_chunk.transpose(1, 2));
+  }
+  return grad_u;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastbb_C, CPU, m) {
   m.impl("winograd_weight", &winograd_weight_cpu);
   m.impl("winograd_conv2d", &winograd_conv2d_cpu);
+  m.impl("winograd_weight_gradient", &winograd_weight_gradient_cpu);
 }
 
 }  // namespace fastbb

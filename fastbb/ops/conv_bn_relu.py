@@ -47,6 +47,10 @@ kernel_lib.define("winograd_weight(Tensor weight) -> Tensor")
 # (+ ReLU), contiguous (N, K, H_out, W_out) with H_out = H + 2 pad_h - 2 dilation_h.
 kernel_lib.define("winograd_conv2d(Tensor x, Tensor u, Tensor? shift, Tensor? residual, bool relu, int pad_h, "
                   "int pad_w, int dilation_h, int dilation_w) -> Tensor")
+# x (N, C, H, W) and grad_y (N, K, H_out, W_out) contiguous float32: the gradient with respect to u of the
+# winograd_conv2d of x with that padding and dilation, (16, K, C) (winograd_weight_backward maps it to the weight).
+kernel_lib.define("winograd_weight_gradient(Tensor x, Tensor grad_y, int pad_h, int pad_w, int dilation_h, "
+                  "int dilation_w) -> Tensor")
 
 
 def _compute_dtype(dtype):
@@ -433,6 +437,14 @@ def winograd_weight(weight):
     return torch.ops.fastbb_C.winograd_weight(weight.contiguous())
 
 
+def winograd_weight_backward(grad_u):
+    """The gradient with respect to the (K, C, 3, 3) weight from the one with respect to its transform:
+    G^T grad_u G per kernel (the adjoint of winograd_weight)."""
+    g = torch.tensor(_WINOGRAD_G, dtype=grad_u.dtype, device=grad_u.device)
+    k, c = grad_u.shape[1:]
+    return torch.einsum("ai,abkc,bj->kcij", g, grad_u.view(4, 4, k, c), g).contiguous()
+
+
 # Turning a kernel by 180 degrees reverses G's columns, which for this G swaps its rows 0 and 3 (G J = P G):
 # the turned kernel's transform is u with both of its 4-indices mapped by 0 <-> 3.
 _TURNED = (15, 13, 14, 12, 7, 5, 6, 4, 11, 9, 10, 8, 3, 1, 2, 0)
@@ -460,9 +472,10 @@ def _winograd_applies(x, weight, residual, stride, padding, dilation, groups):
 
 
 class _WinogradTrainConv(torch.autograd.Function):
-    """The training conv as a Winograd conv: forward, and the input gradient (a 3x3 stride-1 conv of the
-    output gradient with the kernels transposed and turned, whose transform is a copy of the forward's).
-    The weight and bias gradients are ATen's. With create_graph, the backward is ATen's differentiable one."""
+    """The training conv as a Winograd conv: forward; the input gradient (a 3x3 stride-1 conv of the output
+    gradient with the kernels transposed and turned, whose transform is a copy of the forward's); the weight
+    gradient through the transform (16 GEMMs over the tiles, then G^T grad_u G). With create_graph, the
+    backward is ATen's differentiable one."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding, dilation):
@@ -486,12 +499,14 @@ class _WinogradTrainConv(torch.autograd.Function):
         if need_x and min(back_padding) >= 0:
             grad_x = torch.ops.fastbb_C.winograd_conv2d(grad_y, winograd_weight_of_input_gradient(u), None, None,
                                                         False, *back_padding, *ctx.dilation)
-        aten_x = need_x and grad_x is None
+        elif need_x:
+            grad_x = torch.ops.aten.convolution_backward(grad_y, x, weight, *args, [True, False, False])[0]
         grad_w = grad_b = None
-        if aten_x or need_w or need_b:
-            aten_grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(grad_y, x, weight, *args,
-                                                                              [aten_x, need_w, need_b])
-            grad_x = aten_grad_x if aten_x else grad_x
+        if need_w:
+            grad_u = torch.ops.fastbb_C.winograd_weight_gradient(x, grad_y, *ctx.padding, *ctx.dilation)
+            grad_w = winograd_weight_backward(grad_u)
+        if need_b:
+            grad_b = grad_y.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
 
 
