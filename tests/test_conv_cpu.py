@@ -18,9 +18,6 @@ from conftest import TOLERANCES
 
 op = importlib.import_module("fastbb.ops.conv_bn_relu")  # the module (fastbb.ops.conv_bn_relu is the op)
 
-pytestmark = pytest.mark.skipif(not fastbb._backend.has_kernel("fastbb_C::winograd_conv2d", "CPU"),
-                                reason="fastbb._C is not built")
-
 
 def _within_twice_eager_error(got, eager, exact, name=""):
     """got's error against the float64 result is at most twice eager PyTorch's float32 error, plus float32's

@@ -241,7 +241,8 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& x, const at::Tensor& u, const s
   const int64_t K = u.size(1);
   const float* sp = nullptr;
   if (shift.has_value()) {
-    TORCH_CHECK(shift->dim() == 1 && shift->size(0) == K && shift->scalar_type() == at::kFloat && shift->is_contiguous(),
+    TORCH_CHECK(shift->dim() == 1 && shift->size(0) == K && shift->scalar_type() == at::kFloat &&
+                    shift->is_contiguous(),
                 "winograd_conv2d: shift must be a contiguous (K,) float32 tensor");
     sp = shift->const_data_ptr<float>();
   }

@@ -2,17 +2,20 @@
 
 - eval / frozen BN (running statistics; FrozenBatchNorm2d passes its eps read at call time): the BN is
   folded into the conv (weight * scale per output channel, shift as the bias), so the conv is the only
-  pass over memory; residual and ReLU follow in place. On the CPU without autograd a 3x3 stride-1 conv
-  on NCHW float32 with at least 64 channels in and out runs as a Winograd F(2x2, 3x3) conv (2.25x fewer
-  multiplies; C++ transforms around MKL's batched GEMM, the shift, residual and ReLU in the output
-  transform; any dilation), a 1x1 stride-1 conv on NCHW float32 as MKL's GEMM per image (the shift its
-  initial value), and other folded convs as oneDNN's conv with the ReLU as its post-op. On CUDA without autograd it runs as the fastest, timed
+  pass over memory; residual and ReLU follow in place. On the CPU without autograd, in float32 on NCHW, a
+  3x3 stride-1 conv with enough channels runs as a Winograd F(2x2, 3x3) conv (2.25x fewer multiplies; C++
+  transforms around MKL's batched GEMM, the shift, residual and ReLU in the output transform; any
+  dilation) and a 1x1 stride-1 conv as MKL's GEMM per image (the shift its initial value); other folded
+  convs run as oneDNN's conv with the ReLU (and a channels_last residual) as post-ops, on weights packed
+  once for channels_last input. On CUDA without autograd it runs as the fastest, timed
   per shape at the shape's first call, of cuDNN's fused conv + bias (+ add) + ReLU, the Triton
   implicit-GEMM conv with shift, residual and ReLU in its epilogue, and the plain conv then an in-place
   add and ReLU; a forced backend picks one ("cuda"/"cpp": cuDNN's, "triton", "reference": the plain
   ops). The folding is plain differentiable PyTorch, so gradients reach x, the conv weight/bias and the BN
   affine parameters.
-- training BN (batch statistics): the conv (oneDNN / cuDNN), then ONE fused pass computing the
+- training BN (batch statistics): the conv (oneDNN / cuDNN; on the CPU in float32 large 3x3 stride-1 convs
+  as Winograd convs, forward and both gradients, and 1x1 stride-1 convs as batched GEMMs), then ONE fused
+  pass computing the
   per-channel mean and variance and writing the normalized, affine, residual-added, ReLU'd output
   (fastbb::bn_relu_train); backward is one fused kernel too (ReLU mask, the two per-channel sums, grad).
   The running statistics are updated in place as nn.BatchNorm2d does (momentum, or the cumulative
@@ -20,6 +23,7 @@
 Backends of the fused BN pass: cpu "cpp"; cuda "triton"; "reference" (plain PyTorch).
 """
 import functools
+import math
 import weakref
 
 import torch
@@ -456,8 +460,13 @@ def winograd_weight_of_input_gradient(u):
     return u[list(_TURNED)].transpose(1, 2).contiguous()
 
 
+def _winograd_output_size(x, padding, dilation):
+    """(H_out, W_out) of a 3x3 stride-1 conv of x."""
+    return [size + 2 * p - 2 * d for size, p, d in zip(x.shape[2:], padding, dilation)]
+
+
 def _winograd_applies(x, weight, residual, stride, padding, dilation, groups):
-    out_size = [size + 2 * p - 2 * d for size, p, d in zip(x.shape[2:], padding, dilation)]
+    out_size = _winograd_output_size(x, padding, dilation)
     if tuple(weight.shape[2:]) != (3, 3) or stride != (1, 1) or groups != 1 or min(out_size) <= 0:
         return False
     # Measured on a 2-core AVX2 CPU against oneDNN: 1.2x to 1.8x from 128 channels up, at every spatial
@@ -520,11 +529,9 @@ def _train_conv(x, weight, bias, stride, padding, dilation, groups):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if (_winograd_applies(x, weight, None, stride, padding, dilation, groups)
             and min(weight.shape[0], weight.shape[1]) >= _WINOGRAD_TRAIN_MIN_CHANNELS
-            and x.shape[0] * (x.shape[2] + 2 * padding[0] - 2 * dilation[0])
-            * (x.shape[3] + 2 * padding[1] - 2 * dilation[1]) >= _WINOGRAD_TRAIN_MIN_POSITIONS):
+            and x.shape[0] * math.prod(_winograd_output_size(x, padding, dilation)) >= _WINOGRAD_TRAIN_MIN_POSITIONS):
         return _WinogradTrainConv.apply(x, weight, bias, padding, dilation)
-    if (tuple(weight.shape[2:]) == (1, 1) and stride == (1, 1) and padding == (0, 0) and groups == 1
-            and x.is_contiguous() and x.shape[2] * x.shape[3] >= 196 and _backend.forced_backend() in (None, "cpp")):
+    if _is_pointwise_gemm(x, weight, stride, padding, groups) and x.shape[2] * x.shape[3] >= 196:
         return _pointwise_gemm_train(x, weight, bias)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
@@ -545,16 +552,20 @@ def _winograd_eval(x, weight, shift, residual, padding, dilation, relu, packed_w
     return torch.ops.fastbb_C.winograd_conv2d(x, u, shift, residual, relu, *padding, *dilation)
 
 
-def pointwise_gemm_applies(x, weight, residual, stride, padding, groups):
-    """Whether pointwise_conv_gemm runs this conv. A 1x1 stride-1 conv of NCHW x is a matrix product per
-    image: (K, C) @ (C, H*W). MKL's GEMM runs it 1.1x to 1.9x faster than oneDNN's conv on NCHW (measured
-    on a 2-core AVX2 CPU, ResNet-50's 1x1 convs at batch 1 and 2 at 800x1344); with many small images
-    (batch 8 at 14x14) the two are even."""
+def _is_pointwise_gemm(x, weight, stride, padding, groups):
+    """A 1x1 stride-1 conv of NCHW float32 x on the CPU: a matrix product per image, (K, C) @ (C, H*W)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and tuple(weight.shape[2:]) == (1, 1)
             and stride == (1, 1) and padding == (0, 0) and groups == 1 and x.is_contiguous() and x.numel() > 0
-            and (x.shape[0] == 1 or x.shape[2] * x.shape[3] >= 1024)
-            and (residual is None or residual.dtype == torch.float32)
             and _backend.forced_backend() in (None, "cpp"))
+
+
+def pointwise_gemm_applies(x, weight, residual, stride, padding, groups):
+    """Whether pointwise_conv_gemm runs this conv. MKL's GEMM runs a 1x1 stride-1 conv 1.0x to 1.9x faster
+    than oneDNN's conv on NCHW (measured on a 2-core AVX2 CPU, ResNet-50's 1x1 convs at batch 1 and 2 at
+    800x1344); with many small images (batch 8 at 14x14) the two are even."""
+    return (_is_pointwise_gemm(x, weight, stride, padding, groups)
+            and (x.shape[0] == 1 or x.shape[2] * x.shape[3] >= 1024)
+            and (residual is None or residual.dtype == torch.float32))
 
 
 def pointwise_conv_gemm(x, weight, shift=None, residual=None, relu=False):
