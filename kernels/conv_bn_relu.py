@@ -20,43 +20,31 @@ viewed as N images of (C, H*W) or as one image of (N*H*W, C): a tile is BLOCK_C 
 positions along the reduction axis, laid out so that its fast axis is the contiguous one in memory.
 Values are converted to float32 on load (float64 stays float64) and rounded once on store.
 """
-import contextlib
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_INT32_MAX = 2**31 - 1
-_GRID_Y_MAX = 65535
+from fastbb.kernels._common import (INT32_MAX, GRID_YZ_MAX, INTERPRET, compute_dtype, on_device, output_format,
+                                     output_value, round_bf16, span)
+
 # BN tiles hold 2048 elements on a GPU (16 per thread with 4 warps). The interpreter runs each program in
 # Python: small tiles, and two per reduction program, so that small test shapes still cover several
 # tiles, channel blocks, partial merges and every edge mask.
-_BN_TILE = 64 if _INTERPRET else 2048
-_BN_MAX_CHANNEL_BLOCK = 16 if _INTERPRET else 128
+_BN_TILE = 64 if INTERPRET else 2048
+_BN_MAX_CHANNEL_BLOCK = 16 if INTERPRET else 128
 _BN_NUM_WARPS = 4
 # Reduction programs per SM: enough to fill the GPU, few enough that the partials stay a small fraction
 # of y and their merge is short.
 _BN_PROGRAMS_PER_SM = 8
-_BN_INTERPRET_TILES_PER_PROGRAM = 2
+_BNINTERPRET_TILES_PER_PROGRAM = 2
 # The merge of partials: partial rows by channels per step.
-_MERGE_BLOCK_P = 16 if _INTERPRET else 64
-_MERGE_BLOCK_C = 16 if _INTERPRET else 64
+_MERGE_BLOCK_P = 16 if INTERPRET else 64
+_MERGE_BLOCK_C = 16 if INTERPRET else 64
 
 
-@triton.jit
-def _output_value(value, ROUND_BF16: tl.constexpr):
-    """value ready for the store. The interpreter truncates float32 -> bfloat16 where PyTorch and the GPU
-    round to nearest even, so there the rounding is done first on the float32 bits, which leaves the
-    interpreter's conversion exact."""
-    if ROUND_BF16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
-    return value
 
 
 @triton.jit
@@ -191,7 +179,7 @@ def _bn_relu_forward_kernel(y_ptr, residual_ptr, out_ptr, mean_ptr, invstd_ptr, 
         value = value + tl.load(residual_ptr + offsets, mask=mask, other=0).to(COMPUTE)
     if RELU:
         value = tl.where(value < 0, 0, value)  # NaN stays NaN, as in torch.relu
-    tl.store(out_ptr + offsets, _output_value(value, ROUND_BF16).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offsets, output_value(value, ROUND_BF16).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -278,7 +266,7 @@ def _bn_relu_backward_kernel(grad_out_ptr, out_ptr, y_ptr, mean_ptr, invstd_ptr,
     xhat = (x - _per_channel(mean, CHANNELS_LAST)) * _per_channel(invstd, CHANNELS_LAST)
     grad_y = _per_channel(gain, CHANNELS_LAST) * (g - _per_channel(mean_g, CHANNELS_LAST)
                                                    - xhat * _per_channel(mean_gx, CHANNELS_LAST))
-    tl.store(grad_y_ptr + offsets, _output_value(grad_y, ROUND_BF16).to(grad_y_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_y_ptr + offsets, output_value(grad_y, ROUND_BF16).to(grad_y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -348,7 +336,7 @@ def _conv2d_epilogue_kernel(x_ptr, weight_ptr, scale_ptr, shift_ptr, residual_pt
     if RELU:
         acc = tl.where(acc < 0, 0, acc)  # NaN stays NaN, as in torch.relu
     out_off = (pixel.to(OFFSET) * out_sp)[:, None] + (out_ch.to(OFFSET) * out_sc)[None, :]
-    tl.store(out_ptr + out_off, _output_value(acc, ROUND_BF16).to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptr + out_off, output_value(acc, ROUND_BF16).to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 # Configs for H100/H200-class GPUs: 16-bit dots run on the tensor cores, float32 ones at full precision
@@ -364,7 +352,7 @@ _CONV_CONFIGS = [
 ]
 # One small config under the interpreter (>= 16 per side, as tl.dot needs), so that small test shapes
 # still cover several blocks on every axis and every edge mask.
-_CONV_INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
+_CONVINTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
 
 
 @functools.cache
@@ -372,29 +360,9 @@ def _conv2d_epilogue_autotuned():
     return triton.autotune(configs=_CONV_CONFIGS, key=["GEMM_M", "Cout", "GEMM_K"])(_conv2d_epilogue_kernel)
 
 
-def _on_device(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _compute_dtype(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
-
-def _round_bf16(dtype):
-    return _INTERPRET and dtype == torch.bfloat16
-
-
-def _span(t, first_dim=0):
-    """Largest element offset reachable from index 0 along dims first_dim.. of t."""
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[first_dim:], t.stride()[first_dim:]))
-
-
-def _memory_format(t):
-    """channels_last only when t is exactly that (and not also contiguous), the rule the ops' fake
-    functions use, so real and fake outputs get the same strides."""
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 @functools.cache
@@ -421,13 +389,13 @@ class _BNGeometry:
             self.tiles_per_image = triton.cdiv(self.length, self.block_r)
             self.num_tiles = N * self.tiles_per_image
         self.channel_blocks = triton.cdiv(C, self.block_c)
-        if self.num_tiles > _INT32_MAX or self.channel_blocks > _GRID_Y_MAX:
+        if self.num_tiles > INT32_MAX or self.channel_blocks > GRID_YZ_MAX:
             raise ValueError(f"bn_relu: shape {tuple(y.shape)} is too large for the Triton kernels")
         # int32 offsets unless some lane of a tile (masked ones too) could pass 2**31
         reach = y.numel() + self.block_r * C + self.block_c * self.length
-        self.offset = tl.int64 if reach > _INT32_MAX else tl.int32
-        if _INTERPRET or not y.is_cuda:
-            self.tiles_per_program = _BN_INTERPRET_TILES_PER_PROGRAM
+        self.offset = tl.int64 if reach > INT32_MAX else tl.int32
+        if INTERPRET or not y.is_cuda:
+            self.tiles_per_program = _BNINTERPRET_TILES_PER_PROGRAM
         else:
             wanted = max(1, _BN_PROGRAMS_PER_SM * _sm_count(y.device.index or 0) // self.channel_blocks)
             self.tiles_per_program = triton.cdiv(self.num_tiles, wanted)
@@ -454,7 +422,7 @@ def bn_relu_forward(y, weight, bias, residual, eps, relu):
     float32 (float64 for float64), with the biased variance. With N*H*W == 0: mean 0, invstd 1/sqrt(eps).
     """
     N, C, H, W = y.shape
-    fmt = _memory_format(y)
+    fmt = output_format(y)
     y = y.contiguous(memory_format=fmt)
     if residual is not None:
         residual = _bn_operand(residual, fmt, "residual", y.shape)
@@ -470,8 +438,8 @@ def bn_relu_forward(y, weight, bias, residual, eps, relu):
     geometry = _BNGeometry(y, fmt == torch.channels_last)
     partials = torch.empty((3, geometry.num_programs, C), dtype=torch.float64, device=y.device)
     count_partial, mean_partial, m2_partial = partials.unbind(0)
-    compute = _compute_dtype(y.dtype)
-    with _on_device(y):
+    compute = compute_dtype(y.dtype)
+    with on_device(y):
         _bn_stats_kernel[(geometry.num_programs, geometry.channel_blocks)](
             y, count_partial, mean_partial, m2_partial, C, geometry.length, geometry.tiles_per_image,
             geometry.num_tiles, geometry.tiles_per_program, COMPUTE=compute, num_warps=_BN_NUM_WARPS,
@@ -485,7 +453,7 @@ def bn_relu_forward(y, weight, bias, residual, eps, relu):
             C, geometry.length, geometry.tiles_per_image,
             weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-            RELU=bool(relu), COMPUTE=compute, ROUND_BF16=_round_bf16(out.dtype), num_warps=_BN_NUM_WARPS,
+            RELU=bool(relu), COMPUTE=compute, ROUND_BF16=round_bf16(out.dtype), num_warps=_BN_NUM_WARPS,
             **geometry.tile_args())
     return out, mean, invstd
 
@@ -501,7 +469,7 @@ def bn_relu_backward(grad_out, out, y, mean, invstd, weight, relu, residual_grad
     Returns (grad_y, grad_weight, grad_bias, grad_residual).
     """
     N, C, H, W = y.shape
-    fmt = _memory_format(y)
+    fmt = output_format(y)
     y = y.contiguous(memory_format=fmt)
     grad_out = _bn_operand(grad_out, fmt, "grad_out", y.shape)
     if relu:
@@ -522,9 +490,9 @@ def bn_relu_backward(grad_out, out, y, mean, invstd, weight, relu, residual_grad
     geometry = _BNGeometry(y, fmt == torch.channels_last)
     partials = torch.empty((2, geometry.num_programs, C), dtype=torch.float64, device=y.device)
     sum_g_partial, sum_gx_partial = partials.unbind(0)
-    compute = _compute_dtype(y.dtype)
+    compute = compute_dtype(y.dtype)
     out_arg = out if relu else grad_out
-    with _on_device(y):
+    with on_device(y):
         _bn_backward_reduce_kernel[(geometry.num_programs, geometry.channel_blocks)](
             grad_out, out_arg, y, mean, sum_g_partial, sum_gx_partial, C, geometry.length,
             geometry.tiles_per_image, geometry.num_tiles, geometry.tiles_per_program, RELU=bool(relu),
@@ -537,7 +505,7 @@ def bn_relu_backward(grad_out, out, y, mean, invstd, weight, relu, residual_grad
             grad_y, grad_residual if residual_grad else grad_y, C, geometry.length, geometry.tiles_per_image,
             weight.stride(0) if weight is not None else 0, total,
             HAS_WEIGHT=weight is not None, RELU=bool(relu), GRAD_RESIDUAL=bool(residual_grad), COMPUTE=compute,
-            ROUND_BF16=_round_bf16(grad_y.dtype), num_warps=_BN_NUM_WARPS, **geometry.tile_args())
+            ROUND_BF16=round_bf16(grad_y.dtype), num_warps=_BN_NUM_WARPS, **geometry.tile_args())
     return grad_y, grad_weight, grad_bias, grad_residual
 
 
@@ -580,7 +548,7 @@ def conv2d_epilogue(x, weight, scale, shift, residual, relu, stride=1, padding=0
     gemm_m = N * OH * OW
     gemm_k = KH * KW * Cin
     # Program ids and pixel indices are int32; 16 x 16 is the smallest tile.
-    if gemm_m + 128 > _INT32_MAX or triton.cdiv(gemm_m, 16) * triton.cdiv(Cout, 16) > _INT32_MAX:
+    if gemm_m + 128 > INT32_MAX or triton.cdiv(gemm_m, 16) * triton.cdiv(Cout, 16) > INT32_MAX:
         raise ValueError(f"conv2d_epilogue: shape {tuple(x.shape)} is too large for the Triton kernel")
     packed = weight.to(x.dtype).permute(2, 3, 1, 0).reshape(gemm_k, Cout).contiguous()
     x_arg = x if x.numel() > 0 else out  # Cin == 0: the K loop does not run; any valid pointer will do
@@ -593,29 +561,29 @@ def conv2d_epilogue(x, weight, scale, shift, residual, relu, stride=1, padding=0
     reach = [(H + 2 * pad_h + dilation_h * KH) * x_sh + (W + 2 * pad_w + dilation_w * KW) * x_sw + (Cin + 256) * x_sc,
              (gemm_k + 256) * Cout + 256, (gemm_m + 256) * Cout + 256]
     if residual is not None:
-        reach.append(_span(residual, 1) + 256 * abs(residual.stride(1)))
-    offset = tl.int64 if max(reach) > _INT32_MAX else tl.int32
+        reach.append(span(residual, 1) + 256 * abs(residual.stride(1)))
+    offset = tl.int64 if max(reach) > INT32_MAX else tl.int32
     args = (x_arg, w_arg, scale, shift, res_arg, out, gemm_m, Cout, gemm_k, Cin, H, W, OH, OW, KH * KW, KW,
             stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, *x.stride(), scale.stride(0),
             shift.stride(0), *res_strides, out.stride(1), out.stride(3))
     kwargs = dict(HAS_RESIDUAL=residual is not None, RELU=bool(relu),
-                  DOT_IN_FP32=x.dtype in (torch.float32, torch.float64) or _INTERPRET,
-                  ACC=_compute_dtype(x.dtype), OFFSET=offset, ROUND_BF16=_round_bf16(x.dtype))
+                  DOT_IN_FP32=x.dtype in (torch.float32, torch.float64) or INTERPRET,
+                  ACC=compute_dtype(x.dtype), OFFSET=offset, ROUND_BF16=round_bf16(x.dtype))
     fixed = (block_m, block_n, block_k)
     if any(b is not None for b in fixed):
         if any(b is None or b < 16 or b & (b - 1) for b in fixed):
             raise ValueError("conv2d_epilogue: block_m, block_n, block_k must all be powers of two >= 16")
         kernel = _conv2d_epilogue_kernel
         kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    elif _INTERPRET:
+    elif INTERPRET:
         kernel = _conv2d_epilogue_kernel
-        kwargs.update(_CONV_INTERPRET_BLOCKS)
+        kwargs.update(_CONVINTERPRET_BLOCKS)
     else:
         kernel = _conv2d_epilogue_autotuned()
 
     def grid(meta):
         return (triton.cdiv(gemm_m, meta["BLOCK_M"]) * triton.cdiv(Cout, meta["BLOCK_N"]),)
 
-    with _on_device(x):
+    with on_device(x):
         kernel[grid](*args, **kwargs)
     return out

@@ -10,20 +10,18 @@ Every tensor comes with its four strides, so NCHW, channels_last and other strid
 tile's fast axis (x for NCHW, channels for channels_last) is chosen from the layout only for coalescing.
 16-bit inputs are converted to float32 on load and rounded once on store (float64 stays float64).
 """
-import contextlib
 import functools
-import os
 import struct
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from fastbb.kernels._common import (INT32_MAX, GRID_YZ_MAX, INTERPRET, compute_dtype, on_device, output_format,
+                                     output_value, round_bf16, span)
+
 _TILE_ELEMENTS = 2048  # elementwise tiles: 16 elements per thread with 4 warps
 _MAX_FAST_BLOCK = 128
-_INT32_MAX = 2**31 - 1
-_GRID_Y_MAX = 65535
 
 
 @triton.jit
@@ -31,16 +29,6 @@ def _float32_from_bits(bits):
     return tl.full([1], bits, tl.int32).to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def _output_value(value, ROUND_BF16: tl.constexpr):
-    """value ready for the store. The interpreter truncates float32 -> bfloat16 where PyTorch and the GPU
-    round to nearest even, so there the rounding is done first on the float32 bits, which leaves the
-    interpreter's conversion exact."""
-    if ROUND_BF16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
-    return value
 
 
 @triton.jit
@@ -111,7 +99,7 @@ def _upsample_nearest_add_kernel(top_ptr, lateral_ptr, out_ptr, num_rows, fast_l
     lateral = tl.load(lateral_ptr + lat_off, mask=mask, other=0).to(COMPUTE)
     top = tl.load(top_ptr + top_off, mask=mask, other=0).to(COMPUTE)
     result = lateral + top
-    tl.store(out_ptr + out_off, _output_value(result, ROUND_BF16).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + out_off, output_value(result, ROUND_BF16).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -168,7 +156,7 @@ def _upsample_nearest_backward_kernel(grad_out_ptr, grad_top_ptr, num_rows, fast
             acc += tl.load(grad_out_ptr + offset, mask=take, other=0).to(COMPUTE)
             offset += go_sw
         row += go_sh
-    tl.store(grad_top_ptr + gt_off, _output_value(acc, ROUND_BF16).to(grad_top_ptr.dtype.element_ty),
+    tl.store(grad_top_ptr + gt_off, output_value(acc, ROUND_BF16).to(grad_top_ptr.dtype.element_ty),
              mask=mask)
 
 
@@ -232,7 +220,7 @@ def _fpn_merge_kernel(x_ptr, weight_ptr, bias_ptr, top_ptr, out_ptr, Cin, Cout, 
     top_off = (sy * top_sh + sx * top_sw)[:, None] + (out_ch.to(OFFSET) * top_sc)[None, :]
     acc += tl.load(top_ptr + image * top_sn + top_off, mask=out_mask, other=0).to(ACC)
     out_off = (pixel.to(OFFSET) * out_sp)[:, None] + (out_ch.to(OFFSET) * out_sc)[None, :]
-    tl.store(out_ptr + image * out_sn + out_off, _output_value(acc, ROUND_BF16).to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + image * out_sn + out_off, output_value(acc, ROUND_BF16).to(out_ptr.dtype.element_ty),
              mask=out_mask)
 
 
@@ -247,7 +235,7 @@ _FPN_MERGE_CONFIGS = [
 ]
 # The interpreter runs each program in Python: one small config (>= 16 per side, as tl.dot needs), so
 # that small test shapes still cover several blocks and every edge mask.
-_FPN_MERGE_INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}
+_FPN_MERGEINTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}
 
 
 @functools.cache
@@ -264,13 +252,6 @@ def _is_channels_last(t):
         return True
     return t.stride(1) < min(t.stride(2), t.stride(3))
 
-
-def _output_format(t):
-    """Format of an output made to follow t: channels_last only when t is exactly that (and not also
-    contiguous), the rule the ops' fake functions use, so real and fake outputs get the same strides."""
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 @functools.lru_cache(maxsize=256)
@@ -296,21 +277,8 @@ def _elementwise_tile(fast_len):
     return _TILE_ELEMENTS // block_fast, block_fast
 
 
-def _on_device(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _compute_dtype(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _span(t, first_dim=0):
-    """Largest element offset reachable from index 0 along dims first_dim.. of t."""
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[first_dim:], t.stride()[first_dim:]))
-
-
-def _round_bf16(dtype):
-    return _INTERPRET and dtype == torch.bfloat16
 
 
 def _rows_and_fast(N, C, H, W, channels_last):
@@ -334,13 +302,13 @@ def upsample_nearest_add(top, lateral, out):
     num_rows, fast_len = _rows_and_fast(N, C, H, W, channels_last)
     block_rows, block_fast = _elementwise_tile(fast_len)
     grid = (triton.cdiv(num_rows, block_rows), triton.cdiv(fast_len, block_fast))
-    if num_rows + block_rows > _INT32_MAX or grid[1] > _GRID_Y_MAX:
+    if num_rows + block_rows > INT32_MAX or grid[1] > GRID_YZ_MAX:
         raise ValueError(f"upsample_nearest_add: shape {tuple(lateral.shape)} is too large for the Triton kernel")
-    with _on_device(out):
+    with on_device(out):
         _upsample_nearest_add_kernel[grid](
             top, lateral, out, num_rows, fast_len, C, H, W, h, w, _nearest_scale(h, H), _nearest_scale(w, W),
             *top.stride(), *lateral.stride(), *out.stride(),
-            CHANNELS_LAST=channels_last, COMPUTE=_compute_dtype(out.dtype), ROUND_BF16=_round_bf16(out.dtype),
+            CHANNELS_LAST=channels_last, COMPUTE=compute_dtype(out.dtype), ROUND_BF16=round_bf16(out.dtype),
             BLOCK_ROWS=block_rows, BLOCK_FAST=block_fast)
     return out
 
@@ -356,7 +324,7 @@ def upsample_nearest_backward(grad_out, top_height, top_width):
     h, w = int(top_height), int(top_width)
     channels_last = _is_channels_last(grad_out)
     grad_top = torch.empty((N, C, h, w), dtype=grad_out.dtype, device=grad_out.device,
-                           memory_format=_output_format(grad_out))
+                           memory_format=output_format(grad_out))
     if grad_top.numel() == 0:
         return grad_top
     if grad_out.numel() == 0:  # H or W is 0 (only when h or w is too): nothing flows back
@@ -364,14 +332,14 @@ def upsample_nearest_backward(grad_out, top_height, top_width):
     num_rows, fast_len = _rows_and_fast(N, C, h, w, channels_last)
     block_rows, block_fast = _elementwise_tile(fast_len)
     grid = (triton.cdiv(num_rows, block_rows), triton.cdiv(fast_len, block_fast))
-    if num_rows + block_rows > _INT32_MAX or grid[1] > _GRID_Y_MAX or max(H, W) >= 2**24:
+    if num_rows + block_rows > INT32_MAX or grid[1] > GRID_YZ_MAX or max(H, W) >= 2**24:
         raise ValueError(f"upsample_nearest_backward: shape {tuple(grad_out.shape)} is too large for the Triton kernel")
-    with _on_device(grad_out):
+    with on_device(grad_out):
         _upsample_nearest_backward_kernel[grid](
             grad_out, grad_top, num_rows, fast_len, C, H, W, h, w, _nearest_scale(h, H), _nearest_scale(w, W),
             _max_window(h, H), _max_window(w, W), *grad_out.stride(), *grad_top.stride(),
-            CHANNELS_LAST=channels_last, COMPUTE=_compute_dtype(grad_out.dtype),
-            ROUND_BF16=_round_bf16(grad_out.dtype),
+            CHANNELS_LAST=channels_last, COMPUTE=compute_dtype(grad_out.dtype),
+            ROUND_BF16=round_bf16(grad_out.dtype),
             SEARCH_STEPS_Y=H.bit_length(), SEARCH_STEPS_X=W.bit_length(),
             BLOCK_ROWS=block_rows, BLOCK_FAST=block_fast)
     return grad_top
@@ -389,14 +357,14 @@ def fpn_merge(x, weight, bias, top, *, block_m=None, block_n=None, block_k=None)
     N, Cin, H, W = x.shape
     Cout = weight.shape[0]
     h, w = top.shape[-2:]
-    out = torch.empty((N, Cout, H, W), dtype=x.dtype, device=x.device, memory_format=_output_format(x))
+    out = torch.empty((N, Cout, H, W), dtype=x.dtype, device=x.device, memory_format=output_format(x))
     if out.numel() == 0:
         return out
     if h == 0 or w == 0:
         raise ValueError(f"fpn_merge: cannot upsample an empty top {tuple(top.shape)} to {(H, W)}")
     num_pixels = H * W
     # Program ids and pixel indices are int32 (offsets are int64); 16 x 16 is the smallest tile.
-    if num_pixels + 128 > _INT32_MAX or N * triton.cdiv(num_pixels, 16) * triton.cdiv(Cout, 16) > _INT32_MAX:
+    if num_pixels + 128 > INT32_MAX or N * triton.cdiv(num_pixels, 16) * triton.cdiv(Cout, 16) > INT32_MAX:
         raise ValueError(f"fpn_merge: shape {tuple(x.shape)} is too large for the Triton kernel")
     # Pixels are addressed by one stride when x's rows are packed back to back (always for out).
     x_pixels_flat = H == 1 or x.stride(2) == W * x.stride(3)
@@ -409,9 +377,9 @@ def fpn_merge(x, weight, bias, top, *, block_m=None, block_n=None, block_k=None)
             _nearest_scale(h, H), _nearest_scale(w, W), *x.stride(), *w2d.stride(),
             bias.stride(0) if bias is not None else 0, *top.stride(), out.stride(0), out.stride(1), out.stride(3))
     kwargs = dict(HAS_BIAS=bias is not None, X_PIXELS_FLAT=x_pixels_flat,
-                  DOT_IN_FP32=x.dtype in (torch.float32, torch.float64) or _INTERPRET,
-                  ACC=_compute_dtype(x.dtype), ROUND_BF16=_round_bf16(x.dtype),
-                  OFFSET=tl.int64 if max(_span(x, 1), _span(w2d), _span(top, 1), _span(out, 1)) > _INT32_MAX
+                  DOT_IN_FP32=x.dtype in (torch.float32, torch.float64) or INTERPRET,
+                  ACC=compute_dtype(x.dtype), ROUND_BF16=round_bf16(x.dtype),
+                  OFFSET=tl.int64 if max(span(x, 1), span(w2d), span(top, 1), span(out, 1)) > INT32_MAX
                   else tl.int32)
     fixed = (block_m, block_n, block_k)
     if any(b is not None for b in fixed):
@@ -419,15 +387,15 @@ def fpn_merge(x, weight, bias, top, *, block_m=None, block_n=None, block_k=None)
             raise ValueError("fpn_merge: block_m, block_n, block_k must all be powers of two >= 16")
         kernel = _fpn_merge_kernel
         kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    elif _INTERPRET:
+    elif INTERPRET:
         kernel = _fpn_merge_kernel
-        kwargs.update(_FPN_MERGE_INTERPRET_BLOCKS)
+        kwargs.update(_FPN_MERGEINTERPRET_BLOCKS)
     else:
         kernel = _fpn_merge_autotuned()
 
     def grid(meta):
         return (N * triton.cdiv(num_pixels, meta["BLOCK_M"]) * triton.cdiv(Cout, meta["BLOCK_N"]),)
 
-    with _on_device(x):
+    with on_device(x):
         kernel[grid](*args, **kwargs)
     return out

@@ -1,0 +1,63 @@
+"""What every Triton launcher in fastbb.kernels shares: the interpreter switch, the device guard, CUDA's
+grid limits, the compute dtype, and the store-side bfloat16 rounding the interpreter needs."""
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INT32_MAX = 2**31 - 1
+# CUDA's limits on a launch: gridDim.x up to 2**31 - 1, gridDim.y and gridDim.z up to 65535.
+GRID_X_MAX = INT32_MAX
+GRID_YZ_MAX = 65535
+
+
+def on_device(t):
+    """Launch on t's GPU, not on whichever is current (a no-op for CPU tensors under the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def check_grid(op, grid, shape):
+    """Raise a ValueError naming op and the input shape when grid exceeds CUDA's launch limits."""
+    limits = (GRID_X_MAX, GRID_YZ_MAX, GRID_YZ_MAX)
+    if len(grid) > 3 or any(size > limit for size, limit in zip(grid, limits)):
+        raise ValueError(f"{op}: input of shape {tuple(shape)} needs a launch grid {tuple(grid)}, over CUDA's "
+                         f"limits {limits[:len(grid)]}; split the input")
+    return grid
+
+
+def compute_dtype(dtype):
+    """Triton dtype of the arithmetic: float64 for float64 inputs, float32 for every other float."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def round_bf16(dtype):
+    """Whether stores of `dtype` need output_value's rounding (bfloat16 under the interpreter)."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def span(t, first_dim=0):
+    """Largest element offset reachable from index 0 along dims first_dim.. of t."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[first_dim:], t.stride()[first_dim:]))
+
+
+def output_format(t):
+    """Memory format of an output made to follow t: channels_last only when t is exactly that (and not
+    also contiguous), the rule the ops' fake functions use, so real and fake outputs get the same strides."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@triton.jit
+def output_value(value, ROUND_BF16: tl.constexpr):
+    """value ready for the store. The interpreter truncates float32 -> bfloat16 where PyTorch and the GPU
+    round to nearest even, so there the rounding is done first on the float32 bits, which leaves the
+    interpreter's conversion exact."""
+    if ROUND_BF16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
+    return value
