@@ -7,12 +7,12 @@ was not forced, the install still succeeds: every op then runs on its pure-PyTor
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
 
 import torch
-from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
@@ -22,13 +22,30 @@ def _env_flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def _cuda_toolkit_usable():
-    home = cpp_extension.CUDA_HOME
-    return bool(home) and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+def _load_toolkit_finder():
+    # fastbb/_cuda_toolkit.py by path: importing the fastbb package here would need the extension built.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_cuda_toolkit", os.path.join(ROOT, "fastbb", "_cuda_toolkit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 FORCE_CUDA = _env_flag("FASTBB_FORCE_CUDA")
-WITH_CUDA = FORCE_CUDA or (torch.version.cuda is not None and _cuda_toolkit_usable())
+CUDA_HOME, CUDA_FOUND_BY, CUDA_VERSION = _load_toolkit_finder().find_cuda_toolkit(torch.version.cuda)
+if torch.version.cuda is None and not FORCE_CUDA:
+    WITH_CUDA, CUDA_SKIPPED = False, f"torch {torch.__version__} is a CPU-only build"
+elif CUDA_HOME is None:
+    WITH_CUDA, CUDA_SKIPPED = False, CUDA_FOUND_BY
+    if FORCE_CUDA:
+        sys.exit(f"fastbb: FASTBB_FORCE_CUDA=1, but {CUDA_FOUND_BY}; install the CUDA {torch.version.cuda} "
+                 "toolkit or set CUDA_HOME to it")
+else:
+    WITH_CUDA, CUDA_SKIPPED = True, None
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported: point it at the toolkit found here.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+
+from torch.utils import cpp_extension  # noqa: E402  (after CUDA_HOME is settled)
 
 
 def _default_max_jobs():
@@ -44,6 +61,20 @@ os.environ.setdefault("MAX_JOBS", _default_max_jobs())
 os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("FASTBB_CUDA_ARCHS", "8.0;9.0")
 
 
+def _build_report():
+    """The one line the build ends with: what was built, and why CUDA was skipped and how to enable it."""
+    if WITH_CUDA:
+        archs = ", ".join(f"sm_{a.replace('.', '')}" for a in re.split(r"[;\s]+", os.environ["TORCH_CUDA_ARCH_LIST"]) if a)
+        return (f"fastbb: built fastbb._C with C++ CPU kernels and CUDA kernels for {archs} (CUDA "
+                f"{CUDA_VERSION or '?'} toolkit at {CUDA_HOME}, found through {CUDA_FOUND_BY})")
+    return (f"fastbb: built fastbb._C with C++ CPU kernels only; CUDA kernels skipped: {CUDA_SKIPPED}. To build "
+            f"them, install a CUDA build of torch and the matching CUDA toolkit, point CUDA_HOME at it and "
+            f"reinstall (FASTBB_FORCE_CUDA=1 makes a missing toolkit an error)")
+
+
+BUILD_REPORT = _build_report()
+
+
 def _write_build_info():
     # Read by fastbb._backend before it imports fastbb._C, so that a binary built for another torch
     # is never loaded (loading it could abort the process instead of raising).
@@ -53,6 +84,7 @@ def _write_build_info():
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"WITH_CUDA = {WITH_CUDA!r}\n")
         f.write(f"CUDA_ARCHS = {os.environ['TORCH_CUDA_ARCH_LIST']!r}\n")
+        f.write(f"BUILD_REPORT = {BUILD_REPORT!r}\n")
 
 
 def _extension():
@@ -87,11 +119,14 @@ class BuildExtension(cpp_extension.BuildExtension):
             if FORCE_CUDA or _env_flag("FASTBB_REQUIRE_EXTENSION"):
                 raise
             sys.stderr.write(
-                f"\nfastbb: building fastbb._C failed ({exc}); installing without it. Every op will run "
-                "on its pure-PyTorch reference. Set FASTBB_REQUIRE_EXTENSION=1 to make this an error.\n")
+                f"\nfastbb: building fastbb._C failed ({exc}); installed without it: every op runs on its "
+                "pure-PyTorch reference. Set FASTBB_REQUIRE_EXTENSION=1 to make this an error.\n")
             path = os.path.join(ROOT, "fastbb", "_build_info.py")
             if os.path.exists(path):
                 os.remove(path)
+            return
+        # pip shows a build's output only with -v; `python -m fastbb info` repeats this line.
+        print(BUILD_REPORT, flush=True)
 
 
 _write_build_info()

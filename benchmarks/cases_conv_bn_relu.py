@@ -20,6 +20,10 @@ import fastbb
 from fastbb.models.resnet import resnet_forward_features
 from fastbb.ops.conv_bn_relu import conv_bn_relu
 
+# A cold torch.compile of a ResNet-50 forward (seconds): about a minute here, and on a 16-core GPU machine
+# an estimate to be replaced by the compile_s the GPU check records.
+RESNET_COMPILE_ESTIMATE_S = 90
+
 
 def _randomize_bn(model):
     with torch.no_grad():
@@ -101,7 +105,7 @@ def _resnet_cases(device):
         cases.append({"name": f"ResNet-50 eval {batch}x3x224x224{tag}",
                       "providers": {"torchvision": no_grad(model_tv), "torch.compile": no_grad(compiled),
                                     "fastbb": no_grad(model_fb)},
-                      "baseline": "torchvision"})
+                      "baseline": "torchvision", "compile_estimate_s": RESNET_COMPILE_ESTIMATE_S})
 
     from torchvision.models.feature_extraction import create_feature_extractor
     extractor = create_feature_extractor(theirs, {f"layer{i}": f"c{i + 1}" for i in range(1, 5)})
@@ -117,7 +121,7 @@ def _resnet_cases(device):
     cases.append({"name": "ResNet-50 eval C2-C5 features 2x3x800x1344",
                   "providers": {"torchvision": features(extractor), "torch.compile": features(compiled_extractor),
                                 "fastbb": features(lambda im: resnet_forward_features(ours, im))},
-                  "baseline": "torchvision"})
+                  "baseline": "torchvision", "compile_estimate_s": RESNET_COMPILE_ESTIMATE_S})
 
     train_theirs = copy.deepcopy(theirs).train()
     train_ours = fastbb.models.resnet50(weights=train_theirs.state_dict()).to(device).train()

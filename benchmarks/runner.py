@@ -1,16 +1,25 @@
 """The comparison runner behind `python -m fastbb`.
 
-Each benchmarks/cases_<op>.py offers `cases(device)`: a list of
-{"name": str, "providers": {provider: zero-argument callable}, "baseline": provider}. The runner times
-every provider on the same prebuilt inputs in this process and prints the median times and the
-speedup of each provider over the baseline. On the CPU a case's providers are timed in interleaved rounds
-(one call of each per round), so that a machine whose speed drifts over seconds (a shared VM) slows them
-alike instead of favouring whichever ran in a quiet moment.
+Each benchmarks/cases_<family>.py offers `cases(device)`: a list of
+{"name": str, "providers": {provider: zero-argument callable}, "baseline": provider,
+ "compile_estimate_s": optional seconds a cold torch.compile of the case's "torch.compile" provider takes}.
+The runner finds the cases_*.py files itself; it imports and builds only the families asked for. It times
+every provider on the same prebuilt inputs in this process and reports median times and the speedup of each
+provider over the baseline. On the CPU a case's providers are timed in interleaved rounds (one call of each
+per round), so that a machine whose speed drifts over seconds (a shared VM) slows them alike instead of
+favouring whichever ran in a quiet moment. On CUDA each call is timed with CUDA events after warm-up.
+
+With a time budget (the GPU check), the runner first times every case without its torch.compile
+provider, then adds the torch.compile providers whose cold compile fits what is left of the budget, and
+lists those it dropped; it starts no case once the budget is spent. Each finished row is written to the
+JSON file at once, so a run that is killed keeps what it finished.
 """
 import datetime
 import importlib
 import json
 import math
+import os
+import pathlib
 import platform
 import statistics
 import time
@@ -18,8 +27,15 @@ import time
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASE_MODULES = ("cases_nms", "cases_box_decode", "cases_retinanet_postprocess", "cases_focal_loss", "cases_fpn",
-                "cases_conv_bn_relu")
+COMPILE_PROVIDER = "torch.compile"
+# A cold torch.compile when a case does not say (seconds): small graphs compile in a few seconds.
+DEFAULT_COMPILE_ESTIMATE_S = {"cpu": 20.0, "cuda": 20.0}
+
+
+def family_names():
+    """Names of the benchmark families: the <family> of every benchmarks/cases_<family>.py, sorted."""
+    here = pathlib.Path(__file__).parent
+    return sorted(path.stem[len("cases_"):] for path in here.glob("cases_*.py"))
 
 
 def _synchronize(device):
@@ -31,20 +47,25 @@ def time_median(fn, device, min_time=1.0, max_repeats=50, warmup=2):
     """Median seconds of one call of fn (after warm-up), and the number of timed calls.
 
     Repeats until `min_time` seconds have been spent or `max_repeats` calls were made (at least 3).
-    On CUDA the calls are timed with events, so launch overhead is measured as the user sees it.
+    On CUDA each call is timed with a pair of CUDA events (launch overhead included, as the user sees it).
     """
-    if device == "cuda":
-        import triton.testing
-        ms = triton.testing.do_bench(fn, warmup=25, rep=max(100, int(min_time * 1000)), return_mode="median")
-        return ms / 1000.0, None
     for _ in range(warmup):
         fn()
     times = []
+    _synchronize(device)
     start = time.perf_counter()
     while len(times) < 3 or (len(times) < max_repeats and time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        if device == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return statistics.median(times), len(times)
 
 
@@ -96,52 +117,148 @@ def parametrize_cases(cases_module):
     return pytest.mark.parametrize("case, provider", params, ids=[f"{c['name']}-{p}" for c, p in params])
 
 
-def collect_cases(device, only=None):
+def _family_modules(selected=None):
+    names = family_names()
+    unknown = sorted(set(selected or ()) - set(names))
+    if unknown:
+        raise ValueError(f"unknown benchmark families {unknown}; the families are {names}")
+    return [importlib.import_module(f"fastbb.benchmarks.cases_{name}") for name in names
+            if not selected or name in selected]
+
+
+def collect_cases(device, only=None, families=None, exclude=()):
+    """Cases of the selected families (all by default) whose name contains a word of `only`, except the
+    cases named exactly in `exclude`."""
     cases = []
-    for module_name in CASE_MODULES:
-        module = importlib.import_module(f"fastbb.benchmarks.{module_name}")
+    for module in _family_modules(families):
+        family = module.__name__.rsplit("cases_", 1)[-1]
         for case in module.cases(device):
-            if only and not any(word in case["name"] for word in only):
+            if only and not any(word in case["name"] for word in only) or case["name"] in exclude:
                 continue
-            cases.append(case)
+            cases.append(dict(case, family=family))
     return cases
 
 
-def run(device=None, only=None, min_time=1.0, log=print):
-    """Time every case on `device` (default: cuda if present, else cpu); return the result dict."""
+def _measure(providers, device, min_time):
+    """{provider: measurement dict} for the providers of one case (errors reported, not raised)."""
+    measured = {}
+    if device == "cpu":
+        timings = time_interleaved(providers, min_time=min_time)
+    for provider, fn in providers.items():
+        try:
+            if device == "cpu":
+                if isinstance(timings[provider], Exception):
+                    raise timings[provider]
+                seconds, repeats = timings[provider]
+            else:
+                seconds, repeats = time_median(fn, device, min_time=min_time)
+            measured[provider] = {"median_s": seconds, "repeats": repeats, "peak_bytes": peak_memory(fn, device)}
+        except Exception as exc:  # a provider that fails is reported, not hidden
+            measured[provider] = {"error": f"{type(exc).__name__}: {exc}"}
+    return measured
+
+
+def _header(device):
     import fastbb
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results = []
-    for case in collect_cases(device, only):
-        row = {"name": case["name"], "baseline": case["baseline"], "providers": {}}
-        if device == "cpu":
-            timings = time_interleaved(case["providers"], min_time=min_time)
-        for provider, fn in case["providers"].items():
-            try:
-                if device == "cpu":
-                    if isinstance(timings[provider], Exception):
-                        raise timings[provider]
-                    seconds, repeats = timings[provider]
-                else:
-                    seconds, repeats = time_median(fn, device, min_time=min_time)
-                row["providers"][provider] = {"median_s": seconds, "repeats": repeats,
-                                              "peak_bytes": peak_memory(fn, device)}
-            except Exception as exc:  # a provider that fails is reported, not hidden
-                row["providers"][provider] = {"error": f"{type(exc).__name__}: {exc}"}
-        results.append(row)
-        log(format_row(row))
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "device_type": device,
         "cpu_threads": torch.get_num_threads(),
-        "timing": "interleaved rounds" if device == "cpu" else "triton.testing.do_bench per provider",
-        "versions": {"fastbb": fastbb.__version__, "torch": torch.__version__,
-                     "cuda": torch.version.cuda, "python": platform.python_version()},
+        "timing": "interleaved rounds" if device == "cpu" else "CUDA events per call, median after warm-up",
+        "triton_autotune": os.environ.get("FASTBB_TRITON_AUTOTUNE", "1") != "0",
+        "versions": _versions(),
         "backends": fastbb.backends(),
-        "results": results,
+        "results": [],
+        "dropped": [],
     }
+
+
+def _versions():
+    import fastbb
+
+    versions = {"fastbb": fastbb.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
+                "python": platform.python_version()}
+    try:
+        import triton
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import torchvision
+        versions["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def run(device=None, only=None, min_time=1.0, log=print, families=None, budget_s=None, json_path=None,
+        exclude=()):
+    """Time the cases of `families` (all by default) on `device` (default: cuda if present, else cpu),
+    except those named in `exclude`.
+
+    budget_s: seconds for the whole run (None: no limit). With a budget, torch.compile providers are timed
+    after every other provider of the run, each only when its cold compile (the case's
+    "compile_estimate_s") fits the time left; the others are listed in report["dropped"]. json_path: the
+    report is rewritten there after every row. Returns the report dict.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    report = _header(device)
+
+    def left():
+        return math.inf if budget_s is None else budget_s - (time.perf_counter() - start)
+
+    def save():
+        if json_path:
+            write_json(report, json_path)
+
+    deferred = []  # (row, case) whose torch.compile provider waits for the second pass
+    for case in collect_cases(device, only, families, exclude):
+        row = {"name": case["name"], "family": case["family"], "baseline": case["baseline"], "providers": {}}
+        report["results"].append(row)
+        if left() <= 0:
+            row["skipped"] = "the time budget was spent before this case"
+            save()
+            continue
+        providers = dict(case["providers"])
+        if budget_s is not None and COMPILE_PROVIDER in providers:
+            deferred.append((row, case))
+            del providers[COMPILE_PROVIDER]
+        row["providers"] = _measure(providers, device, min_time)
+        save()
+        log(format_row(row))
+    for row, case in deferred:
+        estimate = case.get("compile_estimate_s", DEFAULT_COMPILE_ESTIMATE_S[device])
+        if estimate > left():
+            report["dropped"].append({"case": row["name"], "provider": COMPILE_PROVIDER,
+                                      "why": f"its cold compile (about {estimate:.0f} s) does not fit the "
+                                             f"{max(left(), 0):.0f} s left of the budget"})
+            save()
+            continue
+        fn = case["providers"][COMPILE_PROVIDER]
+        t0 = time.perf_counter()
+        try:
+            fn()  # the cold compile, timed on its own
+            _synchronize(device)
+            compile_s = time.perf_counter() - t0
+            measured = _measure({COMPILE_PROVIDER: fn}, device, min_time)[COMPILE_PROVIDER]
+            measured["compile_s"] = compile_s
+        except Exception as exc:
+            measured = {"error": f"{type(exc).__name__}: {exc}"}
+        providers = dict(row["providers"])
+        providers[COMPILE_PROVIDER] = measured
+        row["providers"] = _in_case_order(providers, case)
+        save()
+        log(format_row(row))
+    report["elapsed_s"] = time.perf_counter() - start
+    save()
+    return report
+
+
+def _in_case_order(providers, case):
+    return {name: providers[name] for name in case["providers"] if name in providers}
 
 
 def _ms(seconds):
@@ -149,6 +266,8 @@ def _ms(seconds):
 
 
 def format_row(row):
+    if "skipped" in row:
+        return f"{row['name']:<44} skipped: {row['skipped']}"
     base = row["providers"].get(row["baseline"], {}).get("median_s")
     parts = []
     for provider, m in row["providers"].items():
@@ -166,11 +285,16 @@ def print_table(report, out=print):
     out("median time per call; (Nx) = speedup over the first provider of the row, the baseline")
     for row in report["results"]:
         out(format_row(row))
+    for dropped in report.get("dropped", ()):
+        out(f"dropped: {dropped['provider']} of {dropped['case']}: {dropped['why']}")
 
 
 def write_json(report, path):
-    with open(path, "w") as f:
+    """Write the report to path atomically (a reader never sees half a file, even if this process dies)."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
         json.dump(report, f, indent=2)
+    os.replace(partial, path)
 
 
 def write_plot(report, path):

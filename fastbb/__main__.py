@@ -1,6 +1,7 @@
 """`python -m fastbb`: the benchmark table on the default RetinaNet R50-FPN shapes.
 
-    python -m fastbb [--device cpu|cuda] [--only WORD ...] [--min-time S] [--json PATH] [--plot PATH.png]
+    python -m fastbb [--device cpu|cuda] [--family NAME ...] [--only WORD ...] [--min-time S] [--budget S]
+                     [--json PATH] [--plot PATH.png]
     python -m fastbb info
 """
 import argparse
@@ -22,6 +23,7 @@ def info():
         print(f"triton  {triton.__version__}")
     except ImportError:
         print("triton  not installed")
+    print(f"build   {_backend.build_report()}")
     ext = _backend.extension()
     if ext is None:
         print(f"fastbb._C: unusable: {_backend._extension_error}")
@@ -46,9 +48,15 @@ def main(argv=None):
     parser.add_argument("command", nargs="?", default="bench", choices=["bench", "info"])
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when a GPU is present, else cpu")
+    parser.add_argument("--family", nargs="+", default=None, metavar="NAME",
+                        help="run only these benchmark families (the NAME of benchmarks/cases_NAME.py)")
     parser.add_argument("--only", nargs="+", default=None, help="run only cases whose name contains a word")
+    parser.add_argument("--exclude", nargs="+", default=(), metavar="CASE", help="skip the cases of these exact names")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per provider")
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--budget", type=float, default=None, metavar="S",
+                        help="seconds for the whole run: torch.compile providers run last, only where their cold "
+                             "compile fits, and no case starts once the budget is spent")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON (row by row, as they finish)")
     parser.add_argument("--plot", metavar="PATH.png", help="write a speedup bar chart (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -60,11 +68,14 @@ def main(argv=None):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"fastbb benchmarks on {device}: median time per call, (Nx) = speedup over the row's first provider")
-    report = runner.run(device, only=args.only, min_time=args.min_time)
+    try:
+        report = runner.run(device, only=args.only, min_time=args.min_time, families=args.family,
+                            budget_s=args.budget, json_path=args.json, exclude=args.exclude)
+    except ValueError as exc:  # an unknown family
+        parser.error(str(exc))
     print()
     runner.print_table(report)
     if args.json:
-        runner.write_json(report, args.json)
         print(f"wrote {args.json}")
     if args.plot:
         runner.write_plot(report, args.plot)

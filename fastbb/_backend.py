@@ -49,11 +49,25 @@ _load_extension()
 _check_triton()
 if _extension_error is not None:
     warnings.warn(f"fastbb: {_extension_error}; ops run on their pure-PyTorch reference.", stacklevel=2)
+elif not _extension.with_cuda() and torch.version.cuda is not None and torch.cuda.is_available():
+    # A GPU, but a CPU-only build: say why once, so a silent fallback to Triton / PyTorch is not mistaken
+    # for fastbb's CUDA speed.
+    warnings.warn(f"{build_report()}. CUDA ops run on Triton or PyTorch instead.", stacklevel=2)
 
 
 def extension():
     """The loaded fastbb._C module, or None."""
     return _extension
+
+
+def build_report():
+    """The line the build ended with: what fastbb._C holds, and why CUDA kernels were skipped if they were."""
+    try:
+        from fastbb import _build_info
+    except ImportError:
+        return "fastbb._C is not built: every op runs on its pure-PyTorch reference"
+    return getattr(_build_info, "BUILD_REPORT", f"fastbb._C built for torch {_build_info.TORCH_VERSION}, CUDA "
+                                                f"kernels {'compiled' if _build_info.WITH_CUDA else 'not compiled'}")
 
 
 def triton_interpreter_on():

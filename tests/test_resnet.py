@@ -148,3 +148,34 @@ def test_cpu_inference_runs_channels_last_inside(grad):
         want, exact = theirs(x), copy.deepcopy(theirs).double()(x.double())
     assert layouts == [not grad] and got.shape == want.shape and got.is_contiguous()
     _assert_within_twice_torchvision_error(got, want, exact)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, layout", [(torch.float32, torch.contiguous_format),
+                                           (torch.bfloat16, torch.channels_last)], ids=["fp32-nchw", "bf16-nhwc"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_cuda_resnet50_matches_torchvision(dtype, layout, mode):
+    """ResNet-50 on the GPU (fused conv + BN + ReLU: cuDNN or Triton per shape, Triton BN in training):
+    logits, and in training every parameter gradient, within twice torchvision's own error in the same
+    dtype and layout against a float64 run."""
+    theirs = randomize_bn(torchvision.models.resnet50())
+    ours = resnet50(weights=theirs.state_dict())
+    exact_model = copy.deepcopy(theirs).double().cuda()
+    theirs, ours = (m.cuda().to(dtype=dtype, memory_format=layout) for m in (theirs, ours))
+    x = torch.randn(4, 3, 96, 128, device="cuda")
+    outputs, grads = [], []
+    for model, inputs in ((exact_model, x.double()), (theirs, x.to(dtype)), (ours, x.to(dtype))):
+        getattr(model, mode)()
+        inputs = inputs.contiguous(memory_format=layout)
+        if mode == "eval":
+            with torch.no_grad():
+                outputs.append(model(inputs))
+        else:
+            out = model(inputs)
+            outputs.append(out)
+            grads.append(torch.autograd.grad(out.double().square().mean(), list(model.parameters())))
+    exact, want, got = outputs
+    assert got.dtype == want.dtype == dtype
+    _assert_within_twice_torchvision_error(got, want, exact)
+    for (name, _), g_exact, g_want, g_got in zip(ours.named_parameters(), *grads):
+        assert _error(g_got, g_exact) <= 2 * _error(g_want, g_exact) + 1e-6 * float(g_exact.norm()), name
