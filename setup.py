@@ -12,7 +12,14 @@ import sys
 
 from setuptools import find_packages, setup
 
-import torch
+try:
+    import torch
+except ImportError:
+    # pip builds in a fresh, isolated environment unless told not to, and that environment has no torch;
+    # fetching one there could give another torch than the installed one, and a binary that cannot load.
+    sys.exit("fastbb: the build cannot see torch. fastbb._C is compiled against the torch already installed, "
+             "which pip's isolated build environment hides: install torch first, then run "
+             "`pip install --no-build-isolation .` (or `pip install --no-build-isolation -e .`).")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
@@ -75,7 +82,7 @@ def _build_report():
 BUILD_REPORT = _build_report()
 
 
-def _write_build_info():
+def _write_build_info(report):
     # Read by fastbb._backend before it imports fastbb._C, so that a binary built for another torch
     # is never loaded (loading it could abort the process instead of raising).
     path = os.path.join(ROOT, "fastbb", "_build_info.py")
@@ -84,7 +91,7 @@ def _write_build_info():
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"WITH_CUDA = {WITH_CUDA!r}\n")
         f.write(f"CUDA_ARCHS = {os.environ['TORCH_CUDA_ARCH_LIST']!r}\n")
-        f.write(f"BUILD_REPORT = {BUILD_REPORT!r}\n")
+        f.write(f"BUILD_REPORT = {report!r}\n")
 
 
 def _extension():
@@ -126,10 +133,12 @@ class BuildExtension(cpp_extension.BuildExtension):
                 os.remove(path)
             return
         # pip shows a build's output only with -v; `python -m fastbb info` repeats this line.
+        _write_build_info(BUILD_REPORT)
         print(BUILD_REPORT, flush=True)
 
 
-_write_build_info()
+# Until the build succeeds, the report says it did not (a killed build leaves this line behind).
+_write_build_info("fastbb: the last build of fastbb._C did not finish; reinstall fastbb to rebuild it")
 
 setup(
     name="fastbb",

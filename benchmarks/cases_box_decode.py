@@ -50,4 +50,4 @@ def cases(device):
                 and not (backend == "triton" and device == "cpu"):  # the interpreter is not a speed path
             providers[f"fastbb[{backend}]"] = with_backend(backend)
     return [{"name": f"decode_boxes {NUM_IMAGES}x{NUM_ANCHORS} anchors", "providers": providers,
-             "baseline": "torchvision"}]
+             "baseline": "torchvision", "representative": True}]

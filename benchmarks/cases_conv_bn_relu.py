@@ -59,7 +59,7 @@ def _conv_bn_cases(device):
         cases.append({"name": f"conv_bn_relu eval 3x3 d{dilation} 1x256x64x64",
                       "providers": {"eager": no_grad(lambda m=eager: m(x)), "torch.compile": no_grad(lambda c=compiled: c(x)),
                                     "fastbb": no_grad(fused)},
-                      "baseline": "eager"})
+                      "baseline": "eager", "representative": dilation == 2})
 
     conv = nn.Conv2d(256, 256, 3, padding=2, dilation=2, bias=False).to(device)
     bn_eager = _randomize_bn(nn.BatchNorm2d(256)).to(device).train()
@@ -105,7 +105,8 @@ def _resnet_cases(device):
         cases.append({"name": f"ResNet-50 eval {batch}x3x224x224{tag}",
                       "providers": {"torchvision": no_grad(model_tv), "torch.compile": no_grad(compiled),
                                     "fastbb": no_grad(model_fb)},
-                      "baseline": "torchvision", "compile_estimate_s": RESNET_COMPILE_ESTIMATE_S})
+                      "baseline": "torchvision", "compile_estimate_s": RESNET_COMPILE_ESTIMATE_S,
+                      "representative": tag == ""})
 
     from torchvision.models.feature_extraction import create_feature_extractor
     extractor = create_feature_extractor(theirs, {f"layer{i}": f"c{i + 1}" for i in range(1, 5)})

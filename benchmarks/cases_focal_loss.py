@@ -65,5 +65,6 @@ def cases(device):
     }
     labelled.update(backend_providers(sigmoid_focal_loss_labels, labels, reduction="sum"))
     name = f"{NUM_ANCHORS}x{NUM_CLASSES} fwd+bwd sum"
-    return [{"name": f"focal_loss dense {name}", "providers": dense, "baseline": "torchvision"},
+    return [{"name": f"focal_loss dense {name}", "providers": dense, "baseline": "torchvision",
+             "representative": True},
             {"name": f"focal_loss labels {name}", "providers": labelled, "baseline": "torchvision"}]

@@ -90,7 +90,8 @@ def _merge_cases(device, tag, dtype, layout):
         "fastbb": _grads(upsample_nearest_add, (top_g, lateral_g)),
     }
     backward.update(_backend_providers(device, lambda: _grads(upsample_nearest_add, (top_g, lateral_g))))
-    return [{"name": f"upsample_nearest_add fwd {shape}", "providers": forward, "baseline": "eager"},
+    return [{"name": f"upsample_nearest_add fwd {shape}", "providers": forward, "baseline": "eager",
+             "representative": tag == ""},
             {"name": f"upsample_nearest_add fwd+bwd {shape}", "providers": backward, "baseline": "eager"}]
 
 
@@ -111,7 +112,7 @@ def _fpn_merge_case(device, tag, dtype, layout):
     }
     providers.update(_backend_providers(device, lambda: lambda: fpn_merge(x, weight, bias, top)))
     name = f"fpn_merge fwd {BATCH}x{c_in}x{height}x{width}->{OUT_CHANNELS}{tag}"
-    return [{"name": name, "providers": providers, "baseline": "eager"}]
+    return [{"name": name, "providers": providers, "baseline": "eager", "representative": tag == ""}]
 
 
 def _fpn_cases(device, tag, dtype, layout):
@@ -152,7 +153,8 @@ def _fpn_cases(device, tag, dtype, layout):
                                                               "fastbb": merges(upsample_nearest_add)},
          "baseline": "eager"},
         {"name": f"FeaturePyramidNetwork fwd {shape}",
-         "providers": {"torchvision": forward(theirs), "fastbb": forward(ours)}, "baseline": "torchvision"},
+         "providers": {"torchvision": forward(theirs), "fastbb": forward(ours)}, "baseline": "torchvision",
+         "representative": tag == ""},
         {"name": f"FeaturePyramidNetwork fwd+bwd {shape}",
          "providers": {"torchvision": forward_backward(theirs), "fastbb": forward_backward(ours)},
          "baseline": "torchvision"},

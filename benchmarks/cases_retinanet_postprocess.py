@@ -71,5 +71,5 @@ def cases(device):
             if _backend.backend_usable(backend, device, KERNELS.get(backend)):
                 providers[f"fastbb[{backend}]"] = _with_backend(backend, lambda a=args: retinanet_postprocess(*a))
         result.append({"name": f"retinanet_postprocess {batch}x{sum(args[3])} anchors {NUM_CLASSES} classes",
-                       "providers": providers, "baseline": "torchvision"})
+                       "providers": providers, "baseline": "torchvision", "representative": True})
     return result

@@ -1,8 +1,9 @@
 """The comparison runner behind `python -m fastbb`.
 
 Each benchmarks/cases_<family>.py offers `cases(device)`: a list of
-{"name": str, "providers": {provider: zero-argument callable}, "baseline": provider,
- "compile_estimate_s": optional seconds a cold torch.compile of the case's "torch.compile" provider takes}.
+{"name": str, "providers": {provider: zero-argument callable}, "baseline": provider, and optionally
+ "representative": True (the case is in the default, quick run), "note": why a provider is missing,
+ "compile_estimate_s": seconds a cold torch.compile of the case's "torch.compile" provider takes}.
 The runner finds the cases_*.py files itself; it imports and builds only the families asked for. It times
 every provider on the same prebuilt inputs in this process and reports median times and the speedup of each
 provider over the baseline. On the CPU a case's providers are timed in interleaved rounds (one call of each
@@ -30,6 +31,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 COMPILE_PROVIDER = "torch.compile"
 # A cold torch.compile when a case does not say (seconds): small graphs compile in a few seconds.
 DEFAULT_COMPILE_ESTIMATE_S = {"cpu": 20.0, "cuda": 20.0}
+LEGEND = """\
+legend: median time per call; (Nx) = speedup over the row's baseline, its first provider.
+  torchvision / eager   the code fastbb replaces (torchvision's op or module, or plain PyTorch)
+  torch.compile         that same code under torch.compile
+  fastbb                fastbb with the backend it picks on this device
+  fastbb[B]             fastbb forced onto one backend B: cpp (its C++ kernels), cuda (its CUDA kernels),
+                        triton (its Triton kernels); `python -m fastbb info` lists what each is here
+  copy lateral          a plain copy of the lateral feature map: the memory floor of the FPN merge"""
 
 
 def family_names():
@@ -126,14 +135,16 @@ def _family_modules(selected=None):
             if not selected or name in selected]
 
 
-def collect_cases(device, only=None, families=None, exclude=()):
+def collect_cases(device, only=None, families=None, exclude=(), representative=False):
     """Cases of the selected families (all by default) whose name contains a word of `only`, except the
-    cases named exactly in `exclude`."""
+    cases named exactly in `exclude`; with `representative`, only the cases marked so."""
     cases = []
     for module in _family_modules(families):
         family = module.__name__.rsplit("cases_", 1)[-1]
         for case in module.cases(device):
             if only and not any(word in case["name"] for word in only) or case["name"] in exclude:
+                continue
+            if representative and not case.get("representative"):
                 continue
             cases.append(dict(case, family=family))
     return cases
@@ -194,9 +205,9 @@ def _versions():
 
 
 def run(device=None, only=None, min_time=1.0, log=print, families=None, budget_s=None, json_path=None,
-        exclude=()):
+        exclude=(), representative=False):
     """Time the cases of `families` (all by default) on `device` (default: cuda if present, else cpu),
-    except those named in `exclude`.
+    except those named in `exclude`; with `representative`, only the cases marked as such.
 
     budget_s: seconds for the whole run (None: no limit). With a budget, torch.compile providers are timed
     after every other provider of the run, each only when its cold compile (the case's
@@ -215,8 +226,11 @@ def run(device=None, only=None, min_time=1.0, log=print, families=None, budget_s
             write_json(report, json_path)
 
     deferred = []  # (row, case) whose torch.compile provider waits for the second pass
-    for case in collect_cases(device, only, families, exclude):
+    cases = collect_cases(device, only, families, exclude, representative)
+    for number, case in enumerate(cases, 1):
         row = {"name": case["name"], "family": case["family"], "baseline": case["baseline"], "providers": {}}
+        if case.get("note"):
+            row["note"] = case["note"]
         report["results"].append(row)
         if left() <= 0:
             row["skipped"] = "the time budget was spent before this case"
@@ -226,9 +240,10 @@ def run(device=None, only=None, min_time=1.0, log=print, families=None, budget_s
         if budget_s is not None and COMPILE_PROVIDER in providers:
             deferred.append((row, case))
             del providers[COMPILE_PROVIDER]
+        t0 = time.perf_counter()
         row["providers"] = _measure(providers, device, min_time)
         save()
-        log(format_row(row))
+        log(f"[{number}/{len(cases)}] {row['name']} ({time.perf_counter() - t0:.1f} s)")
     for row, case in deferred:
         estimate = case.get("compile_estimate_s", DEFAULT_COMPILE_ESTIMATE_S[device])
         if estimate > left():
@@ -243,15 +258,20 @@ def run(device=None, only=None, min_time=1.0, log=print, families=None, budget_s
             fn()  # the cold compile, timed on its own
             _synchronize(device)
             compile_s = time.perf_counter() - t0
-            measured = _measure({COMPILE_PROVIDER: fn}, device, min_time)[COMPILE_PROVIDER]
+            # On the CPU the baseline and fastbb are timed again in the same interleaved rounds, so that the
+            # three are compared at one moment of a machine whose speed drifts.
+            again = [name for name in (case["baseline"], "fastbb") if device == "cpu" and name in case["providers"]]
+            remeasured = _measure({name: case["providers"][name] for name in again + [COMPILE_PROVIDER]},
+                                  device, min_time)
+            measured = remeasured.pop(COMPILE_PROVIDER)
             measured["compile_s"] = compile_s
         except Exception as exc:
-            measured = {"error": f"{type(exc).__name__}: {exc}"}
-        providers = dict(row["providers"])
+            measured, remeasured = {"error": f"{type(exc).__name__}: {exc}"}, {}
+        providers = dict(row["providers"], **remeasured)
         providers[COMPILE_PROVIDER] = measured
         row["providers"] = _in_case_order(providers, case)
         save()
-        log(format_row(row))
+        log(f"[torch.compile] {row['name']} (compiled in {measured.get('compile_s', 0):.1f} s)")
     report["elapsed_s"] = time.perf_counter() - start
     save()
     return report
@@ -282,9 +302,12 @@ def format_row(row):
 def print_table(report, out=print):
     out(f"fastbb benchmarks on {report['device']} ({report['device_type']}, {report['cpu_threads']} threads), "
         f"torch {report['versions']['torch']}, {report['date']}")
-    out("median time per call; (Nx) = speedup over the first provider of the row, the baseline")
+    out(LEGEND)
+    out("")
     for row in report["results"]:
         out(format_row(row))
+        if row.get("note"):
+            out(f"{'':<44} note: {row['note']}")
     for dropped in report.get("dropped", ()):
         out(f"dropped: {dropped['provider']} of {dropped['case']}: {dropped['why']}")
 
@@ -297,30 +320,46 @@ def write_json(report, path):
     os.replace(partial, path)
 
 
-def write_plot(report, path):
-    """A bar chart of each provider's speedup over the baseline, per case (needs matplotlib)."""
+def check_plot_support():
+    """Raise SystemExit now, before a long run, if --plot cannot work here."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError as exc:
         raise SystemExit("--plot needs matplotlib: pip install matplotlib") from exc
-    rows = [r for r in report["results"] if r["providers"].get(r["baseline"], {}).get("median_s")]
-    providers = sorted({p for r in rows for p in r["providers"] if p != r["baseline"]})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) * max(1, len(providers))), 4.5))
+
+
+def write_plot(report, path):
+    """A bar chart of each provider's speedup over the baseline, per case, on a log scale with the 1x line;
+    every row is shown, a provider that was not timed is marked "n/a" (needs matplotlib)."""
+    check_plot_support()
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r.get("providers")] or report["results"]
+    providers = sorted({p for r in rows for p in r.get("providers", {}) if p != r["baseline"]})
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) * max(1, len(providers)) ** 0.5 + 2), 5))
     width = 0.8 / max(1, len(providers))
+    ax.set_yscale("log")
+    labelled = set()
     for i, provider in enumerate(providers):
-        speedups = []
-        for r in rows:
-            m = r["providers"].get(provider, {})
-            base = r["providers"][r["baseline"]]["median_s"]
-            speedups.append(base / m["median_s"] if m.get("median_s") else math.nan)
-        ax.bar([x + i * width for x in range(len(rows))], speedups, width, label=provider)
+        for x, r in enumerate(rows):
+            m = r.get("providers", {}).get(provider)
+            base = r.get("providers", {}).get(r["baseline"], {}).get("median_s")
+            position = x + i * width
+            if m is None:
+                continue
+            if base and m.get("median_s"):
+                ax.bar(position, base / m["median_s"], width, color=f"C{i}",
+                       label=None if provider in labelled else provider)
+                labelled.add(provider)
+            else:
+                ax.text(position, 1.0, "n/a", rotation=90, ha="center", va="bottom", fontsize=6)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([x + width * (len(providers) - 1) / 2 for x in range(len(rows))])
-    ax.set_xticklabels([r["name"] for r in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("speedup over baseline (x)")
+    ax.set_xticklabels([r["name"] for r in rows], rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("speedup over the baseline (x, log scale)")
     ax.set_title(f"fastbb on {report['device']}")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

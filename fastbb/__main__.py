@@ -1,14 +1,20 @@
 """`python -m fastbb`: the benchmark table on the default RetinaNet R50-FPN shapes.
 
-    python -m fastbb [--device cpu|cuda] [--family NAME ...] [--only WORD ...] [--min-time S] [--budget S]
-                     [--json PATH] [--plot PATH.png]
+    python -m fastbb [--full] [--device cpu|cuda] [--family NAME ...] [--only WORD ...] [--min-time S]
+                     [--budget S] [--json PATH] [--plot PATH.png]
     python -m fastbb info
+
+By default a representative case of each family runs, within a budget of QUICK_BUDGET_S seconds (about
+3 minutes on a 2-core CPU); --full (or --family / --only) runs every selected case.
 """
 import argparse
 import platform
 import sys
 
 import torch
+
+# The default run: one representative case per family, torch.compile comparisons where they fit.
+QUICK_BUDGET_S = 150.0
 
 
 def info():
@@ -48,6 +54,7 @@ def main(argv=None):
     parser.add_argument("command", nargs="?", default="bench", choices=["bench", "info"])
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when a GPU is present, else cpu")
+    parser.add_argument("--full", action="store_true", help="run every case, not one representative per family")
     parser.add_argument("--family", nargs="+", default=None, metavar="NAME",
                         help="run only these benchmark families (the NAME of benchmarks/cases_NAME.py)")
     parser.add_argument("--only", nargs="+", default=None, help="run only cases whose name contains a word")
@@ -66,11 +73,22 @@ def main(argv=None):
         parser.error("--device cuda: no CUDA GPU is available")
     from fastbb.benchmarks import runner
 
+    if args.plot:
+        runner.check_plot_support()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"fastbb benchmarks on {device}: median time per call, (Nx) = speedup over the row's first provider")
+    quick = not (args.full or args.family or args.only)
+    budget = args.budget if args.budget is not None or not quick else QUICK_BUDGET_S
+    print(f"fastbb benchmarks on {device}: "
+          + ("one representative case per family (--full for all), " if quick else "")
+          + (f"within {budget:.0f} s" if budget else "no time limit"), file=sys.stderr)
+
+    def progress(line):
+        print(f"  {line}", file=sys.stderr, flush=True)
+
     try:
         report = runner.run(device, only=args.only, min_time=args.min_time, families=args.family,
-                            budget_s=args.budget, json_path=args.json, exclude=args.exclude)
+                            budget_s=budget, json_path=args.json, exclude=args.exclude, representative=quick,
+                            log=progress)
     except ValueError as exc:  # an unknown family
         parser.error(str(exc))
     print()

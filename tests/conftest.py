@@ -53,7 +53,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: large shapes; deselect with -m 'not slow'")
 
 
+def _runs_on_cuda(item):
+    """Whether a test is parametrized with a CUDA device (devices() offers one when a GPU is present)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(value == "cuda" or (isinstance(value, torch.device) and value.type == "cuda")
+               for value in params.values() if isinstance(value, (str, torch.device)))
+
+
 def pytest_collection_modifyitems(config, items):
+    # Tests that run on the GPU through a device parameter carry the cuda mark too, so that `-m cuda` (the
+    # GPU check) selects every test that touches the GPU.
+    for item in items:
+        if _runs_on_cuda(item):
+            item.add_marker(pytest.mark.cuda)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

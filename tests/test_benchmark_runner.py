@@ -1,0 +1,119 @@
+"""The benchmark runner (python -m fastbb) and the GPU check's bookkeeping, on fake cases: budgets, the
+torch.compile pass, rows written as they finish, reruns that keep earlier rows, test results read back."""
+import json
+import os
+import sys
+
+import pytest
+
+from fastbb.benchmarks import runner
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import gpu_check  # noqa: E402  (a script, not part of the package)
+
+
+def _case(name, calls, compile_estimate_s=None, fail=False):
+    def provider(tag):
+        def run():
+            calls.append((name, tag))
+            if fail and tag == "fastbb":
+                raise RuntimeError("boom")
+        return run
+
+    case = {"name": name, "baseline": "eager", "family": "fake",
+            "providers": {"eager": provider("eager"), "torch.compile": provider("torch.compile"),
+                          "fastbb": provider("fastbb")}}
+    if compile_estimate_s is not None:
+        case["compile_estimate_s"] = compile_estimate_s
+    return case
+
+
+def test_families_are_found_from_the_case_files():
+    assert {"nms", "box_decode", "retinanet_postprocess", "focal_loss", "fpn", "conv_bn_relu"} <= set(
+        runner.family_names())
+    with pytest.raises(ValueError, match="unknown benchmark families"):
+        runner.collect_cases("cpu", families=["no_such_family"])
+
+
+def test_budget_defers_and_drops_torch_compile(monkeypatch, tmp_path):
+    calls = []
+    cases = [_case("small", calls, compile_estimate_s=0.0), _case("large", calls, compile_estimate_s=1e6),
+             _case("broken", calls, compile_estimate_s=1e6, fail=True)]
+    monkeypatch.setattr(runner, "collect_cases", lambda *args: cases)
+    written = []
+    real_write = runner.write_json
+    monkeypatch.setattr(runner, "write_json", lambda report, path: (written.append(len(report["results"])),
+                                                                      real_write(report, path)))
+    path = tmp_path / "report.json"
+    report = runner.run("cpu", min_time=0.0, budget_s=1e5, json_path=str(path), log=lambda line: None)
+    rows = {row["name"]: row for row in report["results"]}
+    # every non-compile provider ran before any torch.compile provider
+    first_compile = next(i for i, call in enumerate(calls) if call[1] == "torch.compile")
+    assert all(call[1] != "torch.compile" for call in calls[:first_compile])
+    assert {call[0] for call in calls[:first_compile]} == {"small", "large", "broken"}
+    assert "compile_s" in rows["small"]["providers"]["torch.compile"]
+    assert list(rows["small"]["providers"]) == ["eager", "torch.compile", "fastbb"]  # the case's order
+    assert "torch.compile" not in rows["large"]["providers"]
+    assert [d["case"] for d in report["dropped"]] == ["large", "broken"]
+    assert rows["broken"]["providers"]["fastbb"]["error"] == "RuntimeError: boom"
+    assert written[:3] == [1, 2, 3]  # the JSON was rewritten after each row
+    assert json.loads(path.read_text())["results"][0]["name"] == "small"
+    assert not os.path.exists(f"{path}.partial")
+
+
+def test_spent_budget_skips_the_remaining_cases(monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner, "collect_cases", lambda *args: [_case("a", calls), _case("b", calls)])
+    report = runner.run("cpu", min_time=0.0, budget_s=0.0, log=lambda line: None)
+    assert all("skipped" in row for row in report["results"]) and not calls
+    assert "skipped" in runner.format_row(report["results"][0])
+
+
+def test_exclude_and_representative_select_cases():
+    names = [case["name"] for case in runner.collect_cases("cpu", families=["box_decode"])]
+    assert names and runner.collect_cases("cpu", families=["box_decode"], exclude=names) == []
+    quick = runner.collect_cases("cpu", families=["nms"], representative=True)
+    assert [case["name"] for case in quick] == ["nms 20000 boxes", "batched_nms 80 classes 50000 boxes"]
+
+
+def test_gpu_check_reads_junit_and_killed_logs(tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<testsuites><testsuite><testcase classname="t" name="ok"/>'
+        '<testcase classname="t" name="bad"><failure message="x"/></testcase>'
+        '<testcase classname="t" name="skip"><skipped message="y"/></testcase></testsuite></testsuites>')
+    result = gpu_check._test_result(1, str(junit), str(tmp_path / "unused.log"))
+    assert result["status"] == "failed" and result["counts"] == {"passed": 1, "failed": 1, "error": 0, "skipped": 1}
+    assert result["failures"] == ["t::bad"]
+    log = tmp_path / "killed.log"
+    log.write_text("tests/a.py::t1 PASSED [ 10%]\n[gw0] [ 20%] FAILED tests/a.py::t2\ncollecting ...\n")
+    result = gpu_check._test_result("timeout", str(junit), str(log))
+    assert result["status"] == "timeout" and result["counts"]["passed"] == 1 and result["counts"]["failed"] == 1
+    assert gpu_check._test_result(5, str(tmp_path / "none.xml"), str(log))["status"] == "no cuda tests"
+
+
+def test_gpu_check_rerun_keeps_earlier_rows():
+    row = lambda name, skipped=False: ({"name": name, "skipped": "budget"} if skipped  # noqa: E731
+                                       else {"name": name, "providers": {"eager": {"median_s": 1.0}}})
+    earlier = {"results": [row("a"), row("b", skipped=True)], "dropped": [{"case": "a"}]}
+    later = {"results": [row("b")], "dropped": []}
+    assert gpu_check._measured_cases(earlier) == ["a"]
+    merged = gpu_check._merge_reports(earlier, later)
+    assert [r["name"] for r in merged["results"]] == ["a", "b"] and "skipped" not in merged["results"][1]
+    assert gpu_check._merge_reports(earlier, None) is earlier
+    assert gpu_check._bench_status("timeout", None) == "timeout (no row finished)"
+    assert gpu_check._bench_status(0, {"results": [row("a", skipped=True)]}) == "partial (budget spent)"
+    assert gpu_check._bench_status(1, later).startswith("crashed")
+
+
+def test_gpu_check_summary_lists_speedups():
+    state = {"mode": "full", "date": "d", "elapsed_s": 1, "total_limit_s": 360,
+             "machine": {"gpu": "NVIDIA H200", "cpus": 16, "python": "3.12"}, "build": {"status": "ok"},
+             "tests": {"tests/test_nms.py": {"status": "passed", "counts": {"passed": 3}}},
+             "benchmarks": {"detection": {"status": "complete", "report": {"results": [
+                 {"name": "nms", "baseline": "torchvision",
+                  "providers": {"torchvision": {"median_s": 4e-3}, "torch.compile": {"median_s": 2e-3},
+                                "fastbb": {"median_s": 1e-3}}}]}}}}
+    text = gpu_check.summary(state)
+    assert "NVIDIA H200" in text and "passed 3" in text
+    assert "4.00x" in text and "2.00x" in text
