@@ -2,14 +2,10 @@
 torch.compile pass, rows written as they finish, reruns that keep earlier rows, test results read back."""
 import json
 import os
-import sys
 
 import pytest
 
-from fastbb.benchmarks import runner
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import gpu_check  # noqa: E402  (a script, not part of the package)
+from fastbb.benchmarks import gpu_check, runner
 
 
 def _case(name, calls, compile_estimate_s=None, fail=False):
