@@ -1,5 +1,6 @@
-"""What every Triton launcher in fastbb.kernels shares: the interpreter switch, the device guard, CUDA's
-grid limits, the compute dtype, and the store-side bfloat16 rounding the interpreter needs."""
+"""What every Triton launcher in fastbb.kernels shares: the interpreter switch, the autotuning switch and
+the autotuned-kernel wrapper, the device guard, CUDA's grid limits, the compute dtype, and the store-side
+bfloat16 rounding the interpreter needs."""
 import contextlib
 import os
 
@@ -12,6 +13,41 @@ INT32_MAX = 2**31 - 1
 # CUDA's limits on a launch: gridDim.x up to 2**31 - 1, gridDim.y and gridDim.z up to 65535.
 GRID_X_MAX = INT32_MAX
 GRID_YZ_MAX = 65535
+AUTOTUNE_VARIABLE = "FASTBB_TRITON_AUTOTUNE"
+
+
+def autotune_enabled():
+    """Whether autotuned kernels search their config lists (the default) or launch their pinned config
+    alone (FASTBB_TRITON_AUTOTUNE=0: one compile per kernel and dtype and no benchmarking, which is what a
+    short GPU test run can afford). Read at each launch, so tests and scripts switch it without a reimport."""
+    value = os.environ.get(AUTOTUNE_VARIABLE, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_VARIABLE} must be 0 (pinned configs) or 1 (autotune), got {value!r}")
+    return value == "1"
+
+
+class TunedKernel:
+    """A @triton.jit kernel with the configs it is autotuned over and the one config it is pinned to when
+    autotuning is off (one of those configs, so whatever checks the list covers it too)."""
+
+    def __init__(self, kernel, configs, pinned, key):
+        if pinned not in configs:
+            raise ValueError(f"{kernel.__name__}: the pinned config {pinned} is not one of its configs")
+        self.kernel = kernel
+        self.configs = tuple(configs)
+        self.pinned = pinned
+        self.key = list(key)
+        self._launchers = {}
+
+    def launcher(self):
+        """triton.autotune over every config, or over the pinned one alone when autotuning is off (a
+        single config is launched without benchmarking). One launcher per switch state, each with its own
+        tuning cache, made on first use so that importing a kernel module builds no autotuner."""
+        tune = autotune_enabled()
+        if tune not in self._launchers:
+            configs = list(self.configs) if tune else [self.pinned]
+            self._launchers[tune] = triton.autotune(configs=configs, key=self.key)(self.kernel)
+        return self._launchers[tune]
 
 
 def on_device(t):

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbb.kernels._common import (INT32_MAX, GRID_YZ_MAX, INTERPRET, compute_dtype, on_device, output_format,
-                                     output_value, round_bf16, span)
+from fastbb.kernels._common import (INT32_MAX, GRID_YZ_MAX, INTERPRET, TunedKernel, compute_dtype, on_device,
+                                     output_format, output_value, round_bf16, span)
 
 # BN tiles hold 2048 elements on a GPU (16 per thread with 4 warps). The interpreter runs each program in
 # Python: small tiles, and two per reduction program, so that small test shapes still cover several
@@ -318,12 +318,14 @@ def _conv2d_epilogue_kernel(x_ptr, weight_ptr, scale_ptr, shift_ptr, residual_pt
         k = tap * Cin + ci
         b = tl.load(weight_ptr + (k.to(OFFSET)[:, None] * Cout + out_ch.to(OFFSET)[None, :]),
                     mask=ci_ok[:, None] & out_ch_ok[None, :], other=0)
+        # out_dtype=ACC: Triton 3.6 requires the accumulator's dtype to equal out_dtype (float32 by default),
+        # which a float64 accumulator does not
         if DOT_IN_FP32:
             # full-precision products: float32 inputs (no TF32), and 16-bit inputs under the
             # interpreter, whose own 16-bit arithmetic is unreliable (16-bit products are exact in fp32)
-            acc = tl.dot(a.to(ACC), b.to(ACC), acc, input_precision="ieee")
+            acc = tl.dot(a.to(ACC), b.to(ACC), acc, input_precision="ieee", out_dtype=ACC)
         else:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=ACC)
 
     scale = tl.load(scale_ptr + out_ch * scale_s, mask=out_ch_ok, other=0).to(ACC)
     shift = tl.load(shift_ptr + out_ch * shift_s, mask=out_ch_ok, other=0).to(ACC)
@@ -341,28 +343,41 @@ def _conv2d_epilogue_kernel(x_ptr, weight_ptr, scale_ptr, shift_ptr, residual_pt
 
 # Configs for H100/H200-class GPUs: 16-bit dots run on the tensor cores, float32 ones at full precision
 # on the FMA units, where the smaller tiles keep their accumulator without spilling. The autotuner keys
-# on the GEMM sizes and (implicitly) on the dtypes.
+# on the GEMM sizes and (implicitly) on the dtypes. The pinned config (FASTBB_TRITON_AUTOTUNE=0)
+# compiles without spills for every dtype on sm_90 and with at most 12 bytes (float32) on sm_80, under
+# Triton 3.6 and 3.8 (tests/triton_compile.py prints the table).
+_CONV_PINNED = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4)
 _CONV_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    _CONV_PINNED,
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
 ]
+# float64 accumulators take twice the registers and its tiles twice the shared memory: 128 x 128 tiles
+# spill hundreds of bytes, and 128 x 128 x 64 at 3 stages needs 256 KiB of shared memory, over Hopper's
+# 227 KiB and A100's 163 KiB. These need at most 96 KiB and compile on sm_80 and sm_90 with at most a
+# few bytes of spills.
+_CONV_FP64_PINNED = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)
+_CONV_FP64_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    _CONV_FP64_PINNED,
+]
+_CONV = TunedKernel(_conv2d_epilogue_kernel, _CONV_CONFIGS, _CONV_PINNED, key=["GEMM_M", "Cout", "GEMM_K"])
+_CONV_FP64 = TunedKernel(_conv2d_epilogue_kernel, _CONV_FP64_CONFIGS, _CONV_FP64_PINNED,
+                         key=["GEMM_M", "Cout", "GEMM_K"])
 # One small config under the interpreter (>= 16 per side, as tl.dot needs), so that small test shapes
 # still cover several blocks on every axis and every edge mask.
 _CONVINTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
 
 
-@functools.cache
-def _conv2d_epilogue_autotuned():
-    return triton.autotune(configs=_CONV_CONFIGS, key=["GEMM_M", "Cout", "GEMM_K"])(_conv2d_epilogue_kernel)
-
-
-
-
-
+def _conv2d_epilogue_tuned(dtype):
+    """The autotuned conv2d_epilogue for inputs of dtype: float64 has its own configs."""
+    return _CONV_FP64 if dtype == torch.float64 else _CONV
 
 
 @functools.cache
@@ -579,7 +594,7 @@ def conv2d_epilogue(x, weight, scale, shift, residual, relu, stride=1, padding=0
         kernel = _conv2d_epilogue_kernel
         kwargs.update(_CONVINTERPRET_BLOCKS)
     else:
-        kernel = _conv2d_epilogue_autotuned()
+        kernel = _conv2d_epilogue_tuned(x.dtype).launcher()
 
     def grid(meta):
         return (triton.cdiv(gemm_m, meta["BLOCK_M"]) * triton.cdiv(Cout, meta["BLOCK_N"]),)

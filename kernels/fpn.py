@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbb.kernels._common import (INT32_MAX, GRID_YZ_MAX, INTERPRET, compute_dtype, on_device, output_format,
-                                     output_value, round_bf16, span)
+from fastbb.kernels._common import (INT32_MAX, GRID_YZ_MAX, INTERPRET, TunedKernel, compute_dtype, on_device,
+                                     output_format, output_value, round_bf16, span)
 
 _TILE_ELEMENTS = 2048  # elementwise tiles: 16 elements per thread with 4 warps
 _MAX_FAST_BLOCK = 128
@@ -202,12 +202,14 @@ def _fpn_merge_kernel(x_ptr, weight_ptr, bias_ptr, top_ptr, out_ptr, Cin, Cout, 
                     mask=pixel_ok[:, None] & k_ok[None, :], other=0)
         b = tl.load(weight_ptr + (k.to(OFFSET)[:, None] * w_si + out_ch.to(OFFSET)[None, :] * w_so),
                     mask=k_ok[:, None] & out_ch_ok[None, :], other=0)
+        # out_dtype=ACC: Triton 3.6 requires the accumulator's dtype to equal out_dtype (float32 by default),
+        # which a float64 accumulator does not
         if DOT_IN_FP32:
             # full-precision products: float32 inputs (no TF32), and 16-bit inputs under the
             # interpreter, whose own 16-bit arithmetic is unreliable (bf16 products are exact in fp32)
-            acc = tl.dot(a.to(ACC), b.to(ACC), acc, input_precision="ieee")
+            acc = tl.dot(a.to(ACC), b.to(ACC), acc, input_precision="ieee", out_dtype=ACC)
         else:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=ACC)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + out_ch * b_s, mask=out_ch_ok, other=0).to(ACC)
@@ -225,22 +227,40 @@ def _fpn_merge_kernel(x_ptr, weight_ptr, bias_ptr, top_ptr, out_ptr, Cin, Cout, 
 
 
 # Configs for H100/H200-class GPUs: 16-bit dots run on the tensor cores, float32 ones at full precision
-# on the FMA units, where the 64 x 64 tile is the one that keeps its accumulator without spilling.
+# on the FMA units, where the 64 x 64 tile is the one that keeps its accumulator without spilling. The
+# pinned config (FASTBB_TRITON_AUTOTUNE=0) compiles without spills for every dtype on sm_90 and with at
+# most 32 bytes (float32) on sm_80, under Triton 3.6 and 3.8 (tests/triton_compile.py prints the table).
+_FPN_MERGE_PINNED = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4)
 _FPN_MERGE_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    _FPN_MERGE_PINNED,
 ]
+# float64 accumulators take twice the registers and its tiles twice the shared memory: 128 x 128 tiles
+# spill hundreds of bytes, and 128 x 128 x 64 at 3 stages needs 256 KiB of shared memory, over Hopper's
+# 227 KiB and A100's 163 KiB. These need at most 96 KiB and compile without spills on sm_80 and sm_90.
+_FPN_MERGE_FP64_PINNED = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)
+_FPN_MERGE_FP64_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    _FPN_MERGE_FP64_PINNED,
+]
+_FPN_MERGE = TunedKernel(_fpn_merge_kernel, _FPN_MERGE_CONFIGS, _FPN_MERGE_PINNED, key=["Cin", "Cout"])
+_FPN_MERGE_FP64 = TunedKernel(_fpn_merge_kernel, _FPN_MERGE_FP64_CONFIGS, _FPN_MERGE_FP64_PINNED,
+                              key=["Cin", "Cout"])
 # The interpreter runs each program in Python: one small config (>= 16 per side, as tl.dot needs), so
 # that small test shapes still cover several blocks and every edge mask.
 _FPN_MERGEINTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}
 
 
-@functools.cache
-def _fpn_merge_autotuned():
-    return triton.autotune(configs=_FPN_MERGE_CONFIGS, key=["Cin", "Cout"])(_fpn_merge_kernel)
+def _fpn_merge_tuned(dtype):
+    """The autotuned fpn_merge for inputs of dtype: float64 has its own configs."""
+    return _FPN_MERGE_FP64 if dtype == torch.float64 else _FPN_MERGE
 
 
 def _is_channels_last(t):
@@ -391,7 +411,7 @@ def fpn_merge(x, weight, bias, top, *, block_m=None, block_n=None, block_k=None)
         kernel = _fpn_merge_kernel
         kwargs.update(_FPN_MERGEINTERPRET_BLOCKS)
     else:
-        kernel = _fpn_merge_autotuned()
+        kernel = _fpn_merge_tuned(x.dtype).launcher()
 
     def grid(meta):
         return (N * triton.cdiv(num_pixels, meta["BLOCK_M"]) * triton.cdiv(Cout, meta["BLOCK_N"]),)
