@@ -39,7 +39,7 @@ _BN_NUM_WARPS = 4
 # Reduction programs per SM: enough to fill the GPU, few enough that the partials stay a small fraction
 # of y and their merge is short.
 _BN_PROGRAMS_PER_SM = 8
-_BNINTERPRET_TILES_PER_PROGRAM = 2
+_BN_INTERPRET_TILES_PER_PROGRAM = 2
 # The merge of partials: partial rows by channels per step.
 _MERGE_BLOCK_P = 16 if INTERPRET else 64
 _MERGE_BLOCK_C = 16 if INTERPRET else 64
@@ -372,7 +372,7 @@ _CONV_FP64 = TunedKernel(_conv2d_epilogue_kernel, _CONV_FP64_CONFIGS, _CONV_FP64
                          key=["GEMM_M", "Cout", "GEMM_K"])
 # One small config under the interpreter (>= 16 per side, as tl.dot needs), so that small test shapes
 # still cover several blocks on every axis and every edge mask.
-_CONVINTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
+_CONV_INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
 
 
 def _conv2d_epilogue_tuned(dtype):
@@ -410,7 +410,7 @@ class _BNGeometry:
         reach = y.numel() + self.block_r * C + self.block_c * self.length
         self.offset = tl.int64 if reach > INT32_MAX else tl.int32
         if INTERPRET or not y.is_cuda:
-            self.tiles_per_program = _BNINTERPRET_TILES_PER_PROGRAM
+            self.tiles_per_program = _BN_INTERPRET_TILES_PER_PROGRAM
         else:
             wanted = max(1, _BN_PROGRAMS_PER_SM * _sm_count(y.device.index or 0) // self.channel_blocks)
             self.tiles_per_program = triton.cdiv(self.num_tiles, wanted)
@@ -592,7 +592,7 @@ def conv2d_epilogue(x, weight, scale, shift, residual, relu, stride=1, padding=0
         kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     elif INTERPRET:
         kernel = _conv2d_epilogue_kernel
-        kwargs.update(_CONVINTERPRET_BLOCKS)
+        kwargs.update(_CONV_INTERPRET_BLOCKS)
     else:
         kernel = _conv2d_epilogue_tuned(x.dtype).launcher()
 

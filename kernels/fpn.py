@@ -255,7 +255,7 @@ _FPN_MERGE_FP64 = TunedKernel(_fpn_merge_kernel, _FPN_MERGE_FP64_CONFIGS, _FPN_M
                               key=["Cin", "Cout"])
 # The interpreter runs each program in Python: one small config (>= 16 per side, as tl.dot needs), so
 # that small test shapes still cover several blocks and every edge mask.
-_FPN_MERGEINTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}
+_FPN_MERGE_INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}
 
 
 def _fpn_merge_tuned(dtype):
@@ -409,7 +409,7 @@ def fpn_merge(x, weight, bias, top, *, block_m=None, block_n=None, block_k=None)
         kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     elif INTERPRET:
         kernel = _fpn_merge_kernel
-        kwargs.update(_FPN_MERGEINTERPRET_BLOCKS)
+        kwargs.update(_FPN_MERGE_INTERPRET_BLOCKS)
     else:
         kernel = _fpn_merge_tuned(x.dtype).launcher()
 

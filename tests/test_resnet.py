@@ -1,6 +1,7 @@
 """fastbb.models ResNets and fastbb.convert against torchvision's ResNets with the same weights."""
 import copy
 import functools
+import importlib
 
 import pytest
 import torch
@@ -179,3 +180,22 @@ def test_cuda_resnet50_matches_torchvision(dtype, layout, mode):
     _assert_within_twice_torchvision_error(got, want, exact)
     for (name, _), g_exact, g_want, g_got in zip(ours.named_parameters(), *grads):
         assert _error(g_got, g_exact) <= 2 * _error(g_want, g_exact) + 1e-6 * float(g_exact.norm()), name
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_inference_cache_frees_weights_with_their_model(context):
+    """The folded weights an inference forward caches go with the model: they hold no autograd graph that
+    would keep the source weights (and so the cache entries, and a copy of every weight) alive."""
+    import gc
+    import weakref
+
+    model = resnet18().eval()
+    with getattr(torch, context)():
+        model(torch.randn(1, 3, 64, 64))
+    fold_cache = importlib.import_module("fastbb.ops.conv_bn_relu")._fold_cache
+    entry = fold_cache._entries[id(model.conv1.weight)]
+    assert entry[3].grad_fn is None and not entry[3].requires_grad  # the folded weight
+    weights = [weakref.ref(p) for p in model.parameters()]
+    del model, entry
+    gc.collect()
+    assert not any(w() is not None for w in weights)

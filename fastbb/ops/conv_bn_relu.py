@@ -737,8 +737,10 @@ class _FoldCache:
                     and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, sources))):
                 return folded, shift, packed_weights
         # Normal tensors even under torch.inference_mode: a later call whose x needs a gradient saves the
-        # folded weight for backward, which autograd refuses for inference tensors.
-        with torch.inference_mode(False):
+        # folded weight for backward, which autograd refuses for inference tensors. inference_mode(False)
+        # turns grad mode back on, so no_grad as well: a graph on the folded weight would hold the source
+        # weight, and the entry (which goes when its weight does) would then keep it alive for ever.
+        with torch.inference_mode(False), torch.no_grad():
             folded, shift = _fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, torch.float64)
         key = id(weight)
         # The entry goes when its weight does (the callback runs before that id can be reused).
