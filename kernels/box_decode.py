@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastbb.kernels._common import check_grid, on_device
+
 _BLOCK = 256
 _CLIP_NONE, _CLIP_ONE, _CLIP_PER_IMAGE = 0, 1, 2
 
@@ -118,9 +120,10 @@ def decode_boxes(anchors, deltas, image_sizes, style, weights, means, stds, dwh_
         clip, sizes, boxes_per_image = (_CLIP_ONE if image_size else _CLIP_NONE), deltas, num_boxes
     clip_h, clip_w = image_size if image_size else (0.0, 0.0)
     compute = tl.float64 if deltas.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(num_boxes, _BLOCK),)
-    _decode_boxes_kernel[grid](
-        anchors, deltas, sizes, out, num_boxes, deltas.shape[-1] // 4, anchors.shape[0], boxes_per_image,
-        *weights, *means, *stds, dwh_min, dwh_max, dxy_max, clip_h, clip_w,
-        MMDET=style == 1, CLIP=clip, COMPUTE=compute, BLOCK=_BLOCK, enable_fp_fusion=False)
+    grid = check_grid("decode_boxes", (triton.cdiv(num_boxes, _BLOCK),), deltas.shape)
+    with on_device(deltas):
+        _decode_boxes_kernel[grid](
+            anchors, deltas, sizes, out, num_boxes, deltas.shape[-1] // 4, anchors.shape[0], boxes_per_image,
+            *weights, *means, *stds, dwh_min, dwh_max, dxy_max, clip_h, clip_w,
+            MMDET=style == 1, CLIP=clip, COMPUTE=compute, BLOCK=_BLOCK, enable_fp_fusion=False)
     return out

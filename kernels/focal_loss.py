@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastbb.kernels._common import check_grid, on_device
+
 _BLOCK = 1024
 
 
@@ -59,7 +61,10 @@ def _focal_loss_kernel(logits_ptr, targets_ptr, labels_ptr, weight_ptr, loss_ptr
     g = tl.cast(gamma, COMPUTE)
     m_safe = tl.where(m > 0, m, 1.0)
     m_gamma = tl.where(m > 0, tl.exp(g * tl.log(m_safe)), tl.where(g == 0, 1.0, 0.0))
+    # gamma = 0: no gamma term (PyTorch's pow backward is 0 for exponent 0); computing it would give
+    # 0 * inf = NaN where m is subnormal (float32 |x| in about (87, 104)) and m^-1 overflows.
     m_gamma_1 = tl.where(m > 0, tl.exp((g - 1.0) * tl.log(m_safe)), tl.where(g == 1, 1.0, 0.0))
+    m_gamma_1 = tl.where(g == 0, 0.0, m_gamma_1)
     scale = scale * (tl.cast(alpha_pos, COMPUTE) * t + tl.cast(alpha_neg, COMPUTE) * (1.0 - t))
     loss = scale * ce * m_gamma
     if REDUCE:
@@ -80,13 +85,15 @@ def sigmoid_focal_loss(logits, targets, labels, weight, alpha, gamma, ignore_ind
     loss = partial if reduce else torch.empty_like(logits)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     if total > 0:
-        _focal_loss_kernel[(num_blocks,)](
-            logits, targets if targets is not None else logits, labels if labels is not None else logits,
-            weight if weight is not None else logits, loss, grad, partial, total, logits.shape[1],
-            weight.stride(0) if weight is not None else 0, weight.stride(1) if weight is not None else 0,
-            alpha if alpha >= 0 else 1.0, 1.0 - alpha if alpha >= 0 else 1.0, gamma, ignore_index,
-            HAS_LABELS=labels is not None, HAS_WEIGHT=weight is not None, REDUCE=reduce, GRAD=compute_grad,
-            COMPUTE=tl.float64 if compute == torch.float64 else tl.float32, BLOCK=_BLOCK)
+        grid = check_grid("sigmoid_focal_loss", (num_blocks,), logits.shape)
+        with on_device(logits):
+            _focal_loss_kernel[grid](
+                logits, targets if targets is not None else logits, labels if labels is not None else logits,
+                weight if weight is not None else logits, loss, grad, partial, total, logits.shape[1],
+                weight.stride(0) if weight is not None else 0, weight.stride(1) if weight is not None else 0,
+                alpha if alpha >= 0 else 1.0, 1.0 - alpha if alpha >= 0 else 1.0, gamma, ignore_index,
+                HAS_LABELS=labels is not None, HAS_WEIGHT=weight is not None, REDUCE=reduce, GRAD=compute_grad,
+                COMPUTE=tl.float64 if compute == torch.float64 else tl.float32, BLOCK=_BLOCK)
     if reduce:
         return partial.sum(), grad
     return loss, grad

@@ -48,6 +48,22 @@ def randomize_bn(model):
     return model
 
 
+class LaunchSpy:
+    """Stands in for a Triton kernel (`kernel[grid](...)`): calls `before(grid, args)` if given, records
+    the grid, then launches the real kernel."""
+
+    def __init__(self, kernel, before=None):
+        self.kernel, self.before, self.grids = kernel, before, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if self.before is not None:
+                self.before(grid, args)
+            self.grids.append(grid)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: large shapes; deselect with -m 'not slow'")

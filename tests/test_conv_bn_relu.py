@@ -314,3 +314,82 @@ def test_bad_input(change, error, message):
         conv_bn_relu(**args)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         conv_bn_relu(torch.randn(1, 6, 1, 1), conv.weight, padding=1, training=True)
+
+
+# ---- CUDA: the Triton kernels on the GPU -----------------------------------------------------------------------
+
+CUDA_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_triton_bn_relu_forward_and_backward(dtype, channels_last):
+    """The six BN kernels (statistics, their merge, normalise + residual + ReLU; the backward's reduction, its
+    merge, the elementwise pass) through fastbb's bn ops, in every dtype and layout. One shape: a channel
+    count no block divides, and enough tiles for several per program on a large GPU. Forward: within twice
+    eager PyTorch's error against float64; backward: the reference given the same inputs (its ReLU mask
+    from the kernel's own output), within the dtype's tolerance."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    shape = (16, 37, 64, 80)
+
+    def draw(*size, scale=1.0, shift=0.0):
+        return (torch.randn(*size, dtype=torch.float64, device="cuda") * scale + shift).to(dtype)
+
+    y = draw(*shape, scale=2.0, shift=0.5).contiguous(memory_format=fmt).requires_grad_()
+    weight = (torch.rand(37, dtype=torch.float64, device="cuda") + 0.5).to(dtype).requires_grad_()
+    bias = draw(37).requires_grad_()
+    residual = draw(*shape).contiguous(memory_format=fmt).requires_grad_()
+    grad_out = draw(*shape).contiguous(memory_format=fmt)
+    eps = 1e-5
+    with fastbb.use_backend("triton"):
+        out, mean, invstd = torch.ops.fastbb.bn_relu_train(y, weight, bias, residual, eps, True)
+        grads = torch.autograd.grad(out, (y, weight, bias, residual), grad_out)
+        direct = torch.ops.fastbb.bn_relu_train_backward(grad_out, out.detach(), y.detach(), mean, invstd,
+                                                        weight.detach(), True, True)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
+
+    y64, weight64, bias64, residual64 = (t.detach().double() for t in (y, weight, bias, residual))
+    exact_out, exact_mean, exact_invstd = bn_relu_forward_reference(y64, weight64, bias64, residual64, eps, True)
+    eager = F.relu(F.batch_norm(y.detach(), None, None, weight.detach(), bias.detach(), training=True, eps=eps)
+                   + residual.detach())
+    _assert_within_twice_pytorch_error(out, eager, exact_out, "out")
+    stat_tolerance = TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
+    torch.testing.assert_close(mean.double(), exact_mean, **stat_tolerance)
+    torch.testing.assert_close(invstd.double(), exact_invstd, **stat_tolerance)
+
+    exact_grads = bn_relu_backward_reference(grad_out.double(), out.detach().double(), y64, mean.double(),
+                                             invstd.double(), weight64, True, True)
+    for name, got, expected in zip(("y", "weight", "bias", "residual"), direct, exact_grads):
+        scale = max(1.0, float(expected.abs().max()))
+        tolerance = TOLERANCES[dtype] if name in ("y", "residual") else stat_tolerance
+        torch.testing.assert_close(got.double(), expected, rtol=tolerance["rtol"], atol=tolerance["atol"] * scale,
+                                   msg=name)
+    # Autograd runs the same backward kernel (weight and bias gradients cast to their dtype).
+    assert torch.equal(grads[0], direct[0]) and torch.equal(grads[3], direct[3])
+    assert torch.equal(grads[1], direct[1].to(dtype)) and torch.equal(grads[2], direct[2].to(dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_triton_conv_epilogue_other_dtypes(monkeypatch, dtype, channels_last):
+    """The implicit-GEMM conv in the dtypes test_conv_eval_dispatch.py's GPU tests leave out (they cover
+    float32 and bfloat16), with one fixed tile: within twice eager PyTorch's error against float64."""
+    from fastbb.kernels import conv_bn_relu as conv_kernels
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 32, 19, 23, dtype=torch.float64, device="cuda")
+    weight = torch.randn(48, 32, 3, 3, dtype=torch.float64, device="cuda") / 17
+    shift = torch.randn(48, dtype=torch.float64, device="cuda")
+    residual = torch.randn(2, 48, 19, 23, dtype=torch.float64, device="cuda")
+    exact = F.relu(F.conv2d(x, weight, shift, 1, 2, 2) + residual)
+    x, weight, residual = (t.to(dtype).contiguous(memory_format=fmt) for t in (x, weight, residual))
+    eager = F.relu(F.conv2d(x, weight, shift.to(dtype), 1, 2, 2) + residual)
+    # float32, as the eval path passes them; float64 for float64, which the eval path does not offer
+    epilogue_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    got = conv_kernels.conv2d_epilogue(x, weight, torch.ones(48, dtype=epilogue_dtype, device="cuda"),
+                                       shift.to(epilogue_dtype), residual, True, padding=2, dilation=2,
+                                       block_m=64, block_n=32, block_k=32)
+    assert got.dtype == dtype and got.shape == exact.shape
+    _assert_within_twice_pytorch_error(got, eager, exact, "conv2d_epilogue")

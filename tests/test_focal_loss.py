@@ -191,6 +191,32 @@ def test_extreme_logits_are_finite_and_exact(backend, dtype):
         torch.testing.assert_close(grad.double(), expected_grad, rtol=tol["rtol"], atol=tol["atol"])
 
 
+# Logits where the modulating term m (the probability of the wrong answer) is a nonzero subnormal: float32
+# |x| in about (87, 104), float64 |x| in about (708, 745); and logits far past both.
+SUBNORMAL_M_LOGITS = {torch.float32: (87.5, 90.0, 95.0, 99.0, 103.5),
+                      torch.float64: (87.5, 95.0, 103.5, 710.0, 725.0, 744.0)}
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("alpha", (0.25, -1.0))
+def test_gamma_zero_gradient_where_the_modulating_term_is_subnormal(backend, dtype, alpha):
+    """gamma = 0: the gradient equals torchvision's autograd gradient (PyTorch's pow backward is 0 for
+    exponent 0), with no NaN where m^(gamma - 1) = 1 / m overflows."""
+    magnitudes = SUBNORMAL_M_LOGITS[dtype] + (1e3,)
+    logits = torch.tensor([sign * v for v in magnitudes for sign in (1.0, -1.0)] * 2, dtype=dtype)
+    targets = torch.tensor([1.0] * (2 * len(magnitudes)) + [0.0] * (2 * len(magnitudes)), dtype=dtype)
+    with fastbb.use_backend(backend):
+        loss, grad, grad_out = loss_and_grad(sigmoid_focal_loss, logits, targets, alpha, 0.0, "none")
+    x = logits.clone().requires_grad_()
+    expected = torchvision.ops.sigmoid_focal_loss(x, targets, alpha, 0.0, "none")
+    (expected_grad,) = torch.autograd.grad(expected, x, grad_out)
+    assert torch.isfinite(expected_grad).all()
+    assert torch.isfinite(grad).all(), logits[~torch.isfinite(grad)]
+    assert_close(loss, expected.detach(), dtype, backend=backend)
+    assert_close(grad, expected_grad, dtype, backend=backend)
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_reduction_is_deterministic(backend):
     logits = random_logits((20000, 13))
@@ -419,3 +445,24 @@ def test_cuda_backends_match_reference(dtype, reduction):
         scale = max(1.0, float(expected.detach().double().abs().max()))
         assert_close(loss_l, expected.detach(), dtype, scale, backend)
         assert_close(grad_l, expected_grad, dtype, backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_cuda_gamma_zero_gradient_where_the_modulating_term_is_subnormal(dtype):
+    """The CPU test's logits on the GPU backends, padded to 32 so that the Triton kernel's integer arguments
+    are divisible by 16 as in test_cuda_backends_match_reference (no further compile)."""
+    magnitudes = SUBNORMAL_M_LOGITS[dtype] + (1e3,)
+    values = [sign * v for v in magnitudes for sign in (1.0, -1.0)]
+    values = (values + [0.5] * 16)[:16]
+    logits = torch.tensor(values * 2, dtype=dtype, device="cuda")
+    targets = torch.tensor([1.0] * 16 + [0.0] * 16, dtype=dtype, device="cuda")
+    x = logits.clone().requires_grad_()
+    expected = torchvision.ops.sigmoid_focal_loss(x, targets, 0.25, 0.0, "none")
+    for backend in backends("cuda"):
+        with fastbb.use_backend(backend):
+            loss, grad, grad_out = loss_and_grad(sigmoid_focal_loss, logits, targets, 0.25, 0.0, "none")
+        (expected_grad,) = torch.autograd.grad(expected, x, grad_out, retain_graph=True)
+        assert torch.isfinite(grad).all(), backend
+        assert_close(loss, expected.detach(), dtype, backend=backend)
+        assert_close(grad, expected_grad, dtype, backend=backend)

@@ -162,3 +162,40 @@ def test_bad_input(change, message):
     change(args)
     with pytest.raises((TypeError, ValueError), match=message):
         fpn_merge(**args)
+
+
+# ---- CUDA: the Triton GEMM kernel on the GPU ------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_triton_kernel_every_dtype_and_layout(dtype, channels_last):
+    """The kernel with one fixed tile (the autotuner would compile each of its configs per dtype and
+    layout), odd channel counts and sizes, against the float64 result."""
+    from fastbb.kernels import fpn as fpn_kernels
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, weight, bias, top = (t.cuda() for t in _problem(dtype, size=(13, 25), top_size=(7, 13),
+                                                        channels_last=channels_last))
+    got = fpn_kernels.fpn_merge(x, weight, bias, top, block_m=64, block_n=32, block_k=16)
+    want = _float64_result(x, weight, bias, top)
+    assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(got.double(), want, **_tolerance(dtype, want))
+
+
+@pytest.mark.cuda
+def test_cuda_op_forward_and_backward(monkeypatch):
+    """The op as users run it on the GPU (autotuned kernel, then the conv's and the top's gradients),
+    float32 without TF32, against float64."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the conv gradients in full float32
+    args = [t.cuda().requires_grad_() for t in _problem(torch.float32, size=(13, 25), top_size=(7, 13))]
+    grad_out = torch.randn(2, 21, 13, 25, dtype=torch.float64, device="cuda")
+    with fastbb.use_backend("triton"):
+        out = fpn_merge(*args)
+        grads = torch.autograd.grad(out, args, grad_out.float())
+    args64 = [t.detach().double().requires_grad_() for t in args]
+    want = fpn_merge_reference(*args64)
+    torch.testing.assert_close(out.detach().double(), want.detach(), **_tolerance(torch.float32, want))
+    want_grads = torch.autograd.grad(want, args64, grad_out)
+    for name, got, expected in zip(("x", "weight", "bias", "top"), grads, want_grads):
+        assert got.dtype == torch.float32 and got.shape == expected.shape, name
+        torch.testing.assert_close(got.double(), expected, **_tolerance(torch.float32, expected), msg=name)

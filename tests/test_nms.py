@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import fastbb
-from conftest import usable_backends
+from conftest import LaunchSpy, usable_backends
 
 nms_mod = importlib.import_module("fastbb.ops.nms")
 nms, nms_reference = nms_mod.nms, nms_mod.nms_reference
@@ -20,6 +20,13 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 NMS_KERNELS = {"cpp": "fastbb_C::nms", "cuda": "fastbb_C::nms"}
 PADDED_KERNELS = {"cpp": "fastbb_C::nms_sorted_padded", "cuda": "fastbb_C::nms_sorted_padded"}
 TRITON_MAX_N = 300  # the Triton interpreter is slow: keep its inputs small
+TRITON_ON_CPU = fastbb._backend.backend_usable("triton", "cpu")
+needs_triton_on_cpu = pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton on CPU tensors needs its interpreter")
+if TRITON_ON_CPU or torch.cuda.is_available():
+    import triton
+    import triton.language as tl
+
+    from fastbb.kernels import nms as nms_kernels
 
 # The Triton interpreter computes with numpy, which warns on the NaN that degenerate boxes produce.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -255,20 +262,173 @@ def test_sorted_padded_matches_reference(dtype, batch, rows, threshold):
         assert torch.equal(expected[image].nonzero().squeeze(1), kept)
 
 
+def upper(mask):
+    """The words of a suppression bitmask on or above the diagonal, the only ones specified."""
+    return mask[:, nms_mod._upper_words(mask.shape[1], mask.shape[2], mask.device)]
+
+
+def with_junk_below_diagonal(mask):
+    """mask with every bit set in the words below the diagonal (which no reduction may read)."""
+    junk = mask.clone()
+    junk[:, ~nms_mod._upper_words(mask.shape[1], mask.shape[2], mask.device)] = -1
+    return junk
+
+
+def random_mask(batch, rows, density, device="cpu"):
+    """A suppression bitmask of random bits (j > i only, as a real one), zero below the diagonal: far
+    denser cross-word suppression than boxes produce."""
+    words = (rows + 63) // 64
+    bits = (torch.rand(batch, rows, words * 64) < density) & torch.ones(rows, words * 64, dtype=torch.bool).triu(1)
+    bits[:, :, rows:] = False
+    shifts = torch.arange(64, dtype=torch.int64)
+    return (bits.view(batch, rows, words, 64).long() << shifts).sum(-1).to(device)
+
+
+def reduce_implementations(device="cpu"):
+    """The greedy scans of a bitmask usable here: name -> function(mask, counts)."""
+    found = {"reference": nms_mod._reduce_mask_reference}
+    if fastbb._backend.has_kernel("fastbb_C::nms_reduce_mask", "CUDA" if device == "cuda" else "CPU"):
+        found["compiled"] = torch.ops.fastbb_C.nms_reduce_mask
+    if device == "cuda" or TRITON_ON_CPU:
+        found["triton"] = nms_kernels.reduce_mask
+        found["triton, one word per step"] = lambda mask, counts: nms_kernels.reduce_mask(mask, counts, block_words=1)
+    return found
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_mask_stages_match_reference(dtype):
     boxes, labels, counts = padded_inputs(2, 133, dtype)
     threshold = 0.3
     expected_mask = nms_mod._iou_mask_reference(boxes, labels, counts, threshold)
-    if fastbb._backend.backend_usable("triton", "cpu"):
-        from fastbb.kernels import nms as nms_kernels
-        assert torch.equal(nms_kernels.iou_mask(boxes, labels, counts, threshold), expected_mask)
+    if TRITON_ON_CPU:
+        assert torch.equal(upper(nms_kernels.iou_mask(boxes, labels, counts, threshold)), upper(expected_mask))
     if fastbb._backend.has_kernel("fastbb_C::nms_iou_mask", "CPU"):
-        assert torch.equal(torch.ops.fastbb_C.nms_iou_mask(boxes, labels, counts, threshold), expected_mask)
-        assert torch.equal(torch.ops.fastbb_C.nms_reduce_mask(expected_mask, counts),
-                           nms_mod._reduce_mask_scan(expected_mask, counts))
-    keep = nms_mod._reduce_mask_scan(expected_mask, counts)
+        assert torch.equal(upper(torch.ops.fastbb_C.nms_iou_mask(boxes, labels, counts, threshold)),
+                           upper(expected_mask))
+    keep = nms_mod._reduce_mask_reference(expected_mask, counts)
     assert torch.equal(keep, nms_sorted_padded_reference(boxes, labels, counts, threshold))
+    for name, reduce in reduce_implementations().items():
+        assert torch.equal(reduce(expected_mask, counts), keep), name
+
+
+@pytest.mark.parametrize("batch,rows", [(3, 200), (2, 64), (1, 65), (4, 1)])
+def test_reductions_ignore_words_below_the_diagonal(batch, rows):
+    """Words below the diagonal are unspecified: every reduction gives the same result when they hold junk."""
+    boxes, labels, counts = padded_inputs(batch, rows, labels_range=2)
+    mask = nms_mod._iou_mask_reference(boxes, labels, counts, 0.4)
+    expected = nms_sorted_padded_reference(boxes, labels, counts, 0.4)
+    junk = with_junk_below_diagonal(mask)
+    for name, reduce in reduce_implementations().items():
+        assert torch.equal(reduce(junk, counts), expected), name
+
+
+@needs_triton_on_cpu
+@pytest.mark.parametrize("batch,rows,labels_range,threshold", [
+    (4, 200, 80, 0.5),  # many classes
+    (3, 333, 3, 0.3),  # M not a multiple of 64, more words than one reduce step takes
+    (2, 128, 1, 0.0),  # M a multiple of 64; threshold 0: every overlap suppresses
+    (5, 63, 7, 0.5),
+    (3, 1, 1, 0.5),
+])
+def test_triton_reduce_matches_reference(batch, rows, labels_range, threshold):
+    """The Triton greedy scan against the plain Python one, on masks of boxes (padded images, empty ones
+    among them) and on dense random masks."""
+    boxes, labels, counts = padded_inputs(batch, rows, labels_range=labels_range)
+    if batch > 2:
+        counts[1] = 0  # an empty image between non-empty ones
+    box_mask = nms_kernels.iou_mask(boxes, labels, counts, threshold)
+    dense_mask = random_mask(batch, rows, 0.02)
+    all_rows = torch.full((batch,), rows)
+    for mask, valid in ((box_mask, counts), (dense_mask, counts), (dense_mask, all_rows)):
+        expected = nms_mod._reduce_mask_reference(mask, valid)
+        for block_words in (None, 1, 2):
+            got = nms_kernels.reduce_mask(mask, valid, block_words=block_words)
+            assert got.dtype == torch.bool and got.shape == (batch, rows)
+            assert torch.equal(got, expected), block_words
+    assert torch.equal(nms_kernels.reduce_mask(box_mask, counts),
+                       nms_sorted_padded_reference(boxes, labels, counts, threshold))
+
+
+@needs_triton_on_cpu
+@pytest.mark.parametrize("batch,rows", [(2, 200), (3, 64), (1, 1)])
+def test_triton_mask_launches_only_tiles_on_or_above_the_diagonal(monkeypatch, batch, rows):
+    """One program per tile on or above the diagonal; the words below it are never written."""
+    sentinel = 0x5A5A5A5A5A5A5A5A
+
+    def fill(grid, args):
+        args[3].fill_(sentinel)  # the mask, before the kernel writes it
+
+    spy = LaunchSpy(nms_kernels._iou_mask_kernel, fill)
+    monkeypatch.setattr(nms_kernels, "_iou_mask_kernel", spy)
+    boxes, labels, counts = padded_inputs(batch, rows, labels_range=2)
+    mask = nms_kernels.iou_mask(boxes, labels, counts, 0.5)
+    words = (rows + 63) // 64
+    assert spy.grids == [(batch * words * (words + 1) // 2,)]
+    below = ~nms_mod._upper_words(rows, words)
+    assert bool((mask[:, below] == sentinel).all())
+    assert torch.equal(upper(mask), upper(nms_mod._iou_mask_reference(boxes, labels, counts, 0.5)))
+
+
+if TRITON_ON_CPU:
+    @triton.jit
+    def _upper_tile_probe(tile_ptr, row_ptr, col_ptr, n, words, tiles, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        valid = offsets < n
+        tile = tl.load(tile_ptr + offsets, mask=valid, other=0)
+        row_tile, col_tile = nms_kernels._upper_tile(tile, words, tiles)
+        tl.store(row_ptr + offsets, row_tile, mask=valid)
+        tl.store(col_ptr + offsets, col_tile, mask=valid)
+
+
+def upper_tiles_exact(words, tiles):
+    """(row, col) of each tile index, row by row over the tiles on or above the diagonal, in integers."""
+    rows, cols = [], []
+    for tile in tiles:
+        back = words * (words + 1) // 2 - 1 - tile
+        r = (math.isqrt(8 * back + 1) - 1) // 2
+        rows.append(words - 1 - r)
+        cols.append(words - 1 - (back - r * (r + 1) // 2))
+    return rows, cols
+
+
+@needs_triton_on_cpu
+@pytest.mark.parametrize("words", [1, 2, 3, 7, 64, 1000, 65535, 2**20])
+def test_upper_tile_index(words):
+    """The tile of each program against integer arithmetic: every tile on or above the diagonal once, row by
+    row, for tile counts up to and past CUDA's grid limit."""
+    total = words * (words + 1) // 2
+    if total <= 4096:
+        tiles = list(range(total))
+    else:  # both ends, the starts and ends of tile rows, and random tiles
+        starts = [r * words - r * (r - 1) // 2 for r in torch.randint(0, words, (300,)).tolist()]
+        tiles = sorted(set(range(64)) | set(range(total - 64, total)) | set(starts) | {s - 1 for s in starts if s}
+                       | set(torch.randint(0, total, (500,)).tolist()))
+    tile_index = torch.tensor(tiles, dtype=torch.int64)
+    rows, cols = torch.empty_like(tile_index), torch.empty_like(tile_index)
+    block = triton.next_power_of_2(len(tiles))
+    _upper_tile_probe[(1,)](tile_index, rows, cols, len(tiles), words, total, BLOCK=block)
+    want_rows, want_cols = upper_tiles_exact(words, tiles)
+    assert rows.tolist() == want_rows and cols.tolist() == want_cols
+    assert all(r <= c < words for r, c in zip(want_rows, want_cols))
+    if total <= 4096:  # exactly the tiles on or above the diagonal, row by row
+        assert list(zip(want_rows, want_cols)) == [(r, c) for r in range(words) for c in range(r, words)]
+
+
+@needs_triton_on_cpu
+def test_triton_launch_grids_within_cuda_limits():
+    """Inputs whose grids would pass CUDA's limits raise a ValueError naming the op and the shape before
+    any launch (meta tensors: nothing is allocated)."""
+    many_words = torch.empty((1, 64 * 2**17, 4), device="meta")  # 2**17 words: 2**33 tiles
+    many_images = torch.empty((2**31, 1, 4), device="meta")
+    for boxes in (many_words, many_images):
+        counts = torch.empty(boxes.shape[0], dtype=torch.int64, device="meta")
+        with pytest.raises(ValueError, match=rf"nms_iou_mask: input of shape \({boxes.shape[0]}, {boxes.shape[1]}, 4\)"):
+            nms_kernels.iou_mask(boxes, None, counts, 0.5)
+    mask = torch.empty((2**31, 1, 1), dtype=torch.int64, device="meta")
+    with pytest.raises(ValueError, match=r"nms_reduce_mask: input of shape \(2147483648, 1, 1\)"):
+        nms_kernels.reduce_mask(mask, torch.empty(2**31, dtype=torch.int64, device="meta"))
+    # The largest single image whose tiles fit: 65535 words, 2147450880 tiles.
+    assert nms_kernels.upper_tiles(65535) <= 2**31 - 1 < nms_kernels.upper_tiles(65536)
 
 
 # --------------------------------------------------------------------------- custom ops and compilation
@@ -341,11 +501,25 @@ def test_bad_inputs_raise_clear_errors():
 
 # ------------------------------------------------------------------------------------------------ CUDA
 
+# The CUDA paths: the compiled kernels, the Triton path as chosen (its mask, and the compiled reduction when
+# built), and the Triton path with its own reduction (what runs where the compiled one is not built).
+CUDA_PATHS = ["cuda", "triton", "triton-reduce"]
+
+
+def use_cuda_path(monkeypatch, path):
+    """Set up `path` (CUDA_PATHS) and return the backend to force."""
+    if path == "triton-reduce":
+        monkeypatch.setattr(nms_mod, "_compiled_reduce_usable", lambda mask: False)
+        return "triton"
+    return path
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("path", CUDA_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [0, 1, 7, 1000, 20000])
-def test_cuda_nms_matches_reference_and_torchvision(backend, dtype, n):
+def test_cuda_nms_matches_reference_and_torchvision(monkeypatch, path, dtype, n):
+    backend = use_cuda_path(monkeypatch, path)
     if backend not in usable_backends("cuda", NMS_KERNELS):
         pytest.fail(f"backend {backend} is not usable on this GPU machine")
     boxes, scores = rand_boxes(n, dtype, "crowded" if n < 5000 else "spread"), torch.rand(n, dtype=dtype)
@@ -361,9 +535,10 @@ def test_cuda_nms_matches_reference_and_torchvision(backend, dtype, n):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("path", CUDA_PATHS)
 @pytest.mark.parametrize("classes,n", [(1, 500), (80, 5000), (1000, 3000)])
-def test_cuda_batched_nms_matches_reference(backend, classes, n):
+def test_cuda_batched_nms_matches_reference(monkeypatch, path, classes, n):
+    backend = use_cuda_path(monkeypatch, path)
     boxes, scores = rand_boxes(n, layout="crowded"), torch.rand(n)
     idxs = torch.randint(-5, classes - 5, (n,))
     expected = batched_nms_reference(boxes, scores, idxs, 0.5) if n <= 1000 else run(
@@ -373,27 +548,76 @@ def test_cuda_batched_nms_matches_reference(backend, classes, n):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("path", CUDA_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_sorted_padded_matches_reference_and_graph_capture(backend, dtype):
+def test_cuda_sorted_padded_matches_reference_and_graph_capture(monkeypatch, path, dtype):
+    """Every CUDA path is free of host synchronisation: captured once in a CUDA graph, replayed on new data."""
+    backend = use_cuda_path(monkeypatch, path)
     boxes, labels, counts = padded_inputs(3, 1000, dtype, labels_range=5)
     expected = nms_sorted_padded_reference(boxes, labels, counts, 0.5)
     boxes, labels, counts = boxes.cuda(), labels.cuda(), counts.cuda()
     with fastbb.use_backend(backend):
         assert torch.equal(nms_sorted_padded(boxes, labels, counts, 0.5).cpu(), expected)
-        if backend == "cuda":  # captured once, replayed on new data
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                nms_sorted_padded(boxes, labels, counts, 0.5)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = nms_sorted_padded(boxes, labels, counts, 0.5)
-            new_boxes, new_labels, new_counts = padded_inputs(3, 1000, dtype, labels_range=5)
-            boxes.copy_(new_boxes)
-            labels.copy_(new_labels)
-            counts.copy_(new_counts)
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out.cpu(), nms_sorted_padded_reference(new_boxes, new_labels, new_counts, 0.5))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            nms_sorted_padded(boxes, labels, counts, 0.5)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = nms_sorted_padded(boxes, labels, counts, 0.5)
+    new_boxes, new_labels, new_counts = padded_inputs(3, 1000, dtype, labels_range=5)
+    boxes.copy_(new_boxes)
+    labels.copy_(new_labels)
+    counts.copy_(new_counts)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), nms_sorted_padded_reference(new_boxes, new_labels, new_counts, 0.5))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_mask_triangle_and_reductions(dtype):
+    """The CUDA and Triton masks on the GPU match the reference on and above the diagonal, and every GPU
+    reduction ignores what lies below it (junk there changes nothing)."""
+    boxes, labels, counts = padded_inputs(3, 333, dtype, labels_range=4)
+    counts[1] = 0
+    expected_mask = nms_mod._iou_mask_reference(boxes, labels, counts, 0.4)
+    expected = nms_sorted_padded_reference(boxes, labels, counts, 0.4)
+    masks = {"triton": nms_kernels.iou_mask(boxes.cuda(), labels.cuda(), counts.cuda(), 0.4)}
+    if fastbb._backend.has_kernel("fastbb_C::nms_iou_mask", "CUDA"):
+        masks["cuda"] = torch.ops.fastbb_C.nms_iou_mask(boxes.cuda(), labels.cuda(), counts.cuda(), 0.4)
+    for name, mask in masks.items():
+        assert torch.equal(upper(mask).cpu(), upper(expected_mask)), name
+    junk = with_junk_below_diagonal(expected_mask).cuda()
+    dense = random_mask(3, 333, 0.02)
+    for name, reduce in reduce_implementations("cuda").items():
+        if name == "reference":
+            continue
+        assert torch.equal(reduce(junk, counts.cuda()).cpu(), expected), name
+        assert torch.equal(reduce(dense.cuda(), counts.cuda()).cpu(), nms_mod._reduce_mask_reference(dense, counts)), name
+
+
+@pytest.mark.cuda
+def test_cuda_reduce_of_a_mask_past_48k_of_shared_memory():
+    """M = 390,400 rows: 6100 words of removed bits (48,800 bytes) plus the kernel's static shared memory
+    pass the 48 KB a block gets without opting in, so the compiled reduction must raise its limit (the
+    launch failed before). Only the first 3000 rows are valid: the rest of the 19 GB mask is never read."""
+    rows, valid = 6100 * 64, 3000
+    boxes = rand_boxes(valid, layout="crowded")[None]
+    labels = torch.randint(0, 3, (1, valid))
+    count = torch.tensor([valid])
+    small = nms_mod._iou_mask_reference(boxes, labels, count, 0.5)
+    expected = nms_mod._reduce_mask_reference(small, count)
+    mask = torch.empty((1, rows, 6100), dtype=torch.int64, device="cuda")
+    mask[:, :valid, :small.shape[2]] = small.cuda()
+    try:
+        for name, reduce in reduce_implementations("cuda").items():
+            if name == "reference":
+                continue
+            keep = reduce(mask, count.cuda()).cpu()
+            assert keep.shape == (1, rows) and not keep[:, valid:].any(), name
+            assert torch.equal(keep[:, :valid], expected), name
+    finally:
+        del mask
+        torch.cuda.empty_cache()

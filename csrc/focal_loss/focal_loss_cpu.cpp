@@ -176,7 +176,11 @@ FASTBB_FOCAL_CLONES void focal_elements(int64_t n, const acc_t* __restrict__ x, 
       m_gamma_1 = m_gamma / m;
     } else {
       m_gamma = std::pow(m, gamma);
-      m_gamma_1 = m > 0 ? std::pow(m, gamma - acc_t(1)) : (gamma == acc_t(1) ? acc_t(1) : acc_t(0));
+      // gamma = 0: no gamma term (PyTorch's pow backward is 0 for exponent 0); computing it would give
+      // 0 * inf = NaN where m is subnormal (float64 |x| in about (708, 745)) and m^-1 overflows.
+      m_gamma_1 = gamma == acc_t(0) ? acc_t(0)
+                  : m > 0          ? std::pow(m, gamma - acc_t(1))
+                                   : (gamma == acc_t(1) ? acc_t(1) : acc_t(0));
     }
     const acc_t scale = (alpha_pos * ti + alpha_neg * (acc_t(1) - ti)) * w[i];
     loss[i] = scale * ce * m_gamma;

@@ -1,7 +1,8 @@
 // CUDA kernel of fastbb_C::sigmoid_focal_loss (schema and the math in fastbb/ops/focal_loss.py): one thread
-// per element of the (N, C) logits, several elements per thread in a grid-stride loop. With a reduction,
-// each block writes one partial sum (a fixed-order tree in shared memory) and the partial sums are added
-// by ATen's sum: no atomics, so repeated runs give the same bits, and nothing waits on the host.
+// per element of the (N, C) logits, several elements per thread in a grid-stride loop over one wave of
+// blocks. With a reduction, each block writes one partial sum (a fixed-order tree in shared memory) and the
+// partial sums are added by ATen's sum: no atomics, so repeated runs give the same bits, and nothing waits
+// on the host.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -10,12 +11,16 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "focal_loss/focal_loss_checks.h"
 
@@ -75,7 +80,11 @@ __global__ void focal_loss_kernel(const scalar_t* __restrict__ logits, const sca
       m_gamma_1 = m;
     } else {
       m_gamma = pow(m, gamma);
-      m_gamma_1 = m > 0 ? pow(m, gamma - acc_t(1)) : (gamma == acc_t(1) ? acc_t(1) : acc_t(0));
+      // gamma = 0: no gamma term (PyTorch's pow backward is 0 for exponent 0); computing it would give
+      // 0 * inf = NaN where m is subnormal and m^-1 overflows.
+      m_gamma_1 = gamma == acc_t(0) ? acc_t(0)
+                  : m > 0          ? pow(m, gamma - acc_t(1))
+                                   : (gamma == acc_t(1) ? acc_t(1) : acc_t(0));
     }
     scale *= alpha_pos * t + alpha_neg * (acc_t(1) - t);
     const acc_t loss = scale * ce * m_gamma;
@@ -101,34 +110,49 @@ __global__ void focal_loss_kernel(const scalar_t* __restrict__ logits, const sca
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kLabels, bool kWeight, bool kReduce>
-void launch_grad(bool compute_grad, int blocks, cudaStream_t stream, const scalar_t* logits, const scalar_t* targets,
-                 const int64_t* labels, const acc_t* weight, int64_t w0, int64_t w1, const FocalParams& params,
-                 int64_t total, int64_t num_classes, scalar_t* loss, acc_t* partial, scalar_t* grad) {
-  if (compute_grad) {
-    focal_loss_kernel<scalar_t, acc_t, kLabels, kWeight, kReduce, true><<<blocks, kThreads, 0, stream>>>(
-        logits, targets, labels, weight, w0, w1, params, total, num_classes, loss, partial, grad);
-  } else {
-    focal_loss_kernel<scalar_t, acc_t, kLabels, kWeight, kReduce, false><<<blocks, kThreads, 0, stream>>>(
-        logits, targets, labels, weight, w0, w1, params, total, num_classes, loss, partial, grad);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+template <typename scalar_t, typename acc_t>
+using FocalKernel = void (*)(const scalar_t*, const scalar_t*, const int64_t*, const acc_t*, int64_t, int64_t,
+                             FocalParams, int64_t, int64_t, scalar_t*, acc_t*, scalar_t*);
 
 template <typename scalar_t, typename acc_t, bool kLabels, bool kWeight>
-void launch_reduce(bool reduce, bool compute_grad, int blocks, cudaStream_t stream, const scalar_t* logits,
-                   const scalar_t* targets, const int64_t* labels, const acc_t* weight, int64_t w0, int64_t w1,
-                   const FocalParams& params, int64_t total, int64_t num_classes, scalar_t* loss, acc_t* partial,
-                   scalar_t* grad) {
+FocalKernel<scalar_t, acc_t> focal_kernel_for(bool reduce, bool compute_grad) {
   if (reduce) {
-    launch_grad<scalar_t, acc_t, kLabels, kWeight, true>(compute_grad, blocks, stream, logits, targets, labels,
-                                                         weight, w0, w1, params, total, num_classes, loss,
-                                                         partial, grad);
-  } else {
-    launch_grad<scalar_t, acc_t, kLabels, kWeight, false>(compute_grad, blocks, stream, logits, targets, labels,
-                                                          weight, w0, w1, params, total, num_classes, loss,
-                                                          partial, grad);
+    return compute_grad ? focal_loss_kernel<scalar_t, acc_t, kLabels, kWeight, true, true>
+                        : focal_loss_kernel<scalar_t, acc_t, kLabels, kWeight, true, false>;
   }
+  return compute_grad ? focal_loss_kernel<scalar_t, acc_t, kLabels, kWeight, false, true>
+                      : focal_loss_kernel<scalar_t, acc_t, kLabels, kWeight, false, false>;
+}
+
+template <typename scalar_t, typename acc_t>
+FocalKernel<scalar_t, acc_t> focal_kernel_for(bool labels, bool weight, bool reduce, bool compute_grad) {
+  if (labels && weight) return focal_kernel_for<scalar_t, acc_t, true, true>(reduce, compute_grad);
+  if (labels) return focal_kernel_for<scalar_t, acc_t, true, false>(reduce, compute_grad);
+  if (weight) return focal_kernel_for<scalar_t, acc_t, false, true>(reduce, compute_grad);
+  return focal_kernel_for<scalar_t, acc_t, false, false>(reduce, compute_grad);
+}
+
+// Blocks of the grid-stride loop: one full wave of `kernel` on the current device (the blocks of it that
+// fit on an SM at once, from the occupancy API, times the SMs), fewer when the work is smaller. A fixed
+// multiple of the SMs would leave a partial last wave whenever it is not a multiple of the occupancy.
+int wave_blocks(const void* kernel, int64_t total) {
+  static std::mutex lock;
+  static std::map<std::pair<const void*, int>, int> resident_per_sm;  // per (kernel, device)
+  const int device = c10::cuda::current_device();
+  int per_sm = 0;
+  {
+    const std::lock_guard<std::mutex> guard(lock);
+    const auto found = resident_per_sm.find({kernel, device});
+    if (found != resident_per_sm.end()) {
+      per_sm = found->second;
+    } else {
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+      per_sm = std::max(per_sm, 1);
+      resident_per_sm.emplace(std::make_pair(kernel, device), per_sm);
+    }
+  }
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, sms * per_sm)));
 }
 
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
@@ -140,41 +164,31 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
   const FocalParams params{alpha >= 0 ? alpha : 1.0, alpha >= 0 ? 1.0 - alpha : 1.0, gamma, ignore_index};
   const int64_t total = logits.numel();
   const int64_t num_classes = logits.size(1);
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int blocks = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(sms) * 8)));
-  at::Tensor partial = at::empty({reduce ? blocks : 0}, logits.options().dtype(acc_dtype));
-  at::Tensor loss = reduce ? partial : at::empty_like(logits);
   at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
   if (total == 0) {
-    return {reduce ? at::zeros({}, logits.options().dtype(acc_dtype)) : loss, grad};
+    return {reduce ? at::zeros({}, logits.options().dtype(acc_dtype)) : at::empty_like(logits), grad};
   }
+  at::Tensor loss, partial;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t w0 = weight.has_value() ? weight->stride(0) : 0;
   const int64_t w1 = weight.has_value() ? weight->stride(1) : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sigmoid_focal_loss_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* logit_data = logits.const_data_ptr<scalar_t>();
-    const scalar_t* target_data = targets.has_value() ? targets->const_data_ptr<scalar_t>() : nullptr;
-    const int64_t* label_data = labels.has_value() ? labels->const_data_ptr<int64_t>() : nullptr;
-    const acc_t* weight_data = weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr;
-    scalar_t* loss_data = reduce ? nullptr : loss.mutable_data_ptr<scalar_t>();
-    acc_t* partial_data = reduce ? partial.mutable_data_ptr<acc_t>() : nullptr;
-    scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-    auto launch = [&](auto has_labels, auto has_weight) {
-      launch_reduce<scalar_t, acc_t, decltype(has_labels)::value, decltype(has_weight)::value>(
-          reduce, compute_grad, blocks, stream, logit_data, target_data, label_data, weight_data, w0, w1, params,
-          total, num_classes, loss_data, partial_data, grad_data);
-    };
-    if (label_data != nullptr && weight_data != nullptr) {
-      launch(std::true_type{}, std::true_type{});
-    } else if (label_data != nullptr) {
-      launch(std::true_type{}, std::false_type{});
-    } else if (weight_data != nullptr) {
-      launch(std::false_type{}, std::true_type{});
+    const FocalKernel<scalar_t, acc_t> kernel =
+        focal_kernel_for<scalar_t, acc_t>(labels.has_value(), weight.has_value(), reduce, compute_grad);
+    const int blocks = wave_blocks(reinterpret_cast<const void*>(kernel), total);
+    if (reduce) {
+      partial = at::empty({blocks}, logits.options().dtype(acc_dtype));
     } else {
-      launch(std::false_type{}, std::false_type{});
+      loss = at::empty_like(logits);
     }
+    kernel<<<blocks, kThreads, 0, stream>>>(
+        logits.const_data_ptr<scalar_t>(), targets.has_value() ? targets->const_data_ptr<scalar_t>() : nullptr,
+        labels.has_value() ? labels->const_data_ptr<int64_t>() : nullptr,
+        weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr, w0, w1, params, total, num_classes,
+        reduce ? nullptr : loss.mutable_data_ptr<scalar_t>(), reduce ? partial.mutable_data_ptr<acc_t>() : nullptr,
+        compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (reduce) {
     return {at::sum(partial), grad};

@@ -1,6 +1,8 @@
 // CUDA kernels of the NMS ops (schemas in fastbb/ops/nms.py):
-//   fastbb_C::nms_iou_mask     64x64 tiles of the suppression bitmask, batched over images (grid z)
-//   fastbb_C::nms_reduce_mask  the greedy scan of the mask on the device, one block per image
+//   fastbb_C::nms_iou_mask     the 64x64 tiles of the suppression bitmask on or above the diagonal, one block
+//                              per (tile, image) on grid x; the words below the diagonal are left unwritten
+//   fastbb_C::nms_reduce_mask  the greedy scan of the mask on the device, one block per image; it reads
+//                              only words on or above the diagonal
 //   fastbb_C::nms_sorted_padded = reduce(mask): fixed shapes, no host synchronisation
 //   fastbb_C::nms              sort + mask + reduce + one compaction (its size is the only host sync)
 #include <ATen/ATen.h>
@@ -12,17 +14,22 @@
 
 #include "nms/nms_threshold.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 namespace fastbb {
 namespace {
 
 constexpr int kTile = 64;
 constexpr int kReduceThreads = 256;
-constexpr int64_t kMaxSharedWords = 48 * 1024 / 8;
+// Shared memory a block gets without opting in (cudaFuncAttributeMaxDynamicSharedMemorySize).
+constexpr int64_t kDefaultSharedBytes = 48 * 1024;
+constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 
 // Explicitly rounded products: nvcc would otherwise fuse `a + b - w * h` into a multiply-add and the
 // IoU would no longer round like torchvision's.
@@ -44,17 +51,34 @@ __device__ __forceinline__ int64_t clamped_count(const int64_t* counts, int64_t 
   return n < 0 ? 0 : (n > rows ? rows : n);
 }
 
-// Block (kTile threads) = (column tile, row tile, image); thread t owns row row_tile * 64 + t.
+// The tile-th tile (row by row) on or above the diagonal of a words x words grid of tiles, which holds
+// tiles = words (words + 1) / 2 of them. Counted from the last tile backwards, the last r + 1 tile rows
+// hold (r + 1)(r + 2) / 2 tiles: the tile row is the inverse of that triangular number, a double estimate
+// corrected by one either way (the same mapping as kernels/nms.py's _upper_tile).
+__device__ __forceinline__ void upper_tile(int64_t tile, int64_t words, int64_t tiles, int64_t& row_tile,
+                                           int64_t& col_tile) {
+  const int64_t back = tiles - 1 - tile;
+  int64_t r = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(back) + 1.0) - 1.0) * 0.5);
+  if ((r + 1) * (r + 2) / 2 <= back) ++r;
+  if (r * (r + 1) / 2 > back) --r;
+  row_tile = words - 1 - r;
+  col_tile = words - 1 - (back - r * (r + 1) / 2);
+}
+
+// Block (kTile threads) = one tile on or above the diagonal of one image (blockIdx.x = image * tiles +
+// tile); thread t owns row row_tile * 64 + t.
 template <typename scalar_t, typename T>
 __global__ void iou_mask_kernel(const scalar_t* __restrict__ boxes, const int64_t* __restrict__ labels,
-                                const int64_t* __restrict__ counts, int64_t rows, int64_t words, T threshold,
-                                unsigned long long* __restrict__ mask) {
-  const int64_t col_tile = blockIdx.x, row_tile = blockIdx.y, image = blockIdx.z;
+                                const int64_t* __restrict__ counts, int64_t rows, int64_t words,
+                                int64_t tiles_per_image, T threshold, unsigned long long* __restrict__ mask) {
+  const int64_t image = blockIdx.x / tiles_per_image;
+  int64_t row_tile, col_tile;
+  upper_tile(blockIdx.x - image * tiles_per_image, words, tiles_per_image, row_tile, col_tile);
   const int t = threadIdx.x;
   const int64_t row = row_tile * kTile + t;
   const int64_t n = clamped_count(counts, image, rows);
   unsigned long long* out = mask + (image * rows + row) * words + col_tile;
-  if (col_tile < row_tile || row_tile * kTile >= n) {  // nothing to suppress in this tile
+  if (row_tile * kTile >= n || col_tile * kTile >= n) {  // padding rows or columns: nothing to suppress
     if (row < rows) *out = 0;
     return;
   }
@@ -88,7 +112,7 @@ __global__ void iou_mask_kernel(const scalar_t* __restrict__ boxes, const int64_
 
 // One block per image. Word by word: the 64 rows of the word are resolved sequentially by one thread
 // (from the diagonal words, staged in shared memory), then the whole block ORs the rows kept in this
-// word into the removed bits of the later words.
+// word into the removed bits of the later words. Only words on or above the diagonal are read.
 __global__ void reduce_mask_kernel(const unsigned long long* __restrict__ mask, const int64_t* __restrict__ counts,
                                    int64_t rows, int64_t words, unsigned long long* global_removed,
                                    bool* __restrict__ keep) {
@@ -134,6 +158,33 @@ __global__ void reduce_mask_kernel(const unsigned long long* __restrict__ mask, 
   }
 }
 
+// Dynamic shared memory the reduce kernel may use on `device`: the device's opt-in limit per block less the
+// kernel's static shared memory, with the kernel's own limit raised to it once per device (a launch
+// asking for more than 48 KB in all fails otherwise).
+int64_t reduce_shared_bytes(int device) {
+  static std::mutex lock;
+  static std::vector<int64_t> limits;  // per device; -1 until set
+  const std::lock_guard<std::mutex> guard(lock);
+  if (static_cast<int64_t>(limits.size()) <= device) limits.resize(device + 1, -1);
+  if (limits[device] < 0) {
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, reduce_mask_kernel));
+    const int64_t static_bytes = static_cast<int64_t>(attributes.sharedSizeBytes);
+    int64_t dynamic = std::max<int64_t>(optin, kDefaultSharedBytes) - static_bytes;
+    if (dynamic > kDefaultSharedBytes - static_bytes) {
+      if (cudaFuncSetAttribute(reduce_mask_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(dynamic)) != cudaSuccess) {
+        (void)cudaGetLastError();  // refused: stay within the default
+        dynamic = kDefaultSharedBytes - static_bytes;
+      }
+    }
+    limits[device] = std::max<int64_t>(dynamic, 0);
+  }
+  return limits[device];
+}
+
 void check_threshold(double iou_threshold) {
   TORCH_CHECK(iou_threshold >= 0.0 && iou_threshold <= 1.0,
               "fastbb nms: iou_threshold must be in [0, 1], got ", iou_threshold);
@@ -160,17 +211,20 @@ at::Tensor nms_iou_mask_cuda(const at::Tensor& boxes, const c10::optional<at::Te
   c10::cuda::CUDAGuard guard(boxes.device());
   at::Tensor mask = at::empty({batch, rows, words}, boxes.options().dtype(at::kLong));
   if (mask.numel() == 0) return mask;
-  TORCH_CHECK(words <= 65535 && batch <= 65535, "fastbb nms: too many boxes or images for one launch");
+  const int64_t tiles_per_image = words * (words + 1) / 2;
+  TORCH_CHECK_VALUE(tiles_per_image <= kMaxGridX / batch, "nms_iou_mask: boxes of shape ", boxes.sizes(),
+                    " need ", tiles_per_image, " tiles per image for ", batch, " images, over CUDA's grid limit of ",
+                    kMaxGridX, " blocks; split the input");
   const at::Tensor box_data = boxes.contiguous();
   const at::Tensor label_data = labels.has_value() ? labels->contiguous() : at::Tensor();
   const at::Tensor counts = valid_counts.to(at::kLong).contiguous();
-  const dim3 grid(static_cast<unsigned>(words), static_cast<unsigned>(words), static_cast<unsigned>(batch));
+  const dim3 grid(static_cast<unsigned>(tiles_per_image * batch));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "nms_iou_mask_cuda", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     iou_mask_kernel<scalar_t, T><<<grid, kTile, 0, stream>>>(
         box_data.const_data_ptr<scalar_t>(), labels.has_value() ? label_data.const_data_ptr<int64_t>() : nullptr,
-        counts.const_data_ptr<int64_t>(), rows, words, threshold_below<T>(iou_threshold),
+        counts.const_data_ptr<int64_t>(), rows, words, tiles_per_image, threshold_below<T>(iou_threshold),
         reinterpret_cast<unsigned long long*>(mask.mutable_data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -186,10 +240,13 @@ at::Tensor nms_reduce_mask_cuda(const at::Tensor& mask, const at::Tensor& valid_
   c10::cuda::CUDAGuard guard(mask.device());
   at::Tensor keep = at::empty({batch, rows}, mask.options().dtype(at::kBool));
   if (keep.numel() == 0) return keep;
+  TORCH_CHECK_VALUE(batch <= kMaxGridX, "nms_reduce_mask: mask of shape ", mask.sizes(), " needs ", batch,
+                    " blocks, over CUDA's grid limit of ", kMaxGridX, "; split the input");
   const at::Tensor mask_data = mask.contiguous();
   const at::Tensor counts = valid_counts.to(at::kLong).contiguous();
-  // The removed bits live in shared memory when they fit, else in a global scratch row per image.
-  const bool in_shared = words <= kMaxSharedWords;
+  // The removed bits live in shared memory when they fit (up to the device's opt-in limit), else in a
+  // global scratch row per image.
+  const bool in_shared = words * 8 <= reduce_shared_bytes(mask.get_device());
   at::Tensor scratch = in_shared ? at::Tensor() : at::empty({batch, words}, mask.options());
   reduce_mask_kernel<<<static_cast<unsigned>(batch), kReduceThreads, in_shared ? words * 8 : 0,
                        at::cuda::getCurrentCUDAStream()>>>(

@@ -83,7 +83,11 @@ def _focal_rows(logits, targets, labels, weight, alpha, gamma, ignore_index, red
     loss = loss.sum() if reduce else loss.to(logits.dtype)
     if not compute_grad:
         return loss, logits.new_empty(0)
-    if gamma == 1:
+    if gamma == 0:
+        # No gamma term: its gradient is 0, as PyTorch's pow backward is for exponent 0 (the general form
+        # would give 0 * inf = NaN where m is subnormal, float32 |x| in about (87, 104), and m^-1 overflows).
+        m_gamma_1 = torch.zeros_like(m)
+    elif gamma == 1:
         m_gamma_1 = torch.ones_like(m)
     else:
         # m^(gamma - 1) where m > 0, else 0; the pow never sees 0, so a double backward stays finite.

@@ -23,7 +23,7 @@ synchronise the host and can be captured in a CUDA graph on the cuda and triton 
 
 Backends: cpu "cpp" (greedy pass with a spatial grid: only kept boxes a candidate can overlap are
 tested); cuda "cuda" (64x64-tile IoU bitmask + greedy reduction of the mask on the device) and "triton"
-(the bitmask stage in Triton, reduced by the compiled kernel when built).
+(the bitmask and its greedy reduction in Triton; the compiled CUDA reduction instead when it is built).
 """
 import torch
 
@@ -37,7 +37,9 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 # Compiled kernels. nms: kept indices in rank order (idxs, when given, separates classes).
 # nms_iou_mask: int64 (B, M, ceil(M / 64)); bit j of word w of row i is set when box i suppresses box
-# w * 64 + j: j > i, equal labels (when given), both rows < valid_counts, IoU > threshold.
+# w * 64 + j: j > i, equal labels (when given), both rows < valid_counts, IoU > threshold. Only the words on
+# or above the diagonal (w >= i // 64) are specified; the others hold nothing of use (the GPU kernels
+# leave them unwritten), and no reduction reads them.
 # nms_reduce_mask: the greedy scan of that mask -> keep (B, M) bool.
 kernel_lib.define("nms(Tensor boxes, Tensor scores, Tensor? idxs, float iou_threshold) -> Tensor")
 kernel_lib.define("nms_sorted_padded(Tensor boxes, Tensor labels, Tensor valid_counts, float iou_threshold) -> Tensor")
@@ -150,7 +152,8 @@ def nms_sorted_padded_reference(boxes, labels, valid_counts, iou_threshold):
 
 
 def _iou_mask_reference(boxes, labels, valid_counts, iou_threshold):
-    """The suppression bitmask of nms_iou_mask in plain PyTorch (for tests and as documentation)."""
+    """The suppression bitmask of nms_iou_mask in plain PyTorch (for tests and as documentation); words
+    below the diagonal, unspecified in the kernels' masks, are zero here."""
     batch, rows = boxes.shape[:2]
     words = (rows + 63) // 64
     b = boxes.to(_compute_dtype(boxes.dtype))
@@ -167,8 +170,14 @@ def _iou_mask_reference(boxes, labels, valid_counts, iou_threshold):
     return (bits.view(batch, rows, words, 64).long() << shifts).sum(-1)
 
 
-def _reduce_mask_scan(mask, valid_counts):
-    """Greedy scan of a suppression bitmask in Python: the fallback when no compiled kernel is built."""
+def _upper_words(rows, words, device=None):
+    """(M, W) bool: the words on or above the diagonal of a suppression bitmask (the specified ones)."""
+    return torch.arange(words, device=device)[None, :] >= torch.arange(rows, device=device)[:, None] // 64
+
+
+def _reduce_mask_reference(mask, valid_counts):
+    """Greedy scan of a suppression bitmask in plain Python (the ground truth of nms_reduce_mask): row i,
+    when kept, ORs only its words from i // 64 on into the removed bits."""
     batch, rows, words = mask.shape
     keep = torch.zeros((batch, rows), dtype=torch.bool)
     counts = valid_counts.clamp(0, rows).tolist()
@@ -187,18 +196,20 @@ def _reduce_mask_scan(mask, valid_counts):
 # Backends
 # ---------------------------------------------------------------------------------------------------
 
-def _reduce_mask(mask, valid_counts):
-    key = "CUDA" if mask.device.type == "cuda" else "CPU"
-    if _backend.has_kernel("fastbb_C::nms_reduce_mask", key):
-        return torch.ops.fastbb_C.nms_reduce_mask(mask, valid_counts)
-    return _reduce_mask_scan(mask, valid_counts)
+def _compiled_reduce_usable(mask):
+    """Whether the Triton path reduces `mask` with the compiled CUDA kernel (built and a CUDA tensor)."""
+    return mask.is_cuda and _backend.has_kernel("fastbb_C::nms_reduce_mask", "CUDA")
 
 
 def _padded_triton(boxes, labels, valid_counts, iou_threshold):
+    """Bitmask and greedy scan on the device, neither waiting for the host: the Triton reduction unless
+    the compiled CUDA one is built (CPU tensors, under the interpreter: always the Triton one)."""
     from fastbb.kernels import nms as nms_kernels
 
     mask = nms_kernels.iou_mask(boxes, labels, valid_counts, iou_threshold)
-    return _reduce_mask(mask, valid_counts)
+    if _compiled_reduce_usable(mask):
+        return torch.ops.fastbb_C.nms_reduce_mask(mask, valid_counts)
+    return nms_kernels.reduce_mask(mask, valid_counts)
 
 
 def _nms_triton(boxes, scores, idxs, iou_threshold):
