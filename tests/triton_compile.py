@@ -190,6 +190,8 @@ def _nms_cases():
         yield f"{SHORT[dtype]}", False, lambda b=boxes, c=counts: nms.iou_mask(b, None, c, 0.5)
         yield f"{SHORT[dtype]} labels", False, lambda b=boxes, c=counts: nms.iou_mask(
             b, meta((2, 1000), torch.int64), c, 0.5)
+    # The greedy reduction of the mask: one int64 layout, whatever the boxes' dtype was.
+    yield "reduce", False, lambda: nms.reduce_mask(meta((2, 1000, 16), torch.int64), meta((2,), torch.int64))
 
 
 CASES = [_fpn_cases, _fpn_merge_cases, _conv_cases, _bn_cases, _focal_loss_cases, _box_decode_cases, _nms_cases]
