@@ -1,7 +1,7 @@
 """Build fastbb and its extension fastbb._C against the torch already installed.
 
 C++ CPU kernels are always compiled. CUDA kernels (csrc/**/*.cu) are compiled when a usable CUDA toolkit
-and a CUDA build of torch are present, or when FASTBB_FORCE_CUDA=1. FASTBB_CUDA_ARCHS picks the
+and a CUDA build of torch are present (unless FASTBB_NO_CUDA=1), or when FASTBB_FORCE_CUDA=1. FASTBB_CUDA_ARCHS picks the
 targets (default "8.0;9.0"). If the extension cannot be compiled (no compiler, no toolkit) and the build
 was not forced, the install still succeeds: every op then runs on its pure-PyTorch reference.
 """
@@ -40,7 +40,9 @@ def _load_toolkit_finder():
 
 FORCE_CUDA = _env_flag("FASTBB_FORCE_CUDA")
 CUDA_HOME, CUDA_FOUND_BY, CUDA_VERSION = _load_toolkit_finder().find_cuda_toolkit(torch.version.cuda)
-if torch.version.cuda is None and not FORCE_CUDA:
+if _env_flag("FASTBB_NO_CUDA") and not FORCE_CUDA:
+    WITH_CUDA, CUDA_SKIPPED = False, "FASTBB_NO_CUDA=1 was set"
+elif torch.version.cuda is None and not FORCE_CUDA:
     WITH_CUDA, CUDA_SKIPPED = False, f"torch {torch.__version__} is a CPU-only build"
 elif CUDA_HOME is None:
     WITH_CUDA, CUDA_SKIPPED = False, CUDA_FOUND_BY

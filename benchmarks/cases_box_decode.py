@@ -7,12 +7,10 @@ import torch
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import clip_boxes_to_image
 
-import fastbb
-from fastbb import _backend
+from fastbb.benchmarks.runner import backend_providers
 from fastbb.ops.box_decode import decode_boxes
 
 NUM_ANCHORS, NUM_IMAGES, IMAGE_SIZE = 201_600, 2, (800, 1333)
-KERNELS = {"cpp": "fastbb_C::decode_boxes", "cuda": "fastbb_C::decode_boxes"}
 
 
 def _inputs(device):
@@ -34,20 +32,11 @@ def cases(device):
     coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
     compiled = torch.compile(_torchvision_decode, dynamic=False)
 
-    def with_backend(name):
-        def run():
-            with fastbb.use_backend(name):
-                return decode_boxes(anchors, deltas, max_shape=IMAGE_SIZE)
-        return run
-
     providers = {
         "torchvision": lambda: _torchvision_decode(coder, anchors, deltas),
         "torch.compile": lambda: compiled(coder, anchors, deltas),
         "fastbb": lambda: decode_boxes(anchors, deltas, max_shape=IMAGE_SIZE),
     }
-    for backend in _backend.BACKENDS:
-        if backend != "reference" and _backend.backend_usable(backend, device, KERNELS.get(backend)) \
-                and not (backend == "triton" and device == "cpu"):  # the interpreter is not a speed path
-            providers[f"fastbb[{backend}]"] = with_backend(backend)
+    providers.update(backend_providers("decode_boxes", device, providers["fastbb"]))
     return [{"name": f"decode_boxes {NUM_IMAGES}x{NUM_ANCHORS} anchors", "providers": providers,
              "baseline": "torchvision", "representative": True}]

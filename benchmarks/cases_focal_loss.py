@@ -7,9 +7,7 @@ their one-hot targets.
 import torch
 import torchvision
 
-import fastbb
-from fastbb import _backend
-from fastbb.ops import focal_loss as focal_module
+from fastbb.benchmarks.runner import backend_providers
 from fastbb.ops.focal_loss import sigmoid_focal_loss, sigmoid_focal_loss_labels
 
 NUM_ANCHORS, NUM_CLASSES = 50_000, 80
@@ -33,37 +31,21 @@ def _forward_backward(loss_fn, logits, *args, **kwargs):
     return run
 
 
-def _with_backend(fn, backend):
-    def run(*args, **kwargs):
-        with fastbb.use_backend(backend):
-            return fn(*args, **kwargs)
-    return run
-
-
 def cases(device):
     logits, labels, one_hot = _inputs(device)
     compiled = torch.compile(torchvision.ops.sigmoid_focal_loss, dynamic=False)
-
-    def backend_providers(fn, *args, **kwargs):
-        """One provider per compiled backend usable here (the Triton interpreter is no speed path)."""
-        providers = {}
-        for backend in focal_module._PREFERENCE.get(device, ()):
-            if _backend.backend_usable(backend, device, focal_module._KERNELS.get(backend)):
-                providers[f"fastbb[{backend}]"] = _forward_backward(_with_backend(fn, backend), logits, *args,
-                                                                    **kwargs)
-        return providers
 
     dense = {
         "torchvision": _forward_backward(torchvision.ops.sigmoid_focal_loss, logits, one_hot, reduction="sum"),
         "torch.compile": _forward_backward(compiled, logits, one_hot, reduction="sum"),
         "fastbb": _forward_backward(sigmoid_focal_loss, logits, one_hot, reduction="sum"),
     }
-    dense.update(backend_providers(sigmoid_focal_loss, one_hot, reduction="sum"))
+    dense.update(backend_providers("sigmoid_focal_loss", device, dense["fastbb"]))
     labelled = {
         "torchvision": _forward_backward(torchvision.ops.sigmoid_focal_loss, logits, one_hot, reduction="sum"),
         "fastbb": _forward_backward(sigmoid_focal_loss_labels, logits, labels, reduction="sum"),
     }
-    labelled.update(backend_providers(sigmoid_focal_loss_labels, labels, reduction="sum"))
+    labelled.update(backend_providers("sigmoid_focal_loss", device, labelled["fastbb"]))
     name = f"{NUM_ANCHORS}x{NUM_CLASSES} fwd+bwd sum"
     return [{"name": f"focal_loss dense {name}", "providers": dense, "baseline": "torchvision",
              "representative": True},

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import feature_pyramid_network as tv_fpn
 
-import fastbb
-from fastbb import _backend
+from fastbb.benchmarks.runner import backend_providers
 from fastbb.nn import FeaturePyramidNetwork, LastLevelP6P7
 from fastbb.ops.fpn_merge import fpn_merge
 from fastbb.ops.upsample_nearest_add import upsample_nearest_add
@@ -26,7 +25,6 @@ BATCH = 2
 # C3..C5 of an 800x1344 input, and the FPN's P3..P5.
 C_LEVELS = [(512, 100, 168), (1024, 50, 84), (2048, 25, 42)]
 OUT_CHANNELS = 256
-KERNELS = {"cpp": "fastbb_C::upsample_nearest_add_out"}
 
 
 def _eager_merge(top, lateral):
@@ -43,19 +41,6 @@ def _grads(fn, inputs):
         out = fn(*inputs)
         return torch.autograd.grad(out, [t for t in inputs if t.requires_grad], torch.ones_like(out))
     return run
-
-
-def _backend_providers(device, make):
-    """fastbb on each usable compiled backend (the Triton interpreter is no speed path)."""
-    providers = {}
-    for backend in ("cpp", "triton"):
-        if _backend.backend_usable(backend, device, KERNELS.get(backend)) and not (backend == "triton"
-                                                                                 and device == "cpu"):
-            def run(fn=make(), backend=backend):
-                with fastbb.use_backend(backend):
-                    return fn()
-            providers[f"fastbb[{backend}]"] = run
-    return providers
 
 
 def _layouts(device):
@@ -82,14 +67,14 @@ def _merge_cases(device, tag, dtype, layout):
         "fastbb": lambda: upsample_nearest_add(top, lateral),
         "copy lateral": lambda: torch.add(lateral, 1, out=buffer),
     }
-    forward.update(_backend_providers(device, lambda: lambda: upsample_nearest_add(top, lateral)))
+    forward.update(backend_providers("upsample_nearest_add", device, forward["fastbb"]))
     top_g, lateral_g = top.clone().requires_grad_(), lateral.clone().requires_grad_()
     backward = {
         "eager": _grads(_eager_merge, (top_g, lateral_g)),
         "torch.compile": _grads(compiled, (top_g, lateral_g)),
         "fastbb": _grads(upsample_nearest_add, (top_g, lateral_g)),
     }
-    backward.update(_backend_providers(device, lambda: _grads(upsample_nearest_add, (top_g, lateral_g))))
+    backward.update(backend_providers("upsample_nearest_add", device, backward["fastbb"]))
     return [{"name": f"upsample_nearest_add fwd {shape}", "providers": forward, "baseline": "eager",
              "representative": tag == ""},
             {"name": f"upsample_nearest_add fwd+bwd {shape}", "providers": backward, "baseline": "eager"}]
@@ -110,7 +95,7 @@ def _fpn_merge_case(device, tag, dtype, layout):
         "torch.compile": lambda: compiled(x, weight, bias, top),
         "fastbb": lambda: fpn_merge(x, weight, bias, top),
     }
-    providers.update(_backend_providers(device, lambda: lambda: fpn_merge(x, weight, bias, top)))
+    providers.update(backend_providers("fpn_merge", device, providers["fastbb"]))
     name = f"fpn_merge fwd {BATCH}x{c_in}x{height}x{width}->{OUT_CHANNELS}{tag}"
     return [{"name": name, "providers": providers, "baseline": "eager", "representative": tag == ""}]
 

@@ -7,12 +7,10 @@ boxes here), so on CPU the 100,000-box case times fastbb alone.
 import torch
 import torchvision
 
-import fastbb
-from fastbb import _backend
+from fastbb.benchmarks.runner import backend_providers
 from fastbb.ops.nms import batched_nms, nms, nms_sorted_padded
 
 IMAGE_W, IMAGE_H, MIN_SIZE, MAX_SIZE, NUM_CLASSES = 1333, 800, 16, 256, 80
-KERNELS = {"cpp": "fastbb_C::nms", "cuda": "fastbb_C::nms"}
 
 
 def _detections(n, device, seed):
@@ -25,20 +23,9 @@ def _detections(n, device, seed):
     return boxes.to(device), scores.to(device), labels.to(device)
 
 
-def _fastbb_providers(device, call):
+def _fastbb_providers(op, device, call):
     """'fastbb' (the backend fastbb picks) and 'fastbb[backend]' for every other usable one."""
-    def with_backend(name):
-        def run():
-            with fastbb.use_backend(name):
-                return call()
-        return run
-
-    providers = {"fastbb": call}
-    for backend in _backend.BACKENDS:
-        if backend != "reference" and _backend.backend_usable(backend, device, KERNELS.get(backend)) \
-                and not (backend == "triton" and device == "cpu"):  # the interpreter is not a speed path
-            providers[f"fastbb[{backend}]"] = with_backend(backend)
-    return providers
+    return {"fastbb": call, **backend_providers(op, device, call)}
 
 
 def cases(device):
@@ -51,14 +38,14 @@ def cases(device):
             providers["torchvision"] = lambda b=boxes, s=scores: torchvision.ops.nms(b, s, threshold)
         else:
             note = "torchvision's CPU nms takes about 13 s per call at this size: fastbb is timed alone"
-        providers.update(_fastbb_providers(device, lambda b=boxes, s=scores: nms(b, s, threshold)))
+        providers.update(_fastbb_providers("nms", device, lambda b=boxes, s=scores: nms(b, s, threshold)))
         result.append({"name": f"nms {n} boxes", "providers": providers, "baseline": "torchvision",
                        "representative": n == 20_000, "note": note})
     for n in (5_000, 50_000):
         boxes, scores, labels = _detections(n, device, seed=n + 1)
         providers = {"torchvision": lambda b=boxes, s=scores, l=labels: torchvision.ops.batched_nms(b, s, l, threshold)}
         providers.update(_fastbb_providers(
-            device, lambda b=boxes, s=scores, l=labels: batched_nms(b, s, l, threshold)))
+            "batched_nms", device, lambda b=boxes, s=scores, l=labels: batched_nms(b, s, l, threshold)))
         result.append({"name": f"batched_nms {NUM_CLASSES} classes {n} boxes", "providers": providers,
                        "baseline": "torchvision", "representative": n == 50_000})
 
@@ -76,7 +63,8 @@ def cases(device):
                 for i, c in enumerate(counts.tolist())]
 
     providers = {"torchvision": torchvision_per_image}
-    providers.update(_fastbb_providers(device, lambda: nms_sorted_padded(boxes, labels, counts, threshold)))
+    providers.update(_fastbb_providers("nms_sorted_padded", device,
+                                       lambda: nms_sorted_padded(boxes, labels, counts, threshold)))
     result.append({"name": f"nms_sorted_padded {images}x{rows} boxes {NUM_CLASSES} classes",
                    "providers": providers, "baseline": "torchvision"})
     return result

@@ -15,14 +15,12 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-import fastbb
-from fastbb import _backend
+from fastbb.benchmarks.runner import backend_providers
 from fastbb.ops.retinanet_postprocess import retinanet_postprocess
 
 IMAGE_SIZE, PADDED_SIZE = (800, 1333), (800, 1344)
 GRIDS = ((100, 168), (50, 84), (25, 42), (13, 21), (7, 11))
 NUM_CLASSES, LOGIT_MEAN, LOGIT_STD = 91, -4.8, 1.0
-KERNELS = {"cpp": "fastbb_C::retinanet_postprocess"}
 
 
 def _anchors(batch, device):
@@ -51,13 +49,6 @@ def _torchvision_call(cls_logits, bbox_regression, anchors, levels, image_sizes)
     return lambda: RetinaNet.postprocess_detections(model, head_outputs, split_anchors, image_sizes)
 
 
-def _with_backend(name, call):
-    def run():
-        with fastbb.use_backend(name):
-            return call()
-    return run
-
-
 def cases(device):
     result = []
     for batch in ((2,) if device == "cpu" else (2, 8)):
@@ -67,9 +58,7 @@ def cases(device):
         if device == "cuda":
             stacked = (args[0], args[1], torch.stack(args[2]), args[3], torch.tensor(args[4], device=device))
             providers["fastbb padded"] = lambda a=stacked: retinanet_postprocess(*a, padded=True)
-        for backend in ("cpp", "cuda"):
-            if _backend.backend_usable(backend, device, KERNELS.get(backend)):
-                providers[f"fastbb[{backend}]"] = _with_backend(backend, lambda a=args: retinanet_postprocess(*a))
+        providers.update(backend_providers("retinanet_postprocess", device, providers["fastbb"]))
         result.append({"name": f"retinanet_postprocess {batch}x{sum(args[3])} anchors {NUM_CLASSES} classes",
                        "providers": providers, "baseline": "torchvision", "representative": True})
     return result

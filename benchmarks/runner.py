@@ -126,6 +126,22 @@ def parametrize_cases(cases_module):
     return pytest.mark.parametrize("case, provider", params, ids=[f"{c['name']}-{p}" for c, p in params])
 
 
+def backend_providers(op, device, fn):
+    """{"fastbb[B]": fn run with backend B forced} for every backend B of op's table that can run on
+    `device` here, except the reference and the Triton interpreter (no speed paths)."""
+    import fastbb
+    from fastbb import _backend
+
+    def forced(backend):
+        def run():
+            with fastbb.use_backend(backend):
+                return fn()
+        return run
+
+    return {f"fastbb[{backend}]": forced(backend) for backend in _backend.TABLES[op].usable_backends(device)
+            if backend != "reference" and not (backend == "triton" and device == "cpu")}
+
+
 def _family_modules(selected=None):
     names = family_names()
     unknown = sorted(set(selected or ()) - set(names))

@@ -1,19 +1,35 @@
-"""Which implementation of an op runs: the compiled extension, Triton, or the pure-PyTorch reference.
+"""Which implementation of an op runs: fastbb's compiled kernels, its Triton kernels, a named third-party
+fast path, or the pure-PyTorch reference.
 
-Every op declares, per device type, the backends it has in order of preference (fastest first). The
-first usable one runs, unless a backend is forced with the FASTBB_BACKEND environment variable or the
-`use_backend(name)` context manager (tests and benchmarks use this to compare backends).
+Every op declares one table (`OpTable`): its implementations in order of preference, each with its
+backend, the devices it is chosen on by default, the fastbb_C kernel it needs, when it applies to a call,
+and what it is. Dispatch, `fastbb.backends()`, the tests, the benchmarks and the README's backend matrix
+all read those tables. A backend name means one thing everywhere (BACKENDS). The first usable,
+applicable implementation runs, unless a backend is forced with the FASTBB_BACKEND environment variable or
+the `use_backend(name)` context manager: then the op runs its implementation of that backend where one
+applies to the call, and its reference where none does.
 """
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import os
 import threading
 import warnings
+from typing import Callable
 
 import torch
 
-BACKENDS = ("reference", "cpp", "cuda", "triton")
+# Every backend name, with the one thing it means for every op.
+BACKENDS = {
+    "reference": "plain PyTorch, written for clarity: the ground truth every other backend is tested against",
+    "cpp": "fastbb's C++ CPU kernels (fastbb._C, OpenMP)",
+    "cuda": "fastbb's CUDA kernels (fastbb._C)",
+    "triton": "fastbb's Triton kernels (fastbb.kernels); on CPU tensors only under TRITON_INTERPRET=1",
+    "onednn": "oneDNN's convolution with fused post-ops (bias, residual add, ReLU), through PyTorch",
+    "mkl": "MKL's matrix products, through PyTorch, with fastbb's epilogue",
+    "cudnn": "cuDNN's convolution with fused bias, residual add and ReLU, through PyTorch",
+}
 
 _state = threading.local()
 _extension = None
@@ -45,16 +61,6 @@ def _check_triton():
         _triton_error = "triton is not installed"
 
 
-_load_extension()
-_check_triton()
-if _extension_error is not None:
-    warnings.warn(f"fastbb: {_extension_error}; ops run on their pure-PyTorch reference.", stacklevel=2)
-elif not _extension.with_cuda() and torch.version.cuda is not None and torch.cuda.is_available():
-    # A GPU, but a CPU-only build: say why once, so a silent fallback to Triton / PyTorch is not mistaken
-    # for fastbb's CUDA speed.
-    warnings.warn(f"{build_report()}. CUDA ops run on Triton or PyTorch instead.", stacklevel=2)
-
-
 def extension():
     """The loaded fastbb._C module, or None."""
     return _extension
@@ -68,6 +74,24 @@ def build_report():
         return "fastbb._C is not built: every op runs on its pure-PyTorch reference"
     return getattr(_build_info, "BUILD_REPORT", f"fastbb._C built for torch {_build_info.TORCH_VERSION}, CUDA "
                                                 f"kernels {'compiled' if _build_info.WITH_CUDA else 'not compiled'}")
+
+
+def load_warning(extension_error, extension_module, gpu_present):
+    """The one warning `import fastbb` gives about fastbb._C, or None: the binary is missing or stale, or a
+    GPU is present but the build has no CUDA kernels (so that a fallback to Triton / PyTorch is not mistaken
+    for fastbb's CUDA speed)."""
+    if extension_error is not None:
+        return f"fastbb: {extension_error}; ops run on their pure-PyTorch reference."
+    if gpu_present and not extension_module.with_cuda():
+        return f"{build_report()}. CUDA ops run on Triton or PyTorch instead."
+    return None
+
+
+_load_extension()
+_check_triton()
+_warning = load_warning(_extension_error, _extension, torch.version.cuda is not None and torch.cuda.is_available())
+if _warning is not None:
+    warnings.warn(_warning, stacklevel=2)
 
 
 def triton_interpreter_on():
@@ -89,13 +113,19 @@ def backend_usable(backend, device_type, kernel=None):
     if backend == "reference":
         return True
     if backend == "cpp":
-        return device_type == "cpu" and (kernel is None or has_kernel(kernel, "CPU"))
+        return device_type == "cpu" and kernel is not None and has_kernel(kernel, "CPU")
     if backend == "cuda":
-        return device_type == "cuda" and (kernel is None or has_kernel(kernel, "CUDA"))
+        return device_type == "cuda" and kernel is not None and has_kernel(kernel, "CUDA")
     if backend == "triton":
         if _triton_error is not None:
             return False
         return device_type == "cuda" or (device_type == "cpu" and triton_interpreter_on())
+    if backend == "onednn":
+        return device_type == "cpu" and torch.backends.mkldnn.is_available()
+    if backend == "mkl":
+        return device_type == "cpu" and torch.backends.mkl.is_available()
+    if backend == "cudnn":
+        return device_type == "cuda" and torch.backends.cudnn.is_available()
     return False
 
 
@@ -160,26 +190,124 @@ def _why_unusable(backend, device_type):
         return _triton_error
     if backend == "triton" and device_type == "cpu":
         return "Triton runs CPU tensors only under the interpreter (TRITON_INTERPRET=1 before import)"
-    if backend == "cpp" and device_type != "cpu":
-        return "the C++ backend runs CPU tensors"
-    if backend == "cuda" and device_type != "cuda":
-        return "the CUDA backend runs CUDA tensors"
+    if backend in ("cpp", "onednn", "mkl") and device_type != "cpu":
+        return f"the {backend} backend runs CPU tensors"
+    if backend in ("cuda", "cudnn") and device_type != "cuda":
+        return f"the {backend} backend runs CUDA tensors"
+    if backend in ("onednn", "mkl", "cudnn"):
+        return f"this torch was built without {backend}"
     return "the kernel was not compiled into fastbb._C"
 
 
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One way to run an op.
+
+    backend: a key of BACKENDS. run: called with the op's arguments. devices: the device types it is
+    chosen on by default (a forced backend may run it elsewhere, e.g. Triton on CPU tensors under the
+    interpreter). kernel: the fastbb_C op it needs. applies: a predicate on the op's arguments, for
+    implementations that handle only some calls (a 3x3 stride-1 conv, say). what: one line for people.
+    """
+    backend: str
+    run: Callable
+    devices: tuple = ("cpu", "cuda")
+    kernel: str | None = None
+    applies: Callable | None = None
+    what: str = ""
+
+    def usable(self, device_type):
+        return backend_usable(self.backend, device_type, self.kernel)
+
+    def applies_to(self, args):
+        return self.applies is None or bool(self.applies(*args))
+
+
+# Every op's table, by op name, in the order they were declared.
+TABLES = {}
+
+
+class OpTable:
+    """An op's implementations in order of preference, read by dispatch, fastbb.backends(), the tests, the
+    benchmarks and the README's backend matrix.
+
+    autocast: the op's rule under torch.autocast, as the op it replaces behaves (for people and the
+    README). pick: optional function(implementations, args) -> implementation that chooses among the
+    applicable, usable implementations of a device when no backend is forced (by default the first).
+    """
+
+    def __init__(self, op, implementations, *, autocast, pick=None):
+        implementations = tuple(implementations)
+        unknown = sorted({i.backend for i in implementations} - set(BACKENDS))
+        if unknown:
+            raise ValueError(f"fastbb.{op}: unknown backends {unknown}; the backends are {list(BACKENDS)}")
+        references = [i for i in implementations if i.backend == "reference"]
+        if len(references) != 1 or references[0].applies is not None:
+            raise ValueError(f"fastbb.{op}: a table needs exactly one reference implementation, for every call")
+        self.op = op
+        self.implementations = implementations
+        self.reference = references[0]
+        self.autocast = autocast
+        self.pick = pick
+        TABLES[op] = self
+
+    def offered(self):
+        """The backends the op has, in order of preference."""
+        return list(dict.fromkeys(i.backend for i in self.implementations))
+
+    def kernel(self, backend):
+        """The fastbb_C op the first implementation of `backend` needs (None if none needs one)."""
+        return next((i.kernel for i in self.implementations if i.backend == backend and i.kernel), None)
+
+    def usable_backends(self, device_type):
+        """The op's backends that can run on `device_type` here (forced, where that is how they run there)."""
+        return [b for b in self.offered()
+                if any(i.usable(device_type) for i in self.implementations if i.backend == b)]
+
+    def choose(self, device_type, *args):
+        """The implementation one call runs (see the module docstring for the rules)."""
+        forced = forced_backend()
+        if forced is None:
+            candidates = [i for i in self.implementations if device_type in i.devices and i.backend != "reference"
+                          and i.usable(device_type) and i.applies_to(args)]
+            if not candidates:
+                return self.reference
+            return self.pick(candidates, args) if self.pick is not None else candidates[0]
+        if forced not in self.offered():
+            raise RuntimeError(f"fastbb.{self.op} has no {forced!r} implementation; it has {self.offered()}")
+        forced_impls = [i for i in self.implementations if i.backend == forced]
+        usable = [i for i in forced_impls if i.usable(device_type)]
+        if not usable:
+            raise RuntimeError(
+                f"fastbb.{self.op}: backend {forced!r} was forced but is not usable on {device_type} tensors here "
+                f"({_why_unusable(forced, device_type)}); usable: {self.usable_backends(device_type)}")
+        return next((i for i in usable if i.applies_to(args)), self.reference)
+
+    def __call__(self, device_type, *args):
+        return self.choose(device_type, *args).run(*args)
+
+
 def backends():
-    """What is built and usable here: {backend: {'built': bool, 'usable_on': [device types], 'why': str}}."""
+    """What is built and usable here, per backend: {backend: {'built': bool, 'usable_on': [device types],
+    'why': str (when it is usable nowhere), 'what': str, 'ops': [ops that have it]}}."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     report = {}
-    for backend in BACKENDS:
+    for backend, what in BACKENDS.items():
         if backend in ("cpp", "cuda"):
             built = _extension is not None and (backend == "cpp" or _extension.with_cuda())
         elif backend == "triton":
             built = _triton_error is None
         else:
             built = True
-        usable = [d for d in devices if built and backend_usable(backend, d)]
-        why = "" if usable else (_why_unusable(backend, devices[-1]) if built or backend != "cuda"
-                                 else (_extension_error or "fastbb._C was built without CUDA"))
-        report[backend] = {"built": built, "usable_on": usable, "why": why}
+        ops = [table.op for table in TABLES.values() if backend in table.offered()]
+        usable = [d for d in devices if backend == "reference"
+                  or any(backend in table.usable_backends(d) for table in TABLES.values())]
+        if not ops:
+            why = "no op has this backend"
+        elif usable:
+            why = ""
+        elif backend == "cuda" and _extension is not None and not _extension.with_cuda():
+            why = "fastbb._C was built without CUDA"
+        else:
+            why = _why_unusable(backend, devices[-1])
+        report[backend] = {"built": built, "usable_on": usable, "why": why, "what": what, "ops": ops}
     return report

@@ -36,7 +36,7 @@ def test_use_backend_forces_and_nests():
 
 def test_use_backend_rejects_unknown_name():
     with pytest.raises(ValueError, match="backend must be one of"):
-        with fastbb.use_backend("cudnn"):
+        with fastbb.use_backend("fastest"):
             pass
 
 
@@ -51,10 +51,76 @@ def test_forced_backends_agree():
     boxes, scores = _random_boxes(300)
     with fastbb.use_backend("reference"):
         expected = fastbb.ops.nms(boxes, scores, 0.5)
-    for backend in ("cpp", "triton"):
-        if _backend.backend_usable(backend, "cpu", "fastbb_C::nms_cpu" if backend == "cpp" else None):
-            with fastbb.use_backend(backend):
-                torch.testing.assert_close(fastbb.ops.nms(boxes, scores, 0.5), expected)
+    backends = _backend.TABLES["nms"].usable_backends("cpu")
+    assert "cpp" in backends  # the extension is built in every test environment
+    for backend in backends:
+        with fastbb.use_backend(backend):
+            torch.testing.assert_close(fastbb.ops.nms(boxes, scores, 0.5), expected)
+
+
+def _table(name, *implementations):
+    return _backend.OpTable(f"test_{name}", implementations, autocast="none")
+
+
+def _implementation(backend, tag, **kwargs):
+    return _backend.Implementation(backend, lambda x: (tag, x), **kwargs)
+
+
+def test_table_runs_the_first_usable_applicable_implementation(monkeypatch):
+    monkeypatch.setattr(_backend, "TABLES", {})
+    table = _table("order",
+                   _implementation("cuda", "cuda", devices=("cuda",), kernel="fastbb_C::nms"),
+                   _implementation("onednn", "small", devices=("cpu",), applies=lambda x: x < 10),
+                   _implementation("mkl", "any", devices=("cpu",)),
+                   _implementation("reference", "ref"))
+    assert table("cpu", 3) == ("small", 3)  # cuda is for CUDA tensors; onednn applies to small x
+    assert table("cpu", 30) == ("any", 30)  # onednn does not apply: the next one
+    assert table.offered() == ["cuda", "onednn", "mkl", "reference"]
+    assert table.usable_backends("cpu") == ["onednn", "mkl", "reference"]
+    assert table.kernel("cuda") == "fastbb_C::nms" and table.kernel("mkl") is None
+    with fastbb.use_backend("onednn"):
+        assert table("cpu", 3) == ("small", 3)
+        assert table("cpu", 30) == ("ref", 30)  # forced, but no onednn implementation applies: the reference
+    with fastbb.use_backend("reference"):
+        assert table("cpu", 3) == ("ref", 3)
+    with fastbb.use_backend("triton"), pytest.raises(RuntimeError, match=r"fastbb\.test_order has no 'triton'"):
+        table("cpu", 3)
+    with fastbb.use_backend("cuda"), pytest.raises(RuntimeError, match="was forced but is not usable on cpu"):
+        table("cpu", 3)
+    assert set(_backend.TABLES) == {"test_order"}
+
+
+def test_table_pick_chooses_among_applicable_implementations(monkeypatch):
+    monkeypatch.setattr(_backend, "TABLES", {})
+    seen = []
+
+    def pick(candidates, args):
+        seen.append([c.backend for c in candidates])
+        return candidates[-1]
+
+    table = _backend.OpTable("test_pick", [_implementation("onednn", "a", devices=("cpu",)),
+                                           _implementation("mkl", "b", devices=("cpu",)),
+                                           _implementation("reference", "ref")], autocast="none", pick=pick)
+    assert table("cpu", 1) == ("b", 1) and seen == [["onednn", "mkl"]]
+
+
+def test_table_declarations_are_checked(monkeypatch):
+    monkeypatch.setattr(_backend, "TABLES", {})
+    with pytest.raises(ValueError, match="unknown backends"):
+        _table("bad_name", _implementation("fastest", "x"), _implementation("reference", "ref"))
+    with pytest.raises(ValueError, match="exactly one reference"):
+        _table("no_reference", _implementation("mkl", "x"))
+    with pytest.raises(ValueError, match="exactly one reference"):
+        _table("partial_reference", _implementation("reference", "ref", applies=lambda x: x > 0))
+
+
+def test_every_op_has_a_table_with_what_each_implementation_is():
+    for op in ("nms", "batched_nms", "nms_sorted_padded", "decode_boxes", "retinanet_postprocess",
+               "sigmoid_focal_loss", "upsample_nearest_add", "fpn_merge", "conv_bn_relu"):
+        table = _backend.TABLES[op]
+        assert table.autocast and all(i.what for i in table.implementations), op
+    report = fastbb.backends()
+    assert "sigmoid_focal_loss" in report["cpp"]["ops"] and report["cpp"]["what"]
 
 
 def _run_python(code, **env):
@@ -111,3 +177,13 @@ def test_main_job_runs_a_case_and_writes_json(tmp_path):
         for provider, m in row["providers"].items():
             assert "error" not in m, (row["name"], provider, m)
             assert m["median_s"] > 0
+
+
+def test_load_warning_says_why_cuda_kernels_are_missing_on_a_gpu_machine():
+    cpu_only = type("Extension", (), {"with_cuda": staticmethod(lambda: False)})
+    with_cuda = type("Extension", (), {"with_cuda": staticmethod(lambda: True)})
+    assert _backend.load_warning(None, with_cuda, gpu_present=True) is None
+    assert _backend.load_warning(None, cpu_only, gpu_present=False) is None
+    message = _backend.load_warning(None, cpu_only, gpu_present=True)
+    assert message.startswith("fastbb") and "CUDA ops run on Triton or PyTorch instead" in message
+    assert "pure-PyTorch reference" in _backend.load_warning("fastbb._C is not built", None, gpu_present=True)

@@ -12,8 +12,6 @@ from fastbb.ops.focal_loss import (sigmoid_focal_loss, sigmoid_focal_loss_labels
 from fastbb.nn.focal_loss import FocalLoss, SigmoidFocalLoss
 from conftest import TOLERANCES, usable_backends
 
-KERNELS = focal_module._KERNELS
-OFFERED = {b for backends in focal_module._PREFERENCE.values() for b in backends} | {"reference"}
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 REDUCTIONS = ("none", "mean", "sum")
 # (alpha, gamma): the default, alpha off, non-integer gamma, the edges alpha 0 / 1 and gamma 0 / 1.
@@ -22,7 +20,7 @@ SHAPES = ((0, 5), (1, 1), (7, 3), (33, 80), (2, 50, 7), (3, 0))
 
 
 def backends(device="cpu"):
-    return [b for b in usable_backends(device, KERNELS) if b in OFFERED]
+    return usable_backends(device, "sigmoid_focal_loss")
 
 
 def random_logits(shape, dtype=torch.float32, scale=3.0):

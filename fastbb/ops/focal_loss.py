@@ -25,9 +25,6 @@ from fastbb import _backend
 from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, kernel_lib
 
 _OP = "sigmoid_focal_loss"
-# On CPU tensors Triton runs only under its interpreter: offered there for testing, never chosen by default.
-_PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
-_KERNELS = {"cpp": "fastbb_C::sigmoid_focal_loss", "cuda": "fastbb_C::sigmoid_focal_loss"}
 _REDUCTIONS = ("none", "mean", "sum")
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -97,21 +94,37 @@ def _focal_rows(logits, targets, labels, weight, alpha, gamma, ignore_index, red
     return loss, grad.to(logits.dtype)
 
 
+def _compiled(*args):
+    return torch.ops.fastbb_C.sigmoid_focal_loss(*args)
+
+
+def _triton(logits, targets, labels, weight, alpha, gamma, ignore_index, reduce, compute_grad):
+    from fastbb.kernels import focal_loss
+    if labels is not None and labels.device.type == "cpu":
+        _check_label_range(labels, logits.shape[-1], ignore_index)
+    return focal_loss.sigmoid_focal_loss(logits, targets, labels, weight, alpha, gamma, ignore_index, reduce,
+                                         compute_grad)
+
+
+# Every implementation takes (logits, targets, labels, weight, alpha, gamma, ignore_index, reduce,
+# compute_grad) and returns (loss or its sum, weighted per-element gradient).
+TABLE = _backend.OpTable(_OP, [
+    _backend.Implementation("cuda", _compiled, devices=("cuda",), kernel="fastbb_C::sigmoid_focal_loss",
+                            what="one CUDA pass: loss (or per-block partial sums) and gradient"),
+    _backend.Implementation("triton", _triton, devices=("cuda",), what="the same single pass in Triton"),
+    _backend.Implementation("cpp", _compiled, devices=("cpu",), kernel="fastbb_C::sigmoid_focal_loss",
+                            what="one vectorised C++ pass (OpenMP)"),
+    _backend.Implementation("reference", _focal_rows, what="plain PyTorch: softplus, pow, the analytic gradient"),
+], autocast="computes in float32 (float64 for float64) and returns float32 under autocast, as "
+            "binary_cross_entropy_with_logits does")
+
+
 @torch.library.custom_op("fastbb::sigmoid_focal_loss", mutates_args=())
 def _focal_loss_op(logits: torch.Tensor, targets: torch.Tensor | None, labels: torch.Tensor | None,
                    weight: torch.Tensor | None, alpha: float, gamma: float, ignore_index: int, reduce: bool,
                    scale: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (logits, targets, labels, weight, alpha, gamma, ignore_index, reduce, compute_grad)
-    backend = _backend.choose(_OP, logits.device.type, _PREFERENCE, _KERNELS)
-    if backend in ("cpp", "cuda"):
-        loss, grad = torch.ops.fastbb_C.sigmoid_focal_loss(*args)
-    elif backend == "triton":
-        from fastbb.kernels import focal_loss
-        if labels is not None and labels.device.type == "cpu":
-            _check_label_range(labels, logits.shape[-1], ignore_index)
-        loss, grad = focal_loss.sigmoid_focal_loss(*args)
-    else:
-        loss, grad = _focal_rows(*args)
+    loss, grad = TABLE(logits.device.type, logits, targets, labels, weight, alpha, gamma, ignore_index, reduce,
+                       compute_grad)
     if reduce:
         loss = (loss * scale).to(logits.dtype)
     return loss, grad

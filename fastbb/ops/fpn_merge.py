@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastbb import _backend
 from fastbb.ops._common import FLOAT_DTYPES, check_same_device, check_tensor
-from fastbb.ops.conv_bn_relu import pointwise_conv_gemm, pointwise_gemm_applies
+from fastbb.ops._pointwise_gemm import pointwise_conv_gemm, pointwise_gemm_applies
 from fastbb.ops.upsample_nearest_add import add_upsampled_, check_top_shape, memory_format
 
 _OP = "fpn_merge"
