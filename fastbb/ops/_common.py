@@ -11,6 +11,21 @@ kernel_lib = torch.library.Library("fastbb_C", "FRAGMENT")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def compute_dtype(dtype):
+    """The dtype fastbb computes in for inputs of `dtype`: float64 for float64, float32 for every other float
+    (16-bit inputs are widened on load and rounded once on store)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def memory_format(t):
+    """channels_last when the 4-D tensor t is laid out so (and not also plain contiguous), else
+    contiguous_format: the format of outputs made to follow t, in the real kernels and the fake functions
+    alike (kernels/_common.py output_format is the same rule for the Triton launchers)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def check_tensor(op, name, t, *, ndim=None, last_dim=None, dtypes=None):
     """Raise a TypeError/ValueError naming `op` and `name` when `t` is not what is expected."""
     if not isinstance(t, torch.Tensor):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbb import _backend
-from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, kernel_lib
+from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, compute_dtype, kernel_lib
 
 _OP = "sigmoid_focal_loss"
 _REDUCTIONS = ("none", "mean", "sum")
@@ -34,10 +34,6 @@ _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int6
 # grad (N, C) in logits' dtype when compute_grad, else an empty tensor.
 kernel_lib.define("sigmoid_focal_loss(Tensor logits, Tensor? targets, Tensor? labels, Tensor? weight, float alpha, "
                   "float gamma, int ignore_index, bool reduce, bool compute_grad) -> (Tensor, Tensor)")
-
-
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _label_targets(labels, num_classes, ignore_index, dtype):
@@ -57,7 +53,7 @@ def _check_label_range(labels, num_classes, ignore_index):
 
 def _focal_rows(logits, targets, labels, weight, alpha, gamma, ignore_index, reduce, compute_grad):
     """The kernels' contract in PyTorch: (loss or its sum, weighted per-element gradient)."""
-    compute = _compute_dtype(logits.dtype)
+    compute = compute_dtype(logits.dtype)
     x = logits.to(compute)
     if labels is not None:
         if labels.device.type == "cpu":
@@ -155,7 +151,7 @@ def _backward(ctx, grad_loss, _):
     elif not ctx.compute_grad:
         raise RuntimeError(f"{_OP}: the forward ran without gradient tracking; no gradient was saved")
     if ctx.reduce:
-        grad_logits = grad * (grad_loss.to(_compute_dtype(grad.dtype)) * ctx.scale)
+        grad_logits = grad * (grad_loss.to(compute_dtype(grad.dtype)) * ctx.scale)
     else:
         grad_logits = grad * grad_loss
     return (grad_logits,) + (None,) * 9
@@ -214,7 +210,7 @@ def _run(logits, targets, labels, weight, alpha, gamma, ignore_index, reduction,
     if labels is not None:
         labels = labels.to(torch.int64).reshape(-1).contiguous()
     if weight is not None:
-        weight = weight.to(_compute_dtype(logits.dtype))
+        weight = weight.to(compute_dtype(logits.dtype))
         if labels is not None and weight.shape == shape[:-1]:
             weight = weight[..., None]  # per anchor
         weight = weight.broadcast_to(shape).reshape(rows.shape)
@@ -236,7 +232,7 @@ def _run(logits, targets, labels, weight, alpha, gamma, ignore_index, reduction,
 
 def _focal_loss_reference(logits, targets, alpha, gamma, weight=None):
     """Per-element focal loss in plain PyTorch (autograd gives its gradient), in the compute dtype."""
-    compute = _compute_dtype(logits.dtype)
+    compute = compute_dtype(logits.dtype)
     x = logits.to(compute)
     t = targets.to(compute)
     ce = t * F.softplus(-x) + (1 - t) * F.softplus(x)
@@ -337,7 +333,7 @@ def sigmoid_focal_loss_labels_reference(logits, labels, gamma=2.0, alpha=0.25, w
                                              ignore_index)
     if labels.device.type == "cpu":
         _check_label_range(labels, logits.shape[-1], ignore_index)
-    compute = _compute_dtype(logits.dtype)
+    compute = compute_dtype(logits.dtype)
     targets, keep = _label_targets(labels.long(), logits.shape[-1], ignore_index, compute)
     if weight is not None:
         weight = weight.to(compute)
