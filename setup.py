@@ -22,7 +22,8 @@ except ImportError:
              "`pip install --no-build-isolation .` (or `pip install --no-build-isolation -e .`).")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+with open(os.path.join(ROOT, "fastbb", "_version.py")) as _file:
+    VERSION = re.search(r'__version__ = "([^"]+)"', _file.read()).group(1)
 
 
 def _env_flag(name):
@@ -122,6 +123,8 @@ class BuildExtension(cpp_extension.BuildExtension):
     """Falls back to a pure-PyTorch install when compilation fails, unless the build was forced."""
 
     def run(self):
+        # Until the build succeeds, the report says it did not (a killed build leaves this line behind).
+        _write_build_info("fastbb: the last build of fastbb._C did not finish; reinstall fastbb to rebuild it")
         try:
             super().run()
         except Exception as exc:  # compiler or toolkit missing or broken
@@ -139,8 +142,6 @@ class BuildExtension(cpp_extension.BuildExtension):
         print(BUILD_REPORT, flush=True)
 
 
-# Until the build succeeds, the report says it did not (a killed build leaves this line behind).
-_write_build_info("fastbb: the last build of fastbb._C did not finish; reinstall fastbb to rebuild it")
 
 setup(
     name="fastbb",

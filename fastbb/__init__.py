@@ -1,5 +1,5 @@
 """fastbb: fused kernels for ResNet / FPN / RetinaNet detectors, under drop-in PyTorch modules."""
-__version__ = "0.1.0"
+from fastbb._version import __version__  # noqa: E402
 
 from fastbb._backend import backends, use_backend  # noqa: E402  (loads fastbb._C, warns once if unusable)
 from fastbb._registry import build, register, registered  # noqa: E402

@@ -3,6 +3,7 @@
     python -m fastbb [--full] [--device cpu|cuda] [--family NAME ...] [--only WORD ...] [--min-time S]
                      [--budget S] [--json PATH] [--plot PATH.png]
     python -m fastbb info
+    python -m fastbb backends
 
 By default a representative case of each family runs, within a budget of QUICK_BUDGET_S seconds (about
 3 minutes on a 2-core CPU); --full (or --family / --only) runs every selected case.
@@ -48,10 +49,33 @@ def info():
     print(f"registered types: {', '.join(fastbb.registered())}")
 
 
+def backend_matrix():
+    """Markdown: per op, the backends it runs on each device in order of preference, and its autocast rule;
+    then what each backend is. Generated from the ops' tables (the README's copy is checked by a test)."""
+    import fastbb  # noqa: F401  (declares every op's table)
+    from fastbb import _backend
+
+    lines = ["| op | CPU (in order of preference) | CUDA (in order of preference) | under autocast |",
+             "|---|---|---|---|"]
+    for table in _backend.TABLES.values():
+        if table.op.startswith("test_"):
+            continue
+        columns = []
+        for device in ("cpu", "cuda"):
+            names = [i.backend for i in table.implementations if device in i.devices]
+            columns.append(", ".join(f"`{name}`" for name in dict.fromkeys(names)))
+        lines.append(f"| `{table.op}` | {columns[0]} | {columns[1]} | {table.autocast} |")
+    lines += ["", "| backend | what it is |", "|---|---|"]
+    lines += [f"| `{name}` | {what} |" for name, what in _backend.BACKENDS.items()]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastbb", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="bench", choices=["bench", "info"])
+    parser.add_argument("command", nargs="?", default="bench", choices=["bench", "info", "backends"],
+                        help="bench (default): the benchmark table; info: versions, build, backends; "
+                             "backends: the per-op backend matrix (Markdown)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when a GPU is present, else cpu")
     parser.add_argument("--full", action="store_true", help="run every case, not one representative per family")
@@ -68,6 +92,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
+        return 0
+    if args.command == "backends":
+        print(backend_matrix())
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")

@@ -1,7 +1,8 @@
 """The ops together under torch.compile(fullgraph=True) and torch.export: no graph breaks, same results."""
 import torch
 
-from fastbb.ops import batched_nms, decode_boxes, retinanet_postprocess, retinanet_postprocess_reference
+from fastbb.ops import batched_nms, decode_boxes, retinanet_postprocess
+from fastbb.ops.reference import retinanet_postprocess_reference
 
 
 def _detection_inputs(num_images=2, sizes=((6, 8), (3, 4)), num_anchors=3, num_classes=5):
