@@ -205,17 +205,21 @@ class Implementation:
 
     backend: a key of BACKENDS. run: called with the op's arguments. devices: the device types it is
     chosen on by default (a forced backend may run it elsewhere, e.g. Triton on CPU tensors under the
-    interpreter). kernel: the fastbb_C op it needs. applies: a predicate on the op's arguments, for
-    implementations that handle only some calls (a 3x3 stride-1 conv, say). what: one line for people.
+    interpreter). kernel: the fastbb_C op it needs, or a tuple of them (a composition of fastbb ops that
+    is only that backend when each of its inner ops has that backend's kernel). applies: a predicate on
+    the op's arguments, for implementations that handle only some calls (a 3x3 stride-1 conv, say).
+    what: one line for people.
     """
     backend: str
     run: Callable
     devices: tuple = ("cpu", "cuda")
-    kernel: str | None = None
+    kernel: str | tuple | None = None
     applies: Callable | None = None
     what: str = ""
 
     def usable(self, device_type):
+        if isinstance(self.kernel, tuple):
+            return all(backend_usable(self.backend, device_type, k) for k in self.kernel)
         return backend_usable(self.backend, device_type, self.kernel)
 
     def applies_to(self, args):
@@ -255,7 +259,8 @@ class OpTable:
         return list(dict.fromkeys(i.backend for i in self.implementations))
 
     def kernel(self, backend):
-        """The fastbb_C op the first implementation of `backend` needs (None if none needs one)."""
+        """The fastbb_C op (or tuple of them) the first implementation of `backend` needs (None if none
+        needs one)."""
         return next((i.kernel for i in self.implementations if i.backend == backend and i.kernel), None)
 
     def usable_backends(self, device_type):

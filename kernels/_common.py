@@ -1,6 +1,6 @@
 """What every Triton launcher in fastbb.kernels shares: the interpreter switch, the autotuning switch and
-the autotuned-kernel wrapper, the device guard, CUDA's grid limits, the compute dtype, and the store-side
-bfloat16 rounding the interpreter needs."""
+the autotuned-kernel wrapper, the device guard, CUDA's grid limits, the compute dtype, the output memory
+format rule (and the tile orientation built on it), and the store-side bfloat16 rounding the interpreter needs."""
 import contextlib
 import os
 
@@ -85,6 +85,16 @@ def output_format(t):
     if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def tiles_channels_last(t):
+    """Whether elementwise tiles over the 4-D t run along channels (its memory order is NHWC): output_format's
+    rule for a dense t, the order of its strides for any other view. This only orients tiles for coalescing."""
+    if output_format(t) == torch.channels_last:
+        return True
+    if t.is_contiguous():
+        return False
+    return t.stride(1) < min(t.stride(2), t.stride(3))
 
 
 @triton.jit

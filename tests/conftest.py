@@ -3,8 +3,10 @@
 Without a GPU, Triton kernels run on CPU tensors under the Triton interpreter, which must be switched on
 before triton is first imported; fastbb imports triton lazily, so setting it here is early enough.
 """
+import dataclasses
 import os
 import random
+import re
 import zlib
 
 import pytest
@@ -36,6 +38,36 @@ def usable_backends(device, op):
                 if fastbb._backend.backend_usable(b, device, op.get(b, f"fastbb_C::{b}" if b in ("cpp", "cuda") else None))
                 and (b not in ("cpp", "cuda") or b in op)]
     return fastbb._backend.TABLES[op].usable_backends(device)
+
+
+def check_forced_backends(monkeypatch, op, call, device="cpu"):
+    """With each backend of `op`'s table that is usable on `device` forced, call() runs that backend's
+    implementation, the table's own (every implementation of these ops applies to every call); and forcing
+    a backend the op does not have raises, naming the op. Implementations are spied on in the table, so
+    an op that runs other ops inside records only its own."""
+    table = fastbb._backend.TABLES[op]
+    declared = {}  # backend -> the table's first implementation of it
+    for implementation in table.implementations:
+        declared.setdefault(implementation.backend, implementation)
+    ran = []
+
+    def spied(implementation):
+        def run(*args):
+            ran.append(implementation)
+            return implementation.run(*args)
+        return dataclasses.replace(implementation, run=run)
+
+    monkeypatch.setattr(table, "implementations", tuple(spied(i) for i in table.implementations))
+    monkeypatch.setattr(table, "reference", spied(table.reference))
+    for backend in table.usable_backends(device):
+        ran.clear()
+        with fastbb.use_backend(backend):
+            call()
+        assert ran == [declared[backend]], (op, backend, [i.backend for i in ran])
+    lacking = next(b for b in fastbb._backend.BACKENDS if b not in table.offered())
+    message = re.escape(f"fastbb.{op} has no '{lacking}'")
+    with fastbb.use_backend(lacking), pytest.raises(RuntimeError, match=message):
+        call()
 
 
 def randomize_bn(model):

@@ -14,7 +14,6 @@ from fastbb.nn import BoxCoder, DeltaXYWHBBoxCoder
 from conftest import usable_backends
 
 IMAGE_H, IMAGE_W = 800, 1333
-KERNELS = {"cpp": "fastbb_C::decode_boxes", "cuda": "fastbb_C::decode_boxes"}
 
 
 def random_boxes(n, dtype=torch.float32):
@@ -46,7 +45,7 @@ def test_box_coder_matches_torchvision(weights):
                                theirs.encode_single(targets[0], per_image[0]), rtol=0, atol=0)
 
     codes = torch.randn(1001, 12) * 2.5  # 3 boxes per anchor, some beyond the clamp
-    backends = usable_backends("cpu", KERNELS)
+    backends = usable_backends("cpu", "decode_boxes")
     for backend in backends:
         with fastbb.use_backend(backend):
             decoded = ours.decode(codes, per_image)
@@ -146,7 +145,7 @@ def test_delta_xywh_coder_matches_mmdet(cfg, batched, num_classes):
     max_shape = [(IMAGE_H, IMAGE_W, 3), (600, 900, 3)] if batched else (IMAGE_H, IMAGE_W, 3)
     expected = mmdet_onnx_delta2bbox(rois, deltas, full["target_means"], full["target_stds"], max_shape, 16 / 1000,
                                      full["clip_border"], full["add_ctr_clamp"], full["ctr_clamp"])
-    for backend in usable_backends("cpu", KERNELS):
+    for backend in usable_backends("cpu", "decode_boxes"):
         if backend == "triton" and (batched or num_classes > 1):
             continue  # the interpreter is slow; one shape covers it
         with fastbb.use_backend(backend):

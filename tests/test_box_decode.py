@@ -8,9 +8,8 @@ from torchvision.ops import clip_boxes_to_image
 
 import fastbb
 from fastbb.ops.box_decode import decode_boxes, decode_boxes_reference
-from conftest import TOLERANCES, devices, usable_backends
+from conftest import TOLERANCES, check_forced_backends, devices, usable_backends
 
-KERNELS = {"cpp": "fastbb_C::decode_boxes", "cuda": "fastbb_C::decode_boxes"}
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 IMAGE_H, IMAGE_W = 800, 1333
 
@@ -55,7 +54,7 @@ def assert_close(actual, expected, dtype, backend=None):
 
 
 def backends(device="cpu"):
-    return usable_backends(device, KERNELS)
+    return usable_backends(device, "decode_boxes")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,6 +281,12 @@ def test_opcheck():
                                    1, [1.0] * 4, [0.1] * 4, [0.2] * 4, -4.0, 4.0, 32.0, []))
 
 
+def test_forced_backend_runs_its_implementation(monkeypatch):
+    anchors, deltas = random_anchors(20), random_deltas((2, 20, 4))
+    check_forced_backends(monkeypatch, "decode_boxes",
+                          lambda: decode_boxes(anchors, deltas, max_shape=(IMAGE_H, IMAGE_W)))
+
+
 def test_torch_compile_fullgraph():
     anchors = random_anchors(100)
     deltas = random_deltas((2, 100, 4))
@@ -326,7 +331,7 @@ def test_torch_compile_fullgraph():
 def test_bad_inputs(kwargs, error, match):
     args = dict(anchors=torch.zeros(5, 4), deltas=torch.zeros(5, 4))
     args.update(kwargs)
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=rf"^fastbb\.decode_boxes: .*{match}"):
         decode_boxes(args.pop("anchors"), args.pop("deltas"), **args)
 
 
@@ -358,7 +363,7 @@ def test_cuda_backends_match_reference(dtype, params):
     sizes = torch.tensor([[IMAGE_H, IMAGE_W], [600, 1000]], device="cuda")
     kwargs = dict(STYLES[params], max_shape=sizes)
     expected = decode_boxes_reference(anchors.cpu(), deltas.cpu(), **dict(kwargs, max_shape=sizes.cpu()))
-    for backend in usable_backends("cuda", KERNELS):
+    for backend in usable_backends("cuda", "decode_boxes"):
         assert_close(run(backend, anchors, deltas, **kwargs).cpu(), expected, dtype)
         # Unaligned buffers take the scalar path of the CUDA kernel.
         odd = torch.empty(deltas.numel() + 1, dtype=dtype, device="cuda")[1:].view_as(deltas).copy_(deltas)
@@ -371,7 +376,7 @@ def test_cuda_float64_scalars_are_exact():
     deltas = random_deltas((1000, 4), torch.float64, "cuda")
     kwargs = dict(style="mmdet", means=(0.1, 0.2, 0.3, 0.01), stds=(0.1, 0.1, 0.2, 0.2))
     expected = decode_boxes_reference(anchors.cpu(), deltas.cpu(), **kwargs)
-    for backend in usable_backends("cuda", KERNELS):
+    for backend in usable_backends("cuda", "decode_boxes"):
         assert_close(run(backend, anchors, deltas, **kwargs).cpu(), expected, torch.float64, backend)
         gradients = torch.autograd.gradcheck(
             lambda a, d: run(backend, a, d, **kwargs), (anchors[:5].clone().requires_grad_(),

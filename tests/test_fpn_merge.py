@@ -8,10 +8,9 @@ import torch.nn.functional as F
 import fastbb
 from fastbb.ops.fpn_merge import fpn_merge, fpn_merge_reference
 
-from conftest import TOLERANCES, usable_backends
+from conftest import TOLERANCES, check_forced_backends, usable_backends
 
-KERNELS = {"cpp": "fastbb_C::upsample_nearest_add_out"}
-BACKENDS = usable_backends("cpu", KERNELS)
+BACKENDS = usable_backends("cpu", "fpn_merge")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -133,6 +132,11 @@ def test_empty_batch(backend):
     assert x.grad.shape == x.shape and top.grad.shape == top.shape
 
 
+def test_forced_backend_runs_its_implementation(monkeypatch):
+    args = _problem(torch.float32)
+    check_forced_backends(monkeypatch, "fpn_merge", lambda: fpn_merge(*args))
+
+
 def test_inputs_unmodified():
     args = _problem(torch.float32)
     before = [t.clone() for t in args]
@@ -160,7 +164,7 @@ def test_bad_input(change, message):
     x, weight, bias, top = _problem(torch.float32, c_in=6, c_out=5, size=(8, 9), top_size=(4, 5))
     args = dict(x=x, lateral_weight=weight, lateral_bias=bias, top=top)
     change(args)
-    with pytest.raises((TypeError, ValueError), match=message):
+    with pytest.raises((TypeError, ValueError), match=rf"^fastbb\.fpn_merge: .*{message}"):
         fpn_merge(**args)
 
 
@@ -172,11 +176,11 @@ def test_bad_input(change, message):
 def test_cuda_triton_kernel_every_dtype_and_layout(dtype, channels_last):
     """The kernel with one fixed tile (the autotuner would compile each of its configs per dtype and
     layout), odd channel counts and sizes, against the float64 result."""
-    from fastbb.kernels import fpn as fpn_kernels
+    from fastbb.kernels import fpn_merge as fpn_merge_kernels
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x, weight, bias, top = (t.cuda() for t in _problem(dtype, size=(13, 25), top_size=(7, 13),
                                                         channels_last=channels_last))
-    got = fpn_kernels.fpn_merge(x, weight, bias, top, block_m=64, block_n=32, block_k=16)
+    got = fpn_merge_kernels.fpn_merge(x, weight, bias, top, block_m=64, block_n=32, block_k=16)
     want = _float64_result(x, weight, bias, top)
     assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(got.double(), want, **_tolerance(dtype, want))

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import fastbb
-from conftest import LaunchSpy, usable_backends
+from conftest import LaunchSpy, check_forced_backends, usable_backends
 
 nms_mod = importlib.import_module("fastbb.ops.nms")
 nms, nms_reference = nms_mod.nms, nms_mod.nms_reference
@@ -17,8 +17,6 @@ batched_nms, batched_nms_reference = nms_mod.batched_nms, nms_mod.batched_nms_re
 nms_sorted_padded, nms_sorted_padded_reference = nms_mod.nms_sorted_padded, nms_mod.nms_sorted_padded_reference
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-NMS_KERNELS = {"cpp": "fastbb_C::nms", "cuda": "fastbb_C::nms"}
-PADDED_KERNELS = {"cpp": "fastbb_C::nms_sorted_padded", "cuda": "fastbb_C::nms_sorted_padded"}
 TRITON_MAX_N = 300  # the Triton interpreter is slow: keep its inputs small
 TRITON_ON_CPU = fastbb._backend.backend_usable("triton", "cpu")
 needs_triton_on_cpu = pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton on CPU tensors needs its interpreter")
@@ -46,8 +44,8 @@ def rand_boxes(n, dtype=torch.float32, layout="spread", device="cpu"):
     return torch.cat([xy, xy + wh], 1).to(dtype=dtype, device=device)
 
 
-def backends_for(device, kernels, n):
-    found = usable_backends(device, kernels)
+def backends_for(device, op, n):
+    found = usable_backends(device, op)
     if device == "cpu" and n > TRITON_MAX_N:
         found = [b for b in found if b != "triton"]
     return found
@@ -86,7 +84,7 @@ def test_reference_matches_torchvision(layout, n, threshold, dtype):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("backend", usable_backends("cpu", NMS_KERNELS))
+@pytest.mark.parametrize("backend", usable_backends("cpu", "nms"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 301, 1000])
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 0.7])
@@ -101,7 +99,7 @@ def test_backends_match_reference_and_torchvision(backend, dtype, n, threshold):
     assert torch.equal(got, torchvision_nms(boxes, scores, threshold))
 
 
-@pytest.mark.parametrize("backend", usable_backends("cpu", NMS_KERNELS))
+@pytest.mark.parametrize("backend", usable_backends("cpu", "nms"))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_iou_exactly_at_threshold_is_kept(backend, dtype):
     # Pairs (higher score first) whose IoU is exactly 0.5, exactly 0 (touching) and just above 0.5,
@@ -122,7 +120,7 @@ def test_iou_exactly_at_threshold_is_kept(backend, dtype):
         assert torch.equal(got, torchvision_nms(boxes, scores, threshold))
 
 
-@pytest.mark.parametrize("backend", usable_backends("cpu", NMS_KERNELS))
+@pytest.mark.parametrize("backend", usable_backends("cpu", "nms"))
 def test_tied_scores_keep_stable_order(backend):
     n = 250
     boxes = rand_boxes(n, layout="crowded")
@@ -136,7 +134,7 @@ def test_tied_scores_keep_stable_order(backend):
     assert bool((position[got].diff() > 0).all())
 
 
-@pytest.mark.parametrize("backend", usable_backends("cpu", NMS_KERNELS))
+@pytest.mark.parametrize("backend", usable_backends("cpu", "nms"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_nan_scores_and_degenerate_boxes(backend, dtype):
     n = 200
@@ -158,7 +156,7 @@ def test_nan_scores_and_degenerate_boxes(backend, dtype):
         assert row in kept
 
 
-@pytest.mark.parametrize("backend", usable_backends("cpu", NMS_KERNELS))
+@pytest.mark.parametrize("backend", usable_backends("cpu", "nms"))
 def test_non_contiguous_inputs_and_inputs_unmodified(backend):
     n = 151
     wide = rand_boxes(2 * n, layout="crowded").view(n, 8)
@@ -196,7 +194,7 @@ def test_batched_matches_reference_and_torchvision(classes, n, dtype):
     scores = torch.rand(n, dtype=torch.float64).to(dtype)
     idxs = torch.randint(-classes // 2, classes - classes // 2, (n,), dtype=torch.int32)
     expected = batched_nms_reference(boxes, scores, idxs, 0.5)
-    for backend in backends_for("cpu", NMS_KERNELS, n):
+    for backend in backends_for("cpu", "batched_nms", n):
         assert torch.equal(run(backend, batched_nms, boxes, scores, idxs, 0.5), expected), backend
     # torchvision's per-class path orders tied scores arbitrarily: compare as sets, and the order
     # exactly where no scores tie.
@@ -206,7 +204,7 @@ def test_batched_matches_reference_and_torchvision(classes, n, dtype):
         assert torch.equal(tv, expected)
 
 
-@pytest.mark.parametrize("backend", usable_backends("cpu", NMS_KERNELS))
+@pytest.mark.parametrize("backend", usable_backends("cpu", "batched_nms"))
 def test_batched_one_class_equals_nms_and_classes_are_independent(backend):
     n = 180
     boxes, scores = rand_boxes(n, layout="crowded"), torch.rand(n)
@@ -224,7 +222,7 @@ def test_batched_ties_are_stable():
     scores = torch.randint(0, 3, (n,)).float()
     idxs = torch.randint(0, 4, (n,))
     expected = batched_nms_reference(boxes, scores, idxs, 0.5)
-    for backend in backends_for("cpu", NMS_KERNELS, n):
+    for backend in backends_for("cpu", "batched_nms", n):
         assert torch.equal(run(backend, batched_nms, boxes, scores, idxs, 0.5), expected), backend
     assert sorted(torchvision_batched_nms(boxes, scores, idxs, 0.5).tolist()) == sorted(expected.tolist())
     position = torch.empty(n, dtype=torch.long)
@@ -252,7 +250,7 @@ def test_sorted_padded_matches_reference(dtype, batch, rows, threshold):
     boxes, labels, counts = padded_inputs(batch, rows, dtype)
     expected = nms_sorted_padded_reference(boxes, labels, counts, threshold)
     assert expected.shape == (batch, rows) and expected.dtype == torch.bool
-    for backend in usable_backends("cpu", PADDED_KERNELS):
+    for backend in usable_backends("cpu", "nms_sorted_padded"):
         assert torch.equal(run(backend, nms_sorted_padded, boxes, labels, counts, threshold), expected), backend
     # Independent check: rows ranked by position are batched_nms with decreasing scores.
     for image in range(batch):
@@ -433,7 +431,7 @@ def test_triton_launch_grids_within_cuda_limits():
 
 # --------------------------------------------------------------------------- custom ops and compilation
 
-@pytest.mark.parametrize("backend", usable_backends("cpu", NMS_KERNELS))
+@pytest.mark.parametrize("backend", usable_backends("cpu", "nms"))
 def test_opcheck(backend):
     boxes, scores = rand_boxes(40, layout="crowded"), torch.rand(40)
     idxs = torch.randint(0, 3, (40,))
@@ -442,6 +440,15 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.fastbb.nms.default, (boxes, scores, 0.5))
         torch.library.opcheck(torch.ops.fastbb.batched_nms.default, (boxes, scores, idxs, 0.5))
         torch.library.opcheck(torch.ops.fastbb.nms_sorted_padded.default, (p_boxes, p_labels, p_counts, 0.5))
+
+
+@pytest.mark.parametrize("op", ["nms", "batched_nms", "nms_sorted_padded"])
+def test_forced_backend_runs_its_implementation(monkeypatch, op):
+    boxes, scores, idxs = rand_boxes(30, layout="crowded"), torch.rand(30), torch.randint(0, 3, (30,))
+    p_boxes, p_labels, p_counts = padded_inputs(2, 30)
+    calls = {"nms": lambda: nms(boxes, scores, 0.5), "batched_nms": lambda: batched_nms(boxes, scores, idxs, 0.5),
+             "nms_sorted_padded": lambda: nms_sorted_padded(p_boxes, p_labels, p_counts, 0.5)}
+    check_forced_backends(monkeypatch, op, calls[op])
 
 
 def test_torch_compile_fullgraph():
@@ -463,6 +470,11 @@ def test_torch_compile_fullgraph():
 
 def test_bad_inputs_raise_clear_errors():
     boxes, scores = rand_boxes(5), torch.rand(5)
+    for fn in (nms, nms_reference):  # the message names the function called
+        with pytest.raises(ValueError, match=rf"^fastbb\.{fn.__name__}: boxes must be \(N, 4\)"):
+            fn(boxes[None], scores, 0.5)
+    with pytest.raises(ValueError, match=r"^fastbb\.batched_nms: idxs"):
+        batched_nms(boxes, scores, torch.zeros(4, dtype=torch.long), 0.5)
     with pytest.raises(ValueError, match="boxes"):
         nms(boxes[:, :3], scores, 0.5)
     with pytest.raises(ValueError, match="boxes"):
@@ -489,7 +501,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="idxs"):
         batched_nms(boxes, scores, torch.zeros(5), 0.5)
     p_boxes, p_labels, p_counts = padded_inputs(2, 6)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match=r"^fastbb\.nms_sorted_padded: labels"):
         nms_sorted_padded(p_boxes, p_labels[:, :5], p_counts, 0.5)
     with pytest.raises(ValueError, match="valid_counts"):
         nms_sorted_padded(p_boxes, p_labels, p_counts[:1], 0.5)
@@ -520,10 +532,10 @@ def use_cuda_path(monkeypatch, path):
 @pytest.mark.parametrize("n", [0, 1, 7, 1000, 20000])
 def test_cuda_nms_matches_reference_and_torchvision(monkeypatch, path, dtype, n):
     backend = use_cuda_path(monkeypatch, path)
-    if backend not in usable_backends("cuda", NMS_KERNELS):
+    if backend not in usable_backends("cuda", "nms"):
         pytest.fail(f"backend {backend} is not usable on this GPU machine")
     boxes, scores = rand_boxes(n, dtype, "crowded" if n < 5000 else "spread"), torch.rand(n, dtype=dtype)
-    expected = run("cpp" if "cpp" in usable_backends("cpu", NMS_KERNELS) else "reference", nms, boxes, scores, 0.5)
+    expected = run("cpp" if "cpp" in usable_backends("cpu", "nms") else "reference", nms, boxes, scores, 0.5)
     got = run(backend, nms, boxes.cuda(), scores.cuda(), 0.5)
     assert got.device.type == "cuda" and torch.equal(got.cpu(), expected)
     assert torch.equal(expected, torchvision_nms(boxes, scores, 0.5))

@@ -11,11 +11,11 @@ import fastbb
 from fastbb.ops.retinanet_postprocess import (
     _check_inputs, _postprocess_batched, retinanet_postprocess, retinanet_postprocess_reference)
 
-from conftest import TOLERANCES, usable_backends
+from conftest import TOLERANCES, check_forced_backends, usable_backends
 
-KERNELS = {"cpp": "fastbb_C::retinanet_postprocess"}
-# "batched" is the fixed-shape GPU path (PyTorch + fastbb ops), run here on CPU tensors.
-CPU_PATHS = [b for b in usable_backends("cpu", KERNELS) if b in ("reference", "cpp")] + ["batched"]
+# "batched" is the fixed-shape GPU path (PyTorch + fastbb ops), run here on CPU tensors with its inner ops
+# on their default CPU backends.
+CPU_PATHS = [b for b in usable_backends("cpu", "retinanet_postprocess") if b in ("reference", "cpp")] + ["batched"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -274,6 +274,23 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.fastbb_C.retinanet_postprocess, args)
 
 
+def test_forced_backend_runs_its_implementation(monkeypatch):
+    problem = _problem(2, (12, 4), 3)
+    check_forced_backends(monkeypatch, "retinanet_postprocess",
+                          lambda: retinanet_postprocess(*problem, detections_per_img=10))
+
+
+def test_cuda_implementation_needs_every_inner_cuda_kernel(monkeypatch):
+    """The GPU path is a composition of fastbb ops: it is "cuda" only where all their CUDA kernels are built."""
+    cuda = next(i for i in fastbb._backend.TABLES["retinanet_postprocess"].implementations if i.backend == "cuda")
+    needed = {"fastbb_C::decode_boxes", "fastbb_C::nms_sorted_padded"}
+    assert set(cuda.kernel) == needed
+    for built in ({"fastbb_C::decode_boxes"}, {"fastbb_C::nms_sorted_padded"}, needed):
+        monkeypatch.setattr(fastbb._backend, "has_kernel", lambda name, key: key == "CUDA" and name in built)
+        assert cuda.usable("cuda") == (built == needed)
+        assert not cuda.usable("cpu")
+
+
 def test_torch_compile_padded():
     problem = _problem(2, (80, 20), 5)
 
@@ -327,7 +344,7 @@ def _bad(**changes):
 ])
 def test_bad_inputs(changes, error, match):
     for fn in (retinanet_postprocess, retinanet_postprocess_reference):
-        with pytest.raises(error, match=match):
+        with pytest.raises(error, match=rf"^fastbb\.retinanet_postprocess: .*{match}"):
             fn(**_bad(**changes))
 
 

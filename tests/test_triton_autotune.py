@@ -5,11 +5,11 @@ import pytest
 import torch
 from triton.runtime.autotuner import Autotuner
 
-from fastbb.kernels import _common, conv_bn_relu, fpn
+from fastbb.kernels import _common, conv_bn_relu, fpn_merge
 
 TUNED = {
-    "fpn_merge": fpn._FPN_MERGE,
-    "fpn_merge float64": fpn._FPN_MERGE_FP64,
+    "fpn_merge": fpn_merge._FPN_MERGE,
+    "fpn_merge float64": fpn_merge._FPN_MERGE_FP64,
     "conv2d_epilogue": conv_bn_relu._CONV,
     "conv2d_epilogue float64": conv_bn_relu._CONV_FP64,
 }
@@ -60,15 +60,15 @@ def test_launcher_follows_the_switch(autotune, name):
 
 
 def test_a_pinned_config_outside_the_list_is_refused():
-    configs = list(fpn._FPN_MERGE_CONFIGS[:2])
+    configs = list(fpn_merge._FPN_MERGE_CONFIGS[:2])
     with pytest.raises(ValueError, match="_fpn_merge_kernel: the pinned config"):
-        _common.TunedKernel(fpn._fpn_merge_kernel, configs, fpn._FPN_MERGE_CONFIGS[2], key=["Cin"])
+        _common.TunedKernel(fpn_merge._fpn_merge_kernel, configs, fpn_merge._FPN_MERGE_CONFIGS[2], key=["Cin"])
 
 
 def test_float64_operand_tiles_fit_in_96_kib():
     # Triton's pipeliner keeps stages - 1 buffers of the A and B tiles in shared memory (what the compile
     # check measures): 256 KiB for 128 x 128 x 64 at 3 stages in float64, over every GPU's limit
-    for tuned in (fpn._FPN_MERGE_FP64, conv_bn_relu._CONV_FP64):
+    for tuned in (fpn_merge._FPN_MERGE_FP64, conv_bn_relu._CONV_FP64):
         for config in tuned.configs:
             kw = config.kwargs
             tile_bytes = (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * 8
@@ -83,7 +83,7 @@ def _recorded_configs(monkeypatch, launch):
         launches.append((tuner.fn, list(tuner.configs)))
 
     monkeypatch.setattr(Autotuner, "run", record)
-    monkeypatch.setattr(fpn, "INTERPRET", False)
+    monkeypatch.setattr(fpn_merge, "INTERPRET", False)
     monkeypatch.setattr(conv_bn_relu, "INTERPRET", False)
     launch()
     assert len(launches) == 1
@@ -94,7 +94,7 @@ def _fpn_merge(dtype):
     x = torch.empty((2, 64, 20, 30), dtype=dtype, device="meta")
     weight = torch.empty((32, 64, 1, 1), dtype=dtype, device="meta")
     top = torch.empty((2, 32, 10, 15), dtype=dtype, device="meta")
-    return lambda: fpn.fpn_merge(x, weight, None, top)
+    return lambda: fpn_merge.fpn_merge(x, weight, None, top)
 
 
 def _conv2d_epilogue(dtype):
@@ -105,8 +105,8 @@ def _conv2d_epilogue(dtype):
 
 
 @pytest.mark.parametrize("launch, kernel, tuned", [
-    pytest.param(_fpn_merge, fpn._fpn_merge_kernel, {torch.float64: fpn._FPN_MERGE_FP64, None: fpn._FPN_MERGE},
-                 id="fpn_merge"),
+    pytest.param(_fpn_merge, fpn_merge._fpn_merge_kernel,
+                 {torch.float64: fpn_merge._FPN_MERGE_FP64, None: fpn_merge._FPN_MERGE}, id="fpn_merge"),
     pytest.param(_conv2d_epilogue, conv_bn_relu._conv2d_epilogue_kernel,
                  {torch.float64: conv_bn_relu._CONV_FP64, None: conv_bn_relu._CONV}, id="conv2d_epilogue"),
 ])

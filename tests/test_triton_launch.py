@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
 ]
 
-KERNEL_MODULES = ("nms", "focal_loss", "box_decode", "fpn", "conv_bn_relu")
+KERNEL_MODULES = ("nms", "focal_loss", "box_decode", "upsample_nearest_add", "fpn_merge", "conv_bn_relu")
 
 
 def kernel_modules():
@@ -152,11 +152,11 @@ OVERSIZED = {
     "decode_boxes": ((256, 2**31, 4), lambda k: k["box_decode"].decode_boxes(
         meta(2**31, 4), meta(256, 2**31, 4), None, 0, [1.0] * 4, [0.0] * 4, [1.0] * 4, -math.inf,
         math.log(1000.0 / 16), math.inf, [])),
-    "upsample_nearest_add": ((1, 1, 1, WIDE), lambda k: k["fpn"].upsample_nearest_add(
+    "upsample_nearest_add": ((1, 1, 1, WIDE), lambda k: k["upsample_nearest_add"].upsample_nearest_add(
         meta(1, 1, 1, WIDE), meta(1, 1, 1, WIDE), meta(1, 1, 1, WIDE))),
-    "upsample_nearest_backward": ((1, 1, 1, WIDE), lambda k: k["fpn"].upsample_nearest_backward(
+    "upsample_nearest_backward": ((1, 1, 1, WIDE), lambda k: k["upsample_nearest_add"].upsample_nearest_backward(
         meta(1, 1, 1, WIDE), 1, WIDE)),
-    "fpn_merge": ((1, 1, 2**16, 2**15 + 1), lambda k: k["fpn"].fpn_merge(
+    "fpn_merge": ((1, 1, 2**16, 2**15 + 1), lambda k: k["fpn_merge"].fpn_merge(
         meta(1, 1, 2**16, 2**15 + 1), meta(1, 1, 1, 1), None, meta(1, 1, 1, 1))),
     "bn_relu": ((2**31, 1, 1, 2), lambda k: k["conv_bn_relu"].bn_relu_forward(
         meta(2**31, 1, 1, 2), None, None, None, 1e-5, True)),

@@ -6,10 +6,9 @@ import torch.nn.functional as F
 import fastbb
 from fastbb.ops.upsample_nearest_add import upsample_nearest_add, upsample_nearest_add_reference
 
-from conftest import TOLERANCES, usable_backends
+from conftest import TOLERANCES, check_forced_backends, usable_backends
 
-KERNELS = {"cpp": "fastbb_C::upsample_nearest_add_out"}
-BACKENDS = usable_backends("cpu", KERNELS)
+BACKENDS = usable_backends("cpu", "upsample_nearest_add")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (top h, w) -> (lateral H, W): equal, exact 2x, odd (ResNet's ceil(L/2)), non-2x ratios, 1x1 tops.
 SIZES = [((5, 7), (5, 7)), ((4, 6), (8, 12)), ((4, 6), (7, 11)), ((26, 3), (44, 5)), ((7, 13), (13, 25)),
@@ -146,6 +145,14 @@ def test_compile_fullgraph(backend):
     assert top.grad.shape == top.shape
 
 
+def test_forced_backend_runs_its_implementation(monkeypatch):
+    top, lateral = _pair((4, 6), (7, 11), torch.float32)
+    check_forced_backends(monkeypatch, "upsample_nearest_add", lambda: upsample_nearest_add(top, lateral))
+    grad_out = torch.randn(lateral.shape)
+    check_forced_backends(monkeypatch, "upsample_nearest_add.backward",
+                          lambda: torch.ops.fastbb.upsample_nearest_backward(grad_out, 4, 6))
+
+
 def test_inputs_unmodified():
     top, lateral = _pair((4, 6), (7, 11), torch.float32)
     before = (top.clone(), lateral.clone())
@@ -170,7 +177,7 @@ def test_inputs_unmodified():
 ])
 def test_bad_input(make, message):
     top, lateral = make()
-    with pytest.raises((TypeError, ValueError), match=message):
+    with pytest.raises((TypeError, ValueError), match=rf"^fastbb\.upsample_nearest_add: .*{message}"):
         upsample_nearest_add(top, lateral)
 
 

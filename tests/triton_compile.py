@@ -55,7 +55,8 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from fastbb.kernels import _common, box_decode, conv_bn_relu, focal_loss, fpn, nms  # noqa: E402
+from fastbb.kernels import (_common, box_decode, conv_bn_relu, focal_loss, fpn_merge, nms,  # noqa: E402
+                            upsample_nearest_add)
 
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
 # Shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin: A100 163 KiB, H100/H200
@@ -81,14 +82,16 @@ def layout(channels_last):
 # the int64 cases use one image past 2**31 elements, which only a meta tensor makes free.
 # ---------------------------------------------------------------------------------------------------
 
-def _fpn_cases():
+def _upsample_nearest_add_cases():
     for dtype in FLOATS:
         for channels_last in (False, True):
             label = f"{SHORT[dtype]} {layout(channels_last)}"
             lateral = meta((2, 256, 100, 152), dtype, channels_last)
             top = meta((2, 256, 50, 76), dtype, channels_last)
-            yield label, False, lambda lateral=lateral, top=top: fpn.upsample_nearest_add(top, lateral, lateral)
-            yield label, False, lambda lateral=lateral: fpn.upsample_nearest_backward(lateral, 50, 76)
+            yield label, False, lambda lateral=lateral, top=top: upsample_nearest_add.upsample_nearest_add(
+                top, lateral, lateral)
+            yield label, False, lambda lateral=lateral: upsample_nearest_add.upsample_nearest_backward(
+                lateral, 50, 76)
 
 
 def _fpn_merge_cases():
@@ -109,7 +112,7 @@ def _fpn_merge_cases():
                 all_configs = dtype != torch.float16 and not channels_last and not big
                 label = (f"{SHORT[dtype]} {layout(channels_last)} {'i64' if big else 'i32'}"
                          f"{' bias' if bias is not None else ''}")
-                yield label, all_configs, lambda x=x, w=weight, b=bias, t=top: fpn.fpn_merge(x, w, b, t)
+                yield label, all_configs, lambda x=x, w=weight, b=bias, t=top: fpn_merge.fpn_merge(x, w, b, t)
 
 
 def _conv_cases():
@@ -194,7 +197,8 @@ def _nms_cases():
     yield "reduce", False, lambda: nms.reduce_mask(meta((2, 1000, 16), torch.int64), meta((2,), torch.int64))
 
 
-CASES = [_fpn_cases, _fpn_merge_cases, _conv_cases, _bn_cases, _focal_loss_cases, _box_decode_cases, _nms_cases]
+CASES = [_upsample_nearest_add_cases, _fpn_merge_cases, _conv_cases, _bn_cases, _focal_loss_cases, _box_decode_cases,
+         _nms_cases]
 
 
 # ---------------------------------------------------------------------------------------------------

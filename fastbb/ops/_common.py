@@ -61,3 +61,19 @@ def check_float(op, name, value, lo=None, hi=None):
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{op}: {name} must be in [{lo}, {hi}], got {value}")
     return value
+
+
+def check_top_shape(op, top, lateral_shape, lateral_name="lateral"):
+    """The FPN merges' coarser map: top must be 4-D with the batch and channels of lateral_shape
+    (N, C, H, W), no larger than it, and not spatially empty where the lateral is not."""
+    if top.dim() != 4:
+        raise ValueError(f"{op}: top must be 4-D (N, C, h, w), got shape {tuple(top.shape)}")
+    if tuple(top.shape[:2]) != tuple(lateral_shape[:2]):
+        raise ValueError(f"{op}: top must have the batch and channels (N, C) of {lateral_name} "
+                         f"{tuple(lateral_shape)}, got shape {tuple(top.shape)}")
+    (h, w), (height, width) = top.shape[-2:], lateral_shape[-2:]
+    if h > height or w > width:
+        raise ValueError(f"{op}: top ({h}x{w}) must not be larger than {lateral_name} ({height}x{width}): "
+                         f"the merge upsamples the coarser map")
+    if (h == 0 or w == 0) and height * width > 0:
+        raise ValueError(f"{op}: top has an empty spatial size {h}x{w}; nothing to upsample to {height}x{width}")

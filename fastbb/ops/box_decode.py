@@ -16,13 +16,10 @@ from collections.abc import Sequence
 import torch
 
 from fastbb import _backend
-from fastbb.ops._common import FLOAT_DTYPES, check_same_device, check_tensor, kernel_lib
+from fastbb.ops._common import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype, kernel_lib
 
-_OP = "decode_boxes"
+_OP = "fastbb.decode_boxes"  # how error messages name the op
 _STYLES = {"torchvision": 0, "mmdet": 1}
-# On CPU tensors Triton runs only under its interpreter: offered there for testing, never chosen by default.
-_PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
-_KERNELS = {"cpp": "fastbb_C::decode_boxes", "cuda": "fastbb_C::decode_boxes"}
 _DEFAULT_DWH_MAX = math.log(1000.0 / 16)
 
 # The compiled kernels take anchors (A, 4), deltas (R, A, 4K) of one dtype and either image_size [h, w]
@@ -33,15 +30,11 @@ _SCHEMA_ARGS = ("(Tensor anchors, Tensor deltas, Tensor? image_sizes, int style,
 kernel_lib.define("decode_boxes" + _SCHEMA_ARGS)
 
 
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _decode_rows(anchors, deltas, image_sizes, style, weights, means, stds, dwh_min, dwh_max, dxy_max,
                  image_size):
     """The decode math in PyTorch on the op's normalised layout: anchors (A, 4), deltas (R, A, 4K)."""
     out_dtype = deltas.dtype
-    compute = _compute_dtype(out_dtype)
+    compute = compute_dtype(out_dtype)
     anchors = anchors.to(compute)
     codes = deltas.to(compute).unflatten(-1, (-1, 4))  # (R, A, K, 4)
 
@@ -87,18 +80,34 @@ def _decode_rows(anchors, deltas, image_sizes, style, weights, means, stds, dwh_
     return boxes.flatten(-2).to(out_dtype)
 
 
+def _compiled(*args):
+    return torch.ops.fastbb_C.decode_boxes(*args)
+
+
+def _triton(*args):
+    from fastbb.kernels import box_decode
+    return box_decode.decode_boxes(*args)
+
+
+# Every implementation takes the op's arguments (anchors (A, 4), deltas (R, A, 4K), image_sizes, style,
+# weights, means, stds, dwh_min, dwh_max, dxy_max, image_size) and returns the boxes (R, A, 4K).
+TABLE = _backend.OpTable("decode_boxes", [
+    _backend.Implementation("cuda", _compiled, devices=("cuda",), kernel="fastbb_C::decode_boxes",
+                            what="one CUDA thread per box, vector loads and stores when the buffers are aligned"),
+    _backend.Implementation("triton", _triton, devices=("cuda",), what="one Triton lane per box"),
+    _backend.Implementation("cpp", _compiled, devices=("cpu",), kernel="fastbb_C::decode_boxes",
+                            what="one C++ pass over the boxes (OpenMP)"),
+    _backend.Implementation("reference", _decode_rows,
+                            what="plain PyTorch, in torchvision's and mmdet's operation order"),
+], autocast="computed in float32, like torchvision's autocast kernels for box ops (float64 stays float64)")
+
+
 @torch.library.custom_op("fastbb::decode_boxes", mutates_args=())
 def _decode_boxes_op(anchors: torch.Tensor, deltas: torch.Tensor, image_sizes: torch.Tensor | None, style: int,
                      weights: list[float], means: list[float], stds: list[float], dwh_min: float,
                      dwh_max: float, dxy_max: float, image_size: list[float]) -> torch.Tensor:
-    args = (anchors, deltas, image_sizes, style, weights, means, stds, dwh_min, dwh_max, dxy_max, image_size)
-    backend = _backend.choose(_OP, deltas.device.type, _PREFERENCE, _KERNELS)
-    if backend in ("cpp", "cuda"):
-        return torch.ops.fastbb_C.decode_boxes(*args)
-    if backend == "triton":
-        from fastbb.kernels import box_decode
-        return box_decode.decode_boxes(*args)
-    return _decode_rows(*args)
+    return TABLE(deltas.device.type, anchors, deltas, image_sizes, style, weights, means, stds, dwh_min, dwh_max,
+                 dxy_max, image_size)
 
 
 @_decode_boxes_op.register_fake
@@ -116,7 +125,7 @@ def _backward(ctx, grad_boxes):
     """Chain rule through the decode, in PyTorch; a clamped or clipped value passes no gradient."""
     anchors, deltas, image_sizes = ctx.saved_tensors
     style, weights, means, stds, dwh_min, dwh_max, dxy_max, image_size = ctx.params
-    compute = _compute_dtype(deltas.dtype)
+    compute = compute_dtype(deltas.dtype)
     a = anchors.to(compute)
     codes = deltas.to(compute).unflatten(-1, (-1, 4))
     grad = grad_boxes.to(compute).unflatten(-1, (-1, 4))
@@ -254,16 +263,37 @@ def _anchor_layout(anchors, lead):
     return anchors.expand(*lead, 4).reshape(num_anchors, 4), 1, num_anchors
 
 
-def decode_boxes(anchors, deltas, *, style="torchvision", weights=(1.0, 1.0, 1.0, 1.0), means=(0.0,) * 4,
-                 stds=(1.0,) * 4, dwh_min=None, dwh_max=_DEFAULT_DWH_MAX, dxy_max=None, max_shape=None):
-    """Decode `deltas` (..., 4K) relative to `anchors` (..., 4) into x1y1x2y2 boxes of deltas' shape and dtype.
+def decode_boxes(anchors: torch.Tensor, deltas: torch.Tensor, *, style: str = "torchvision",
+                 weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), means: Sequence[float] = (0.0,) * 4,
+                 stds: Sequence[float] = (1.0,) * 4, dwh_min: float | None = None,
+                 dwh_max: float | None = _DEFAULT_DWH_MAX, dxy_max: float | None = None,
+                 max_shape: Sequence | torch.Tensor | None = None) -> torch.Tensor:
+    """
+    Decodes regression deltas relative to anchors into ``(x1, y1, x2, y2)`` boxes, in one fused pass:
+    torchvision's ``BoxCoder.decode_single`` (style "torchvision") or mmdet's ``DeltaXYWHBBoxCoder.decode``
+    (style "mmdet"), with the libraries' operation order (float32 results match theirs to the bit, up to an
+    ulp of exp). Differentiable in anchors and deltas.
 
-    anchors' leading dims broadcast to deltas' (e.g. anchors (A, 4), deltas (B, A, 4K)); K boxes per anchor
-    as in torchvision's decode_single. style "torchvision" uses `weights`, "mmdet" `means` and `stds`.
-    dw, dh are clamped to [dwh_min, dwh_max] (None: unbounded), the centre shift dx * w to
-    [-dxy_max, dxy_max]. max_shape: None, (h, w), (h, w, c), or per image a (B, 2|3) tensor / list of
-    B shapes for deltas (B, ..., 4K): clips x to [0, w] and y to [0, h]. Anchors are cast to deltas' dtype,
-    as torchvision does. Differentiable in anchors and deltas.
+    Args:
+        anchors (Tensor[..., 4]): reference boxes ``(x1, y1, x2, y2)``; their leading dims broadcast to
+            those of deltas (e.g. anchors (A, 4) for deltas (B, A, 4K)). Cast to deltas' dtype, as
+            torchvision does.
+        deltas (Tensor[..., 4K]): encoded boxes, K per anchor; float16, bfloat16, float32 or float64.
+        style (str): "torchvision" (deltas / weights, centre x1 + 0.5 * w) or "mmdet" (deltas * stds +
+            means, centre (x1 + x2) * 0.5).
+        weights (sequence of 4 floats): torchvision's BoxCoder weights (wx, wy, ww, wh), nonzero.
+        means (sequence of 4 floats): mmdet's target means.
+        stds (sequence of 4 floats): mmdet's target stds, nonzero.
+        dwh_min (float, optional): lower clamp of dw, dh (None: unbounded).
+        dwh_max (float, optional): upper clamp of dw, dh (None: unbounded); torchvision's
+            bbox_xform_clip, log(1000 / 16), by default.
+        dxy_max (float, optional): clamp of the centre shift dx * w, dy * h to [-dxy_max, dxy_max]
+            (mmdet's ctr_clamp; None: unbounded).
+        max_shape (optional): None, (h, w), (h, w, c), or per image a (B, 2|3) tensor or a list of B
+            shapes for deltas (B, ..., 4K): clips x to [0, w] and y to [0, h].
+
+    Returns:
+        Tensor[..., 4K]: the decoded boxes, of deltas' shape and dtype.
     """
     check_tensor(_OP, "deltas", deltas, dtypes=FLOAT_DTYPES)
     check_tensor(_OP, "anchors", anchors, last_dim=4)
@@ -283,7 +313,7 @@ def decode_boxes(anchors, deltas, *, style="torchvision", weights=(1.0, 1.0, 1.0
     if lo > hi:
         raise ValueError(f"{_OP}: dwh_min must be <= dwh_max, got {dwh_min} > {dwh_max}")
     ctr = _check_clamp("dxy_max", dxy_max, math.inf, nonnegative=True)
-    image_sizes, image_size = _image_clip(max_shape, deltas, _compute_dtype(deltas.dtype))
+    image_sizes, image_size = _image_clip(max_shape, deltas, compute_dtype(deltas.dtype))
 
     lead = tuple(deltas.shape[:-1])
     anchor_rows, repeats, num_anchors = _anchor_layout(anchors.to(deltas.dtype), lead)
@@ -295,10 +325,12 @@ def decode_boxes(anchors, deltas, *, style="torchvision", weights=(1.0, 1.0, 1.0
     return out.reshape(deltas.shape)
 
 
-def decode_boxes_reference(anchors, deltas, *, style="torchvision", weights=(1.0, 1.0, 1.0, 1.0),
-                           means=(0.0,) * 4, stds=(1.0,) * 4, dwh_min=None, dwh_max=_DEFAULT_DWH_MAX,
-                           dxy_max=None, max_shape=None):
-    """decode_boxes in plain PyTorch (the ground truth): same arguments, checks and results."""
+def decode_boxes_reference(anchors: torch.Tensor, deltas: torch.Tensor, *, style: str = "torchvision",
+                           weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), means: Sequence[float] = (0.0,) * 4,
+                           stds: Sequence[float] = (1.0,) * 4, dwh_min: float | None = None,
+                           dwh_max: float | None = _DEFAULT_DWH_MAX, dxy_max: float | None = None,
+                           max_shape: Sequence | torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`decode_boxes` in plain PyTorch (the ground truth): same arguments, checks and results."""
     with _backend.use_backend("reference"):
         return decode_boxes(anchors, deltas, style=style, weights=weights, means=means, stds=stds,
                             dwh_min=dwh_min, dwh_max=dwh_max, dxy_max=dxy_max, max_shape=max_shape)

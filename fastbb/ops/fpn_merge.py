@@ -1,11 +1,12 @@
 """fpn_merge: one FPN top-down step, `conv1x1(x, weight, bias) + F.interpolate(top, size=x's, mode="nearest")`.
 
-The lateral 1x1 conv and the merge of the upsampled coarser map (upsample_nearest_add's semantics):
+The lateral 1x1 conv and the merge of the upsampled coarser map (upsample_nearest_add's semantics).
+Backends (TABLE):
 - cuda "triton": one kernel, a GEMM over the input channels whose epilogue adds the bias and the
   upsampled top before the single store (the lateral output never round-trips through memory).
 - cpu "cpp": the 1x1 conv (MKL's GEMM per image for NCHW float32, as in conv_bn_relu; else oneDNN) into
-  a fresh buffer, then the upsampled top added into it in place by the C++ merge kernel: one extra pass
-  instead of eager's two (upsample written, then re-read).
+  a fresh buffer, then the upsampled top added into it in place by fastbb's C++ merge kernel: one extra
+  pass instead of eager's two (upsample written, then re-read).
 - "reference": F.conv2d + F.interpolate + add.
 Backward: the conv's gradients by aten's convolution_backward, the top's by upsample_nearest_backward.
 A GEMM-based conv rounds differently from cuDNN/oneDNN in the last bits; float32 GEMMs run in full
@@ -15,30 +16,47 @@ import torch
 import torch.nn.functional as F
 
 from fastbb import _backend
-from fastbb.ops._common import FLOAT_DTYPES, check_same_device, check_tensor
+from fastbb.ops._common import FLOAT_DTYPES, check_same_device, check_tensor, check_top_shape, memory_format
 from fastbb.ops._pointwise_gemm import pointwise_conv_gemm, pointwise_gemm_applies
-from fastbb.ops.upsample_nearest_add import add_upsampled_, check_top_shape, memory_format
 
-_OP = "fpn_merge"
-_PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton",)}
-# The CPU path is a composition around the C++ merge kernel.
-_KERNELS = {"cpp": "fastbb_C::upsample_nearest_add_out"}
+_OP = "fastbb.fpn_merge"  # how error messages name the op
+
+
+def _merge_triton(x, weight, bias, top):
+    from fastbb.kernels import fpn_merge as kernels
+    return kernels.fpn_merge(x, weight, bias, top)
+
+
+def _merge_cpp(x, weight, bias, top):
+    if pointwise_gemm_applies(x, weight, None, (1, 1), (0, 0), 1):
+        out = pointwise_conv_gemm(x, weight, bias)
+    else:
+        out = F.conv2d(x, weight, bias)
+    if out.numel() > 0:
+        torch.ops.fastbb_C.upsample_nearest_add_out(top.contiguous(memory_format=memory_format(out)), out, out)
+    return out
+
+
+def _merge_reference(x, weight, bias, top):
+    return F.conv2d(x, weight, bias) + F.interpolate(top, size=x.shape[-2:], mode="nearest")
+
+
+# Every implementation takes (x, weight, bias, top) and returns the merged map in x's memory format.
+TABLE = _backend.OpTable("fpn_merge", [
+    _backend.Implementation("triton", _merge_triton, devices=("cuda",),
+                            what="one Triton GEMM over the input channels whose epilogue adds the bias and the "
+                                 "upsampled top before the single store"),
+    _backend.Implementation("cpp", _merge_cpp, devices=("cpu",), kernel="fastbb_C::upsample_nearest_add_out",
+                            what="the 1x1 conv (MKL's GEMM per image for NCHW float32, else PyTorch's conv), then "
+                                 "fastbb's C++ kernel adds the upsampled top in place"),
+    _backend.Implementation("reference", _merge_reference, what="plain PyTorch: F.conv2d + F.interpolate + add"),
+], autocast="runs in the autocast dtype, as conv2d does")
 
 
 @torch.library.custom_op("fastbb::fpn_merge", mutates_args=())
 def _fpn_merge_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   top: torch.Tensor) -> torch.Tensor:
-    backend = _backend.choose(_OP, x.device.type, _PREFERENCE, _KERNELS)
-    if backend == "triton":
-        from fastbb.kernels import fpn
-        return fpn.fpn_merge(x, weight, bias, top)
-    if backend == "cpp":
-        if pointwise_gemm_applies(x, weight, None, (1, 1), (0, 0), 1):
-            out = pointwise_conv_gemm(x, weight, bias)
-        else:
-            out = F.conv2d(x, weight, bias)
-        return add_upsampled_(out, top) if out.numel() > 0 else out
-    return F.conv2d(x, weight, bias) + F.interpolate(top, size=x.shape[-2:], mode="nearest")
+    return TABLE(x.device.type, x, weight, bias, top)
 
 
 @_fpn_merge_op.register_fake
@@ -97,18 +115,30 @@ def _check(x, lateral_weight, lateral_bias, top):
     check_top_shape(_OP, top, (x.shape[0], out_channels, *x.shape[2:]), "the lateral conv's output")
 
 
-def fpn_merge(x, lateral_weight, lateral_bias, top):
-    """conv1x1(x, lateral_weight, lateral_bias) + F.interpolate(top, size=x.shape[-2:], mode="nearest").
+def fpn_merge(x: torch.Tensor, lateral_weight: torch.Tensor, lateral_bias: torch.Tensor | None,
+              top: torch.Tensor) -> torch.Tensor:
+    """
+    One FPN top-down step: ``F.conv2d(x, lateral_weight, lateral_bias) + F.interpolate(top,
+    size=x.shape[-2:], mode="nearest")``, the lateral 1x1 conv fused with the merge of the coarser map.
+    Differentiable in all four inputs.
 
-    x (N, C_in, H, W); lateral_weight (C_out, C_in, 1, 1); lateral_bias (C_out,) or None; top
-    (N, C_out, h, w) with h <= H, w <= W. One dtype and device; NCHW or channels_last (the result takes x's
-    layout). Differentiable in all four.
+    Args:
+        x (Tensor[N, C_in, H, W]): the backbone feature map; float16, bfloat16, float32 or float64, NCHW or
+            channels_last.
+        lateral_weight (Tensor[C_out, C_in, 1, 1]): the lateral conv's weight.
+        lateral_bias (Tensor[C_out], optional): the lateral conv's bias.
+        top (Tensor[N, C_out, h, w]): the coarser merged map, with h <= H and w <= W.
+        All four of one dtype and device.
+
+    Returns:
+        Tensor[N, C_out, H, W]: the merged map, in x's dtype and memory format.
     """
     _check(x, lateral_weight, lateral_bias, top)
     return torch.ops.fastbb.fpn_merge(x, lateral_weight, lateral_bias, top)
 
 
-def fpn_merge_reference(x, lateral_weight, lateral_bias, top):
-    """fpn_merge in plain PyTorch (the ground truth): same arguments and checks."""
+def fpn_merge_reference(x: torch.Tensor, lateral_weight: torch.Tensor, lateral_bias: torch.Tensor | None,
+                        top: torch.Tensor) -> torch.Tensor:
+    """:func:`fpn_merge` in plain PyTorch (the ground truth): same arguments and checks."""
     _check(x, lateral_weight, lateral_bias, top)
     return F.conv2d(x, lateral_weight, lateral_bias) + F.interpolate(top, size=x.shape[-2:], mode="nearest")

@@ -21,18 +21,16 @@ is the fixed-shape form for batched post-processing: rows are already in rank or
 only between equal labels, rows >= valid_counts[b] are padding (never kept, never suppress). It does not
 synchronise the host and can be captured in a CUDA graph on the cuda and triton backends.
 
-Backends: cpu "cpp" (greedy pass with a spatial grid: only kept boxes a candidate can overlap are
-tested); cuda "cuda" (64x64-tile IoU bitmask + greedy reduction of the mask on the device) and "triton"
-(the bitmask and its greedy reduction in Triton; the compiled CUDA reduction instead when it is built).
+Backends (NMS_TABLE, BATCHED_NMS_TABLE, NMS_SORTED_PADDED_TABLE): cpu "cpp" (greedy pass with a
+spatial grid: only kept boxes a candidate can overlap are tested); cuda "cuda" (64x64-tile IoU bitmask +
+greedy reduction of the mask on the device) and "triton" (the bitmask and its greedy reduction in Triton;
+the compiled CUDA reduction instead when it is built); "reference" everywhere.
 """
 import torch
 
 from fastbb import _backend
-from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, kernel_lib
+from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, compute_dtype, kernel_lib
 
-# Triton on CPU tensors runs only under its interpreter: offered (so it can be forced and tested), never
-# picked ahead of the reference.
-_PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 # Compiled kernels. nms: kept indices in rank order (idxs, when given, separates classes).
@@ -45,9 +43,6 @@ kernel_lib.define("nms(Tensor boxes, Tensor scores, Tensor? idxs, float iou_thre
 kernel_lib.define("nms_sorted_padded(Tensor boxes, Tensor labels, Tensor valid_counts, float iou_threshold) -> Tensor")
 kernel_lib.define("nms_iou_mask(Tensor boxes, Tensor? labels, Tensor valid_counts, float iou_threshold) -> Tensor")
 kernel_lib.define("nms_reduce_mask(Tensor mask, Tensor valid_counts) -> Tensor")
-
-_NMS_KERNELS = {"cpp": "fastbb_C::nms", "cuda": "fastbb_C::nms"}
-_PADDED_KERNELS = {"cpp": "fastbb_C::nms_sorted_padded", "cuda": "fastbb_C::nms_sorted_padded"}
 
 
 @torch.library.register_fake("fastbb_C::nms", lib=kernel_lib)
@@ -73,10 +68,6 @@ def _(mask, valid_counts):
 # ---------------------------------------------------------------------------------------------------
 # Reference (plain PyTorch, the ground truth)
 # ---------------------------------------------------------------------------------------------------
-
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _iou_above(a, b, iou_threshold):
     """(P, Q) bool: IoU(a[p], b[q]) > iou_threshold, computed as torchvision computes it."""
@@ -124,31 +115,47 @@ def _rank(scores):
     return torch.sort(scores, descending=True, stable=True).indices
 
 
-def nms_reference(boxes, scores, iou_threshold):
-    """torchvision.ops.nms in plain PyTorch (see the module docstring for the exact semantics)."""
-    iou_threshold = _check_nms_inputs("nms_reference", boxes, scores, None, iou_threshold)
+def _nms_greedy(boxes, scores, idxs, iou_threshold):
+    """The reference implementation of nms (idxs None) and batched_nms, on checked inputs."""
+    if boxes.shape[0] == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     order = _rank(scores)
-    return order[_greedy_keep(boxes[order].to(_compute_dtype(boxes.dtype)), iou_threshold)]
-
-
-def batched_nms_reference(boxes, scores, idxs, iou_threshold):
-    """NMS independently per value of idxs; kept indices in rank order (ties by lower index)."""
-    iou_threshold = _check_nms_inputs("batched_nms_reference", boxes, scores, idxs, iou_threshold)
-    order = _rank(scores)
-    ranked_boxes = boxes[order].to(_compute_dtype(boxes.dtype))
+    ranked_boxes = boxes[order].to(compute_dtype(boxes.dtype))
+    if idxs is None:
+        return order[_greedy_keep(ranked_boxes, iou_threshold)]
     return order[_greedy_keep_per_label(ranked_boxes, idxs[order], iou_threshold)]
 
 
-def nms_sorted_padded_reference(boxes, labels, valid_counts, iou_threshold):
-    """keep (B, M) bool: greedy NMS per image over its first valid_counts[b] rows, per label."""
-    iou_threshold = _check_padded_inputs("nms_sorted_padded_reference", boxes, labels, valid_counts, iou_threshold)
+def _nms_sorted_padded_greedy(boxes, labels, valid_counts, iou_threshold):
+    """The reference implementation of nms_sorted_padded, on checked inputs."""
     batch, rows = labels.shape
     keep = torch.zeros((batch, rows), dtype=torch.bool, device=boxes.device)
     for image in range(batch):
         n = int(valid_counts[image].clamp(0, rows))
-        ranked_boxes = boxes[image, :n].to(_compute_dtype(boxes.dtype))
+        ranked_boxes = boxes[image, :n].to(compute_dtype(boxes.dtype))
         keep[image, :n] = _greedy_keep_per_label(ranked_boxes, labels[image, :n], iou_threshold)
     return keep
+
+
+def nms_reference(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """:func:`nms` in plain PyTorch (the ground truth): same arguments, checks and result."""
+    iou_threshold = _check_nms_inputs("fastbb.nms_reference", boxes, scores, None, iou_threshold)
+    return _nms_greedy(boxes, scores, None, iou_threshold)
+
+
+def batched_nms_reference(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
+                          iou_threshold: float) -> torch.Tensor:
+    """:func:`batched_nms` in plain PyTorch (the ground truth): same arguments, checks and result."""
+    iou_threshold = _check_nms_inputs("fastbb.batched_nms_reference", boxes, scores, idxs, iou_threshold)
+    return _nms_greedy(boxes, scores, idxs, iou_threshold)
+
+
+def nms_sorted_padded_reference(boxes: torch.Tensor, labels: torch.Tensor, valid_counts: torch.Tensor,
+                                iou_threshold: float) -> torch.Tensor:
+    """:func:`nms_sorted_padded` in plain PyTorch (the ground truth): same arguments, checks and result."""
+    iou_threshold = _check_padded_inputs("fastbb.nms_sorted_padded_reference", boxes, labels, valid_counts,
+                                         iou_threshold)
+    return _nms_sorted_padded_greedy(boxes, labels, valid_counts, iou_threshold)
 
 
 def _iou_mask_reference(boxes, labels, valid_counts, iou_threshold):
@@ -156,7 +163,7 @@ def _iou_mask_reference(boxes, labels, valid_counts, iou_threshold):
     below the diagonal, unspecified in the kernels' masks, are zero here."""
     batch, rows = boxes.shape[:2]
     words = (rows + 63) // 64
-    b = boxes.to(_compute_dtype(boxes.dtype))
+    b = boxes.to(compute_dtype(boxes.dtype))
     index = torch.arange(rows, device=boxes.device)
     bits = torch.zeros((batch, rows, words * 64), dtype=torch.bool, device=boxes.device)
     for image in range(batch):
@@ -215,6 +222,8 @@ def _padded_triton(boxes, labels, valid_counts, iou_threshold):
 def _nms_triton(boxes, scores, idxs, iou_threshold):
     """Sort, lay the boxes out as one padded image (grouped by class), bitmask, reduce, back to ranks."""
     n = boxes.shape[0]
+    if n == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     ranked = _rank(scores)
     order, labels = ranked, None
     if idxs is not None:
@@ -231,22 +240,56 @@ def _nms_triton(boxes, scores, idxs, iou_threshold):
     return ranked[keep[ranked]]
 
 
-def _run_nms(op_name, boxes, scores, idxs, iou_threshold):
-    backend = _backend.choose(op_name, boxes.device.type, _PREFERENCE, _NMS_KERNELS)
-    if backend in ("cpp", "cuda"):
-        return torch.ops.fastbb_C.nms(boxes, scores, idxs, iou_threshold)
-    if boxes.shape[0] == 0:
-        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    if backend == "triton":
-        return _nms_triton(boxes, scores, idxs, iou_threshold)
-    if idxs is None:
-        return nms_reference(boxes, scores, iou_threshold)
-    return batched_nms_reference(boxes, scores, idxs, iou_threshold)
+def _nms_compiled(boxes, scores, idxs, iou_threshold):
+    return torch.ops.fastbb_C.nms(boxes, scores, idxs, iou_threshold)
+
+
+def _padded_compiled(boxes, labels, valid_counts, iou_threshold):
+    return torch.ops.fastbb_C.nms_sorted_padded(boxes, labels, valid_counts, iou_threshold)
+
+
+def _nms_implementations():
+    """nms and batched_nms share their implementations (idxs None for nms): each takes (boxes, scores,
+    idxs, iou_threshold) and returns the kept indices in rank order."""
+    return [
+        _backend.Implementation("cuda", _nms_compiled, devices=("cuda",), kernel="fastbb_C::nms",
+                                what="sort, 64x64-tile IoU bitmask and its greedy reduction in CUDA, on the "
+                                     "device; one host synchronisation for the result's size"),
+        _backend.Implementation("triton", _nms_triton, devices=("cuda",),
+                                what="sort, the IoU bitmask and its greedy reduction in Triton (the reduction "
+                                     "by the compiled CUDA kernel when it is built)"),
+        _backend.Implementation("cpp", _nms_compiled, devices=("cpu",), kernel="fastbb_C::nms",
+                                what="one greedy C++ pass with a spatial grid: only the kept boxes a candidate "
+                                     "can overlap are tested"),
+        _backend.Implementation("reference", _nms_greedy,
+                                what="plain PyTorch: stable sort, then greedy suppression block by block"),
+    ]
+
+
+_AUTOCAST = ("computed in float32, like torchvision's autocast kernel for nms: boxes (and scores) cast to float32, "
+             "IoU in float32")
+NMS_TABLE = _backend.OpTable("nms", _nms_implementations(), autocast=_AUTOCAST)
+BATCHED_NMS_TABLE = _backend.OpTable("batched_nms", _nms_implementations(), autocast=_AUTOCAST)
+
+# Each takes (boxes, labels, valid_counts, iou_threshold) and returns keep (B, M) bool.
+NMS_SORTED_PADDED_TABLE = _backend.OpTable("nms_sorted_padded", [
+    _backend.Implementation("cuda", _padded_compiled, devices=("cuda",),
+                            kernel="fastbb_C::nms_sorted_padded",
+                            what="64x64-tile IoU bitmask per image in CUDA, then its greedy reduction on the "
+                                 "device; no host synchronisation"),
+    _backend.Implementation("triton", _padded_triton, devices=("cuda",),
+                            what="the IoU bitmask and its greedy reduction in Triton (the reduction by the "
+                                 "compiled CUDA kernel when it is built); no host synchronisation"),
+    _backend.Implementation("cpp", _padded_compiled, devices=("cpu",), kernel="fastbb_C::nms_sorted_padded",
+                            what="nms's greedy C++ pass with a spatial grid, per image (OpenMP over images)"),
+    _backend.Implementation("reference", _nms_sorted_padded_greedy,
+                            what="plain PyTorch: greedy suppression per image and label"),
+], autocast=_AUTOCAST)
 
 
 @torch.library.custom_op("fastbb::nms", mutates_args=())
 def _nms_op(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    return _run_nms("nms", boxes, scores, None, iou_threshold)
+    return NMS_TABLE(boxes.device.type, boxes, scores, None, iou_threshold)
 
 
 @_nms_op.register_fake
@@ -257,7 +300,7 @@ def _(boxes, scores, iou_threshold):
 @torch.library.custom_op("fastbb::batched_nms", mutates_args=())
 def _batched_nms_op(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
                     iou_threshold: float) -> torch.Tensor:
-    return _run_nms("batched_nms", boxes, scores, idxs, iou_threshold)
+    return BATCHED_NMS_TABLE(boxes.device.type, boxes, scores, idxs, iou_threshold)
 
 
 @_batched_nms_op.register_fake
@@ -268,12 +311,7 @@ def _(boxes, scores, idxs, iou_threshold):
 @torch.library.custom_op("fastbb::nms_sorted_padded", mutates_args=())
 def _nms_sorted_padded_op(boxes: torch.Tensor, labels: torch.Tensor, valid_counts: torch.Tensor,
                           iou_threshold: float) -> torch.Tensor:
-    backend = _backend.choose("nms_sorted_padded", boxes.device.type, _PREFERENCE, _PADDED_KERNELS)
-    if backend in ("cpp", "cuda"):
-        return torch.ops.fastbb_C.nms_sorted_padded(boxes, labels, valid_counts, iou_threshold)
-    if backend == "triton":
-        return _padded_triton(boxes, labels, valid_counts, iou_threshold)
-    return nms_sorted_padded_reference(boxes, labels, valid_counts, iou_threshold)
+    return NMS_SORTED_PADDED_TABLE(boxes.device.type, boxes, labels, valid_counts, iou_threshold)
 
 
 @_nms_sorted_padded_op.register_fake
@@ -315,32 +353,70 @@ def _check_padded_inputs(op, boxes, labels, valid_counts, iou_threshold):
     return check_float(op, "iou_threshold", iou_threshold, 0.0, 1.0)
 
 
-def nms(boxes, scores, iou_threshold):
-    """torchvision.ops.nms: indices (int64) of the boxes kept by greedy NMS, by decreasing score.
-
-    boxes (N, 4) x1y1x2y2, float16/bfloat16/float32/float64; scores (N,) floating; a box is dropped when
-    its IoU with a kept higher-ranked box is > iou_threshold (in [0, 1]). See the module docstring for
-    ties, NaN scores and degenerate boxes.
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """
-    iou_threshold = _check_nms_inputs("nms", boxes, scores, None, iou_threshold)
+    Performs non-maximum suppression (NMS) on the boxes according to their intersection-over-union (IoU),
+    as torchvision.ops.nms.
+
+    NMS iteratively removes lower scoring boxes which have an IoU greater than ``iou_threshold`` with
+    another (higher scoring) box. Boxes of equal score rank by lower index first, on every backend and
+    device (see the module docstring for NaN scores and degenerate boxes).
+
+    Args:
+        boxes (Tensor[N, 4]): boxes to perform NMS on, in ``(x1, y1, x2, y2)`` format; float16, bfloat16,
+            float32 or float64.
+        scores (Tensor[N]): scores for each one of the boxes, floating point.
+        iou_threshold (float): discards all overlapping boxes with IoU > iou_threshold; in [0, 1].
+
+    Returns:
+        Tensor: int64 tensor with the indices of the elements that have been kept by NMS, sorted in
+        decreasing order of scores.
+    """
+    iou_threshold = _check_nms_inputs("fastbb.nms", boxes, scores, None, iou_threshold)
     return torch.ops.fastbb.nms(boxes, scores, iou_threshold)
 
 
-def batched_nms(boxes, scores, idxs, iou_threshold):
-    """torchvision.ops.batched_nms: NMS independently per value of idxs (integer (N,), any values).
-
-    Exact per-class IoU; the kept indices come by decreasing score, ties by lower index.
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """
-    iou_threshold = _check_nms_inputs("batched_nms", boxes, scores, idxs, iou_threshold)
+    Performs non-maximum suppression in a batched fashion, as torchvision.ops.batched_nms.
+
+    Each index value corresponds to a category, and NMS will not be applied between elements of
+    different categories. The IoU is the exact per-category one (no coordinate-offset trick, which
+    changes rounding and breaks with negative coordinates).
+
+    Args:
+        boxes (Tensor[N, 4]): boxes where NMS will be performed, in ``(x1, y1, x2, y2)`` format; float16,
+            bfloat16, float32 or float64.
+        scores (Tensor[N]): scores for each one of the boxes, floating point.
+        idxs (Tensor[N]): integer indices of the categories for each one of the boxes (any values).
+        iou_threshold (float): discards all overlapping boxes with IoU > iou_threshold; in [0, 1].
+
+    Returns:
+        Tensor: int64 tensor with the indices of the elements that have been kept by NMS, sorted in
+        decreasing order of scores (equal scores: lower index first).
+    """
+    iou_threshold = _check_nms_inputs("fastbb.batched_nms", boxes, scores, idxs, iou_threshold)
     return torch.ops.fastbb.batched_nms(boxes, scores, idxs.to(torch.int64), iou_threshold)
 
 
-def nms_sorted_padded(boxes, labels, valid_counts, iou_threshold):
-    """keep (B, M) bool: per image, greedy NMS of rows already sorted by decreasing score.
-
-    boxes (B, M, 4); labels (B, M) integer (NMS only between equal labels); valid_counts (B,) integer:
-    rows >= valid_counts[b] are padding, never kept and never suppressing. No host synchronisation.
+def nms_sorted_padded(boxes: torch.Tensor, labels: torch.Tensor, valid_counts: torch.Tensor,
+                      iou_threshold: float) -> torch.Tensor:
     """
-    iou_threshold = _check_padded_inputs("nms_sorted_padded", boxes, labels, valid_counts, iou_threshold)
+    Performs per-image, per-label NMS of boxes already sorted by decreasing score, with fixed shapes.
+
+    Rows ``>= valid_counts[b]`` of image b are padding: never kept and never suppressing. No host
+    synchronisation on CUDA (the op can be captured in a CUDA graph).
+
+    Args:
+        boxes (Tensor[B, M, 4]): per image, boxes in ``(x1, y1, x2, y2)`` format in rank order; float16,
+            bfloat16, float32 or float64.
+        labels (Tensor[B, M]): integer labels; NMS acts only between boxes of equal label.
+        valid_counts (Tensor[B]): integer number of real rows of each image.
+        iou_threshold (float): discards all overlapping boxes with IoU > iou_threshold; in [0, 1].
+
+    Returns:
+        Tensor: bool tensor (B, M), True for the rows kept.
+    """
+    iou_threshold = _check_padded_inputs("fastbb.nms_sorted_padded", boxes, labels, valid_counts, iou_threshold)
     return torch.ops.fastbb.nms_sorted_padded(boxes, labels.to(torch.int64), valid_counts.to(torch.int64),
                                               iou_threshold)

@@ -10,12 +10,14 @@ Ties: torchvision's topk and its per-class batched_nms order equal scores arbitr
 order: score descending, ties by lower (level, flattened index) first; every backend follows it, so they
 agree exactly with each other and with torchvision up to the order of equal scores.
 
-Backends of the padded op fastbb::retinanet_postprocess_padded:
+Backends of the padded op fastbb::retinanet_postprocess_padded (TABLE):
 - cpu "cpp": per image and level (OpenMP), one pass over the logits that rejects a logit below
   logit(score_thresh) minus a guard band without computing its sigmoid, a partial sort for the top-k,
   decode + clip of the selected boxes, then NMS per label.
-- cuda "cuda" (and "triton"): the batched path below in PyTorch + fastbb ops (decode_boxes, nms_sorted_padded), with
-  fixed shapes and no host synchronisation (CUDA-graph capturable). Its top-k is segmented over every
+- cuda "cuda" and "triton": the batched path below, a PyTorch composition of fastbb ops (decode_boxes,
+  nms_sorted_padded) with fixed shapes and no host synchronisation (CUDA-graph capturable). The inner ops
+  dispatch on their own tables: "cuda" is this path when their CUDA kernels are built; "triton" is the
+  same path, whose inner ops then run Triton when it is forced. Its top-k is segmented over every
   (image, level) at once: one topk over fixed-length chunks of every level, one over each level's
   chunk winners; no loop over levels or images.
 - "reference": the per-image, per-level loops of retinanet_postprocess_reference.
@@ -31,11 +33,7 @@ from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, che
 from fastbb.ops.box_decode import decode_boxes, decode_boxes_reference
 from fastbb.ops.nms import batched_nms_reference, nms_sorted_padded
 
-_OP = "retinanet_postprocess"
-_PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
-# On CUDA the op is the batched path (no compiled kernel of its own, so "cuda" is always usable); forcing
-# "triton" runs the same path, its decode and NMS ops then on their Triton backends.
-_KERNELS = {"cpp": "fastbb_C::retinanet_postprocess"}
+_OP = "fastbb.retinanet_postprocess"  # how error messages name the op
 
 # Padded result: boxes (N, D, 4), scores (N, D), labels (N, D) int64, counts (N,) int64; rows >= counts[n]
 # are zero. image_sizes: (N, 2) int64 (h, w) on the CPU.
@@ -235,23 +233,45 @@ def _postprocess_batched(cls_logits, bbox_regression, anchors, num_anchors_per_l
 # The op
 # ---------------------------------------------------------------------------------------------------
 
+def _postprocess_compiled(*args):
+    return torch.ops.fastbb_C.retinanet_postprocess(*args)
+
+
+def _postprocess_reference(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes, score_thresh,
+                           nms_thresh, detections_per_img, topk_candidates, box_coder_weights):
+    detections = _reference_per_image(cls_logits, bbox_regression, anchors, num_anchors_per_level,
+                                      image_sizes.tolist(), score_thresh, nms_thresh, detections_per_img,
+                                      topk_candidates, box_coder_weights)
+    return _pad(detections, bbox_regression, cls_logits, detections_per_img)
+
+
+# Every implementation takes the padded op's arguments and returns its padded result.
+TABLE = _backend.OpTable("retinanet_postprocess", [
+    _backend.Implementation("cuda", _postprocess_batched, devices=("cuda",),
+                            kernel=("fastbb_C::decode_boxes", "fastbb_C::nms_sorted_padded"),
+                            what="the batched path: a PyTorch composition (segmented topk, gathers) of fastbb's "
+                                 "decode_boxes and nms_sorted_padded, which run their CUDA kernels; no host "
+                                 "synchronisation"),
+    _backend.Implementation("triton", _postprocess_batched, devices=("cuda",),
+                            what="the same batched composition; with triton forced its decode_boxes and "
+                                 "nms_sorted_padded run their Triton kernels"),
+    _backend.Implementation("cpp", _postprocess_compiled, devices=("cpu",), kernel="fastbb_C::retinanet_postprocess",
+                            what="one C++ pass per image and level (OpenMP): logits below the threshold skip "
+                                 "their sigmoid, partial sort for the top-k, decode, NMS per label"),
+    _backend.Implementation("reference", _postprocess_reference,
+                            what="plain PyTorch, torchvision's loops over images and levels"),
+], autocast="computed in float32, like torchvision's autocast kernels for box ops (scores, decode and IoU in "
+            "float32)")
+
+
 @torch.library.custom_op("fastbb::retinanet_postprocess_padded", mutates_args=())
 def _retinanet_postprocess_padded_op(
         cls_logits: torch.Tensor, bbox_regression: torch.Tensor, anchors: list[torch.Tensor],
         num_anchors_per_level: list[int], image_sizes: torch.Tensor, score_thresh: float, nms_thresh: float,
         detections_per_img: int, topk_candidates: int, box_coder_weights: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes, score_thresh,
-            nms_thresh, detections_per_img, topk_candidates, box_coder_weights)
-    backend = _backend.choose(_OP, cls_logits.device.type, _PREFERENCE, _KERNELS)
-    if backend == "cpp":
-        return torch.ops.fastbb_C.retinanet_postprocess(*args)
-    if backend in ("cuda", "triton"):
-        return _postprocess_batched(*args)
-    detections = _reference_per_image(cls_logits, bbox_regression, anchors, num_anchors_per_level,
-                                      image_sizes.tolist(), score_thresh, nms_thresh, detections_per_img,
-                                      topk_candidates, box_coder_weights)
-    return _pad(detections, bbox_regression, cls_logits, detections_per_img)
+    return TABLE(cls_logits.device.type, cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes,
+                 score_thresh, nms_thresh, detections_per_img, topk_candidates, box_coder_weights)
 
 
 @_retinanet_postprocess_padded_op.register_fake
@@ -344,20 +364,39 @@ def _as_list(boxes, scores, labels, counts):
             for i, n in enumerate(counts.tolist())]
 
 
-def retinanet_postprocess(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes,
-                          score_thresh=0.05, nms_thresh=0.5, detections_per_img=300, topk_candidates=1000,
-                          box_coder_weights=(1.0, 1.0, 1.0, 1.0), padded=False):
-    """torchvision RetinaNet.postprocess_detections for the whole batch.
+def retinanet_postprocess(
+        cls_logits: torch.Tensor, bbox_regression: torch.Tensor, anchors: Sequence[torch.Tensor] | torch.Tensor,
+        num_anchors_per_level: Sequence[int] | torch.Tensor,
+        image_sizes: Sequence[tuple[int, int]] | torch.Tensor, score_thresh: float = 0.05, nms_thresh: float = 0.5,
+        detections_per_img: int = 300, topk_candidates: int = 1000,
+        box_coder_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), padded: bool = False,
+) -> list[dict[str, torch.Tensor]] | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    torchvision RetinaNet's ``postprocess_detections`` for the whole batch at once: per image and level,
+    the top ``topk_candidates`` sigmoid scores above ``score_thresh``, their boxes decoded and clipped to
+    the image; per image, NMS per label and the first ``detections_per_img`` detections. Equal scores
+    rank by lower (level, flattened index) first, on every backend.
 
-    cls_logits (N, A, K) and bbox_regression (N, A, 4) as RetinaNetHead returns them (levels concatenated);
-    anchors: N tensors (A, 4) (or one (N, A, 4) tensor); num_anchors_per_level: H * W * anchors per level,
-    summing to A; image_sizes: N (h, w) pairs (or an (N, 2) integer tensor on the device).
+    Args:
+        cls_logits (Tensor[N, A, K]): classification logits as RetinaNetHead returns them (levels
+            concatenated); float16, bfloat16, float32 or float64.
+        bbox_regression (Tensor[N, A, 4]): box regression of the same images, in cls_logits' dtype.
+        anchors (list[Tensor[A, 4]] or Tensor[N, A, 4]): the anchors of each image.
+        num_anchors_per_level (list[int]): H * W * anchors of each level, summing to A.
+        image_sizes (list[tuple[int, int]] or Tensor[N, 2]): (h, w) of each image; an integer tensor on
+            the device spares a copy from the host on CUDA.
+        score_thresh (float): scores must be > score_thresh; in [0, 1].
+        nms_thresh (float): IoU threshold of the NMS per label; in [0, 1].
+        detections_per_img (int): most detections kept per image.
+        topk_candidates (int): most candidates per image and level before NMS.
+        box_coder_weights (sequence of 4 floats): torchvision BoxCoder's weights.
+        padded (bool): return the fixed-shape tuple instead of the list.
 
-    Returns torchvision's list of N dicts {"boxes", "scores", "labels"}; with padded=True the fixed-shape
-    tuple (boxes (N, D, 4), scores (N, D), labels (N, D) int64, counts (N,) int64) with D =
-    detections_per_img and zero padding rows. On CUDA the padded form never synchronises the host (pass
-    image_sizes as a device tensor to avoid the copy of a Python list as well); the list form
-    synchronises once, to split the result by counts.
+    Returns:
+        list[dict[str, Tensor]]: torchvision's N dicts {"boxes" (D_i, 4), "scores" (D_i), "labels" (D_i)
+        int64}; with ``padded=True`` the tuple (boxes (N, D, 4), scores (N, D), labels (N, D) int64,
+        counts (N,) int64) with D = detections_per_img and zeros in the rows >= counts[n]. On CUDA the
+        padded form never synchronises the host; the list form synchronises once, to split by counts.
     """
     args = _check_inputs(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes, score_thresh,
                          nms_thresh, detections_per_img, topk_candidates, box_coder_weights)
@@ -365,10 +404,15 @@ def retinanet_postprocess(cls_logits, bbox_regression, anchors, num_anchors_per_
     return result if padded else _as_list(*result)
 
 
-def retinanet_postprocess_reference(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes,
-                                    score_thresh=0.05, nms_thresh=0.5, detections_per_img=300,
-                                    topk_candidates=1000, box_coder_weights=(1.0, 1.0, 1.0, 1.0), padded=False):
-    """retinanet_postprocess in plain PyTorch, one image and one level at a time (the ground truth)."""
+def retinanet_postprocess_reference(
+        cls_logits: torch.Tensor, bbox_regression: torch.Tensor, anchors: Sequence[torch.Tensor] | torch.Tensor,
+        num_anchors_per_level: Sequence[int] | torch.Tensor,
+        image_sizes: Sequence[tuple[int, int]] | torch.Tensor, score_thresh: float = 0.05, nms_thresh: float = 0.5,
+        detections_per_img: int = 300, topk_candidates: int = 1000,
+        box_coder_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), padded: bool = False,
+) -> list[dict[str, torch.Tensor]] | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`retinanet_postprocess` in plain PyTorch, one image and one level at a time (the ground
+    truth): same arguments, checks and results."""
     args = list(_check_inputs(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes,
                               score_thresh, nms_thresh, detections_per_img, topk_candidates, box_coder_weights))
     args[4] = args[4].tolist()

@@ -9,18 +9,16 @@ Backward: the lateral's gradient is the output gradient itself (no copy); the to
 gather, each top pixel summing its window of the output gradient (fixed order, no atomics), by the op
 fastbb::upsample_nearest_backward.
 
-Backends: cpu "cpp" (OpenMP over planes or rows, NCHW and channels_last); cuda "triton"; "reference".
+Backends (TABLE, and BACKWARD_TABLE for the top's gradient): cpu "cpp" (OpenMP over planes or rows, NCHW
+and channels_last); cuda "triton"; "reference".
 """
 import torch
 import torch.nn.functional as F
 
 from fastbb import _backend
-from fastbb.ops._common import FLOAT_DTYPES, check_same_device, check_tensor, kernel_lib
+from fastbb.ops._common import FLOAT_DTYPES, check_same_device, check_tensor, check_top_shape, kernel_lib, memory_format
 
-_OP = "upsample_nearest_add"
-_PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton",)}
-_FORWARD_KERNELS = {"cpp": "fastbb_C::upsample_nearest_add_out"}
-_BACKWARD_KERNELS = {"cpp": "fastbb_C::upsample_nearest_backward"}
+_OP = "fastbb.upsample_nearest_add"  # how error messages name the op
 
 # Kernels. upsample_nearest_add_out: out = lateral + upsample(top); top and lateral in one memory format
 # (contiguous NCHW or channels_last), out like lateral, and out may be lateral itself (in place).
@@ -39,44 +37,78 @@ def _(grad_out, top_height, top_width):
     return _empty_top_grad(grad_out, top_height, top_width)
 
 
-def memory_format(t):
-    """channels_last when t is laid out so (and not also plain contiguous), else contiguous_format."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _empty_top_grad(grad_out, top_height, top_width):
     shape = (grad_out.shape[0], grad_out.shape[1], top_height, top_width)
     return grad_out.new_empty(shape).contiguous(memory_format=memory_format(grad_out))
 
 
-def _upsample_nearest_add_into(top, lateral, out, backend):
-    """out = lateral + upsample(top) on `backend`; top already in lateral's memory format."""
-    if backend == "cpp":
-        torch.ops.fastbb_C.upsample_nearest_add_out(top, lateral, out)
-    elif backend == "triton":
-        from fastbb.kernels import fpn
-        fpn.upsample_nearest_add(top, lateral, out)
-    else:
+# Forward implementations: (top, lateral, out) -> out = lateral + upsample(top), top and lateral in out's
+# memory format; each leaves an empty out as it is.
+
+def _add_compiled(top, lateral, out):
+    torch.ops.fastbb_C.upsample_nearest_add_out(top, lateral, out)
+
+
+def _add_triton(top, lateral, out):
+    from fastbb.kernels import upsample_nearest_add as kernels
+    kernels.upsample_nearest_add(top, lateral, out)
+
+
+def _add_reference(top, lateral, out):
+    if out.numel() > 0:
         torch.add(lateral, F.interpolate(top, size=lateral.shape[-2:], mode="nearest"), out=out)
 
 
-def add_upsampled_(out, top):
-    """out += upsample(top), in place, on the best backend for out's device (fpn_merge's CPU epilogue)."""
-    backend = _backend.choose(_OP, out.device.type, _PREFERENCE, _FORWARD_KERNELS)
-    _upsample_nearest_add_into(top.contiguous(memory_format=memory_format(out)), out, out, backend)
-    return out
+# Add-like: no autocast cast of its own, as `lateral + F.interpolate(top)` (the backward follows the forward).
+_AUTOCAST = "follows add's type promotion, as lateral + F.interpolate(top, mode=\"nearest\") does (no autocast cast)"
+TABLE = _backend.OpTable("upsample_nearest_add", [
+    _backend.Implementation("triton", _add_triton, devices=("cuda",),
+                            what="one Triton pass: reads lateral and top, writes the sum (NCHW or channels_last "
+                                 "tiles)"),
+    _backend.Implementation("cpp", _add_compiled, devices=("cpu",), kernel="fastbb_C::upsample_nearest_add_out",
+                            what="one C++ pass, OpenMP over planes (NCHW) or rows (channels_last)"),
+    _backend.Implementation("reference", _add_reference, what="plain PyTorch: F.interpolate, then add"),
+], autocast=_AUTOCAST)
+
+
+# Backward implementations: (grad_out, top_height, top_width) -> the top's gradient in grad_out's memory
+# format, grad_out dense in its own format.
+
+def _backward_compiled(grad_out, top_height, top_width):
+    return torch.ops.fastbb_C.upsample_nearest_backward(grad_out, top_height, top_width)
+
+
+def _backward_triton(grad_out, top_height, top_width):
+    from fastbb.kernels import upsample_nearest_add as kernels
+    return kernels.upsample_nearest_backward(grad_out, top_height, top_width)
+
+
+def _backward_reference(grad_out, top_height, top_width):
+    """The top's gradient in plain PyTorch: aten's own backward of the nearest upsample."""
+    if grad_out.numel() == 0:
+        return _empty_top_grad(grad_out, top_height, top_width).zero_()
+    n, c = grad_out.shape[:2]
+    grad = torch.ops.aten.upsample_nearest2d_backward(grad_out, list(grad_out.shape[-2:]),
+                                                     [n, c, top_height, top_width])
+    return grad.contiguous(memory_format=memory_format(grad_out))
+
+
+BACKWARD_TABLE = _backend.OpTable("upsample_nearest_add.backward", [
+    _backend.Implementation("triton", _backward_triton, devices=("cuda",),
+                            what="one Triton lane per top pixel sums its window of the output gradient (fixed "
+                                 "order, no atomics)"),
+    _backend.Implementation("cpp", _backward_compiled, devices=("cpu",), kernel="fastbb_C::upsample_nearest_backward",
+                            what="each top pixel sums its window in C++, in ATen's order (OpenMP)"),
+    _backend.Implementation("reference", _backward_reference, what="aten's upsample_nearest2d_backward"),
+], autocast=_AUTOCAST)
 
 
 @torch.library.custom_op("fastbb::upsample_nearest_add", mutates_args=())
 def _upsample_nearest_add_op(top: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
-    backend = _backend.choose(_OP, lateral.device.type, _PREFERENCE, _FORWARD_KERNELS)
     layout = memory_format(lateral)
     lateral = lateral.contiguous(memory_format=layout)
     out = torch.empty_like(lateral)
-    if out.numel() > 0:
-        _upsample_nearest_add_into(top.contiguous(memory_format=layout), lateral, out, backend)
+    TABLE(lateral.device.type, top.contiguous(memory_format=layout), lateral, out)
     return out
 
 
@@ -87,29 +119,13 @@ def _(top, lateral):
 
 @torch.library.custom_op("fastbb::upsample_nearest_backward", mutates_args=())
 def _upsample_nearest_backward_op(grad_out: torch.Tensor, top_height: int, top_width: int) -> torch.Tensor:
-    backend = _backend.choose(_OP, grad_out.device.type, _PREFERENCE, _BACKWARD_KERNELS)
     grad_out = grad_out.contiguous(memory_format=memory_format(grad_out))
-    if grad_out.numel() == 0:
-        return _empty_top_grad(grad_out, top_height, top_width).zero_()
-    if backend == "cpp":
-        return torch.ops.fastbb_C.upsample_nearest_backward(grad_out, top_height, top_width)
-    if backend == "triton":
-        from fastbb.kernels import fpn
-        return fpn.upsample_nearest_backward(grad_out, top_height, top_width)
-    return upsample_nearest_backward_reference(grad_out, top_height, top_width)
+    return BACKWARD_TABLE(grad_out.device.type, grad_out, top_height, top_width)
 
 
 @_upsample_nearest_backward_op.register_fake
 def _(grad_out, top_height, top_width):
     return _empty_top_grad(grad_out, top_height, top_width)
-
-
-def upsample_nearest_backward_reference(grad_out, top_height, top_width):
-    """The top's gradient in plain PyTorch: aten's own backward of the nearest upsample."""
-    n, c = grad_out.shape[:2]
-    grad = torch.ops.aten.upsample_nearest2d_backward(grad_out, list(grad_out.shape[-2:]),
-                                                     [n, c, top_height, top_width])
-    return grad.contiguous(memory_format=memory_format(grad_out))
 
 
 def _setup_context(ctx, inputs, output):
@@ -139,22 +155,6 @@ def _backward_of_backward(ctx, grad_grad_top):
 _upsample_nearest_backward_op.register_autograd(_backward_of_backward, setup_context=_setup_backward_context)
 
 
-def check_top_shape(op, top, lateral_shape, lateral_name="lateral"):
-    """top must be 4-D with the batch and channels of lateral_shape (N, C, H, W), no larger than it, and
-    not spatially empty where the lateral is not."""
-    if top.dim() != 4:
-        raise ValueError(f"{op}: top must be 4-D (N, C, h, w), got shape {tuple(top.shape)}")
-    if tuple(top.shape[:2]) != tuple(lateral_shape[:2]):
-        raise ValueError(f"{op}: top must have the batch and channels (N, C) of {lateral_name} "
-                         f"{tuple(lateral_shape)}, got shape {tuple(top.shape)}")
-    (h, w), (height, width) = top.shape[-2:], lateral_shape[-2:]
-    if h > height or w > width:
-        raise ValueError(f"{op}: top ({h}x{w}) must not be larger than {lateral_name} ({height}x{width}): "
-                         f"the merge upsamples the coarser map")
-    if (h == 0 or w == 0) and height * width > 0:
-        raise ValueError(f"{op}: top has an empty spatial size {h}x{w}; nothing to upsample to {height}x{width}")
-
-
 def _check(top, lateral):
     check_tensor(_OP, "top", top, dtypes=FLOAT_DTYPES)
     check_tensor(_OP, "lateral", lateral, dtypes=FLOAT_DTYPES)
@@ -166,17 +166,24 @@ def _check(top, lateral):
     check_top_shape(_OP, top, lateral.shape)
 
 
-def upsample_nearest_add(top, lateral):
-    """lateral + F.interpolate(top, size=lateral.shape[-2:], mode="nearest"), in one pass.
+def upsample_nearest_add(top: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
+    """
+    The FPN top-down merge in one pass: ``lateral + F.interpolate(top, size=lateral.shape[-2:],
+    mode="nearest")``, bit for bit (PyTorch's legacy nearest index). Differentiable in both inputs.
 
-    top (N, C, h, w) and lateral (N, C, H, W) with h <= H, w <= W, one floating dtype and device; NCHW or
-    channels_last (the result takes lateral's layout). Differentiable in both.
+    Args:
+        top (Tensor[N, C, h, w]): the coarser map, with h <= H and w <= W; lateral's dtype and device.
+        lateral (Tensor[N, C, H, W]): the finer map; float16, bfloat16, float32 or float64, NCHW or
+            channels_last.
+
+    Returns:
+        Tensor[N, C, H, W]: the sum, in lateral's dtype and memory format.
     """
     _check(top, lateral)
     return torch.ops.fastbb.upsample_nearest_add(top, lateral)
 
 
-def upsample_nearest_add_reference(top, lateral):
-    """upsample_nearest_add in plain PyTorch (the ground truth): same arguments and checks."""
+def upsample_nearest_add_reference(top: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
+    """:func:`upsample_nearest_add` in plain PyTorch (the ground truth): same arguments and checks."""
     _check(top, lateral)
     return lateral + F.interpolate(top, size=lateral.shape[-2:], mode="nearest")

@@ -31,7 +31,7 @@
 
 #include "cpu_simd.h"
 
-#include "fpn/upsample_nearest.h"
+#include "upsample_nearest_add/upsample_nearest.h"
 
 namespace fastbb {
 namespace {
