@@ -15,6 +15,7 @@ provider, then adds the torch.compile providers whose cold compile fits what is 
 lists those it dropped; it starts no case once the budget is spent. Each finished row is written to the
 JSON file at once, so a run that is killed keeps what it finished.
 """
+import contextlib
 import datetime
 import importlib
 import json
@@ -142,6 +143,30 @@ def backend_providers(op, device, fn):
             if backend != "reference" and not (backend == "triton" and device == "cpu")}
 
 
+def _spin(stop):
+    """A busy single-threaded process, as a DataLoader worker decoding images is beside a training step."""
+    while not stop.is_set():
+        sum(i * i for i in range(10_000))
+
+
+@contextlib.contextmanager
+def busy_processes(count):
+    """Run `count` busy processes beside the block (0: none), so timings show fastbb under contention."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    workers = [context.Process(target=_spin, args=(stop,), daemon=True) for _ in range(count)]
+    for worker in workers:
+        worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=10)
+
+
 def _family_modules(selected=None):
     names = family_names()
     unknown = sorted(set(selected or ()) - set(names))
@@ -221,18 +246,25 @@ def _versions():
 
 
 def run(device=None, only=None, min_time=1.0, log=print, families=None, budget_s=None, json_path=None,
-        exclude=(), representative=False):
+        exclude=(), representative=False, busy=0):
     """Time the cases of `families` (all by default) on `device` (default: cuda if present, else cpu),
     except those named in `exclude`; with `representative`, only the cases marked as such.
 
     budget_s: seconds for the whole run (None: no limit). With a budget, torch.compile providers are timed
     after every other provider of the run, each only when its cold compile (the case's
     "compile_estimate_s") fits the time left; the others are listed in report["dropped"]. json_path: the
-    report is rewritten there after every row. Returns the report dict.
+    report is rewritten there after every row. busy: single-threaded busy processes run beside the timing
+    (a CPU shared with DataLoader workers). Returns the report dict.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with busy_processes(busy):
+        return _run(device, only, min_time, log, families, budget_s, json_path, exclude, representative, busy)
+
+
+def _run(device, only, min_time, log, families, budget_s, json_path, exclude, representative, busy):
     start = time.perf_counter()
     report = _header(device)
+    report["busy_processes"] = busy
 
     def left():
         return math.inf if budget_s is None else budget_s - (time.perf_counter() - start)
@@ -316,7 +348,8 @@ def format_row(row):
 
 
 def print_table(report, out=print):
-    out(f"fastbb benchmarks on {report['device']} ({report['device_type']}, {report['cpu_threads']} threads), "
+    busy = f", {report['busy_processes']} busy processes beside it" if report.get("busy_processes") else ""
+    out(f"fastbb benchmarks on {report['device']} ({report['device_type']}, {report['cpu_threads']} threads{busy}), "
         f"torch {report['versions']['torch']}, {report['date']}")
     out(LEGEND)
     out("")

@@ -87,6 +87,8 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=None, metavar="S",
                         help="seconds for the whole run: torch.compile providers run last, only where their cold "
                              "compile fits, and no case starts once the budget is spent")
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="run N busy processes beside the timing (a CPU shared with DataLoader workers)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON (row by row, as they finish)")
     parser.add_argument("--plot", metavar="PATH.png", help="write a speedup bar chart (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -115,7 +117,7 @@ def main(argv=None):
     try:
         report = runner.run(device, only=args.only, min_time=args.min_time, families=args.family,
                             budget_s=budget, json_path=args.json, exclude=args.exclude, representative=quick,
-                            log=progress)
+                            log=progress, busy=args.busy)
     except ValueError as exc:  # an unknown family
         parser.error(str(exc))
     print()

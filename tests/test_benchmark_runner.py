@@ -113,3 +113,15 @@ def test_gpu_check_summary_lists_speedups():
     text = gpu_check.summary(state)
     assert "NVIDIA H200" in text and "passed 3" in text
     assert "4.00x" in text and "2.00x" in text
+
+
+def test_busy_processes_run_beside_the_block_and_stop():
+    import time
+
+    with runner.busy_processes(1):
+        time.sleep(0.5)
+        import multiprocessing
+        children = multiprocessing.active_children()
+        assert len(children) == 1 and children[0].is_alive()
+        child = children[0]
+    assert not child.is_alive()
