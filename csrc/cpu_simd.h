@@ -1,9 +1,13 @@
-// CPU vector helpers shared by the C++ kernels: AVX2 function clones and float16 <-> float32 conversion.
+// CPU vector helpers shared by the C++ kernels: AVX2 function clones, and the conversions between the 16-bit
+// dtypes and float32 (float32 and float64 kernels use their data in place).
 #pragma once
 
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -60,6 +64,47 @@ inline void narrow_half(const float* src, c10::Half* dst, int64_t n) {
   if (cpu_has_f16c()) return narrow_f16c(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+
+// bfloat16 is the top half of a float32; its rounding is c10's (to nearest even, NaN to 0x7FC0), written
+// with integer operations so that the loops vectorize.
+inline float bf16_to_float(c10::BFloat16 value) {
+  const uint32_t bits = static_cast<uint32_t>(value.x) << 16;
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return result;
+}
+
+inline c10::BFloat16 float_to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const bool is_nan = static_cast<int32_t>(bits & 0x7fffffffu) > 0x7f800000;
+  return c10::BFloat16(static_cast<uint16_t>(is_nan ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
+}
+
+// n 16-bit values to float32 (widen) and back, rounded once (narrow).
+FASTBB_AVX2_CLONES inline void widen(const c10::BFloat16* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+}
+
+FASTBB_AVX2_CLONES inline void narrow(const float* __restrict__ src, c10::BFloat16* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
+
+inline void widen(const c10::Half* src, float* dst, int64_t n) { widen_half(src, dst, n); }
+
+inline void narrow(const float* src, c10::Half* dst, int64_t n) { narrow_half(src, dst, n); }
+
+// The values of src as acc_t: src itself when it already is acc_t (float32, float64), else widened into buffer.
+template <typename scalar_t, typename acc_t>
+const acc_t* as_acc(const scalar_t* src, acc_t* buffer, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    widen(src, buffer, n);
+    return buffer;
+  }
 }
 
 }  // namespace simd

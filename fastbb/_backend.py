@@ -98,16 +98,27 @@ def triton_interpreter_on():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Kernels found registered: a registration stays, so the dispatcher (several microseconds a question, asked
+# at every call of an op) is asked again only about kernels not found yet.
+_kernels_found = set()
+
+
 def has_kernel(qualname, dispatch_key):
     """Whether fastbb._C registered a kernel for the private op `qualname` (e.g. 'fastbb_C::nms')."""
     # Asks the dispatcher rather than fastbb._C, so a kernel library loaded another way (a development
     # build through torch.utils.cpp_extension.load) is used too.
+    if (qualname, dispatch_key) in _kernels_found:
+        return True
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key)
+        found = torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key)
     except RuntimeError:
         return False
+    if found:
+        _kernels_found.add((qualname, dispatch_key))
+    return found
 
 
+@torch.compiler.assume_constant_result  # a fact of the process: tables can choose while torch.compile traces
 def backend_usable(backend, device_type, kernel=None):
     """Whether `backend` can run on `device_type`; `kernel` names the fastbb_C op it needs, if any."""
     if backend == "reference":
@@ -237,9 +248,12 @@ class OpTable:
     autocast: the op's rule under torch.autocast, as the op it replaces behaves (for people and the
     README). pick: optional function(implementations, args) -> implementation that chooses among the
     applicable, usable implementations of a device when no backend is forced (by default the first).
+    stage_of: for an op run in stages that choose their implementations separately (a conv, then a
+    training BN), the op's name; the stage's table is named "<op>.<stage>". A forced backend that the op
+    has but a stage lacks runs that stage's reference, as where none of its implementations applies.
     """
 
-    def __init__(self, op, implementations, *, autocast, pick=None):
+    def __init__(self, op, implementations, *, autocast, pick=None, stage_of=None):
         implementations = tuple(implementations)
         unknown = sorted({i.backend for i in implementations} - set(BACKENDS))
         if unknown:
@@ -247,7 +261,10 @@ class OpTable:
         references = [i for i in implementations if i.backend == "reference"]
         if len(references) != 1 or references[0].applies is not None:
             raise ValueError(f"fastbb.{op}: a table needs exactly one reference implementation, for every call")
+        if stage_of is not None and not op.startswith(f"{stage_of}."):
+            raise ValueError(f"fastbb.{op}: the table of a stage of {stage_of} is named '{stage_of}.<stage>'")
         self.op = op
+        self.stage_of = stage_of
         self.implementations = implementations
         self.reference = references[0]
         self.autocast = autocast
@@ -278,14 +295,31 @@ class OpTable:
                 return self.reference
             return self.pick(candidates, args) if self.pick is not None else candidates[0]
         if forced not in self.offered():
-            raise RuntimeError(f"fastbb.{self.op} has no {forced!r} implementation; it has {self.offered()}")
-        forced_impls = [i for i in self.implementations if i.backend == forced]
-        usable = [i for i in forced_impls if i.usable(device_type)]
+            # A backend of another stage of the op: checked as that stage would check it, then this stage
+            # runs its reference.
+            having = [t for t in self._op_tables() if forced in t.offered()]
+            if not having:
+                op = self.stage_of or self.op
+                offered = list(dict.fromkeys(b for t in self._op_tables() for b in t.offered()))
+                raise RuntimeError(f"fastbb.{op} has no {forced!r} implementation; it has {offered}")
+            having[0]._forced_usable(forced, device_type)
+            return self.reference
+        usable = self._forced_usable(forced, device_type)
+        return next((i for i in usable if i.applies_to(args)), self.reference)
+
+    def _op_tables(self):
+        """The tables of the op this table belongs to: the op's own and those of its stages."""
+        op = self.stage_of or self.op
+        return [t for t in TABLES.values() if op in (t.op, t.stage_of)] or [self]
+
+    def _forced_usable(self, forced, device_type):
+        """The implementations of the forced backend usable on device_type; raises when there are none."""
+        usable = [i for i in self.implementations if i.backend == forced and i.usable(device_type)]
         if not usable:
             raise RuntimeError(
                 f"fastbb.{self.op}: backend {forced!r} was forced but is not usable on {device_type} tensors here "
                 f"({_why_unusable(forced, device_type)}); usable: {self.usable_backends(device_type)}")
-        return next((i for i in usable if i.applies_to(args)), self.reference)
+        return usable
 
     def __call__(self, device_type, *args):
         return self.choose(device_type, *args).run(*args)

@@ -99,6 +99,19 @@ class LaunchSpy:
         return launch
 
 
+def record_choices(monkeypatch, *tables):
+    """{table name: [backend, ...]}: the backend of the implementation each of `tables` (fastbb._backend
+    OpTables) runs, call by call, for the rest of the test."""
+    chosen = {table.op: [] for table in tables}
+    for table in tables:
+        def choose(device_type, *args, table=table, choose=table.choose):
+            implementation = choose(device_type, *args)
+            chosen[table.op].append(implementation.backend)
+            return implementation
+        monkeypatch.setitem(table.__dict__, "choose", choose)
+    return chosen
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: large shapes; deselect with -m 'not slow'")

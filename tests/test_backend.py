@@ -104,6 +104,29 @@ def test_table_pick_chooses_among_applicable_implementations(monkeypatch):
     assert table("cpu", 1) == ("b", 1) and seen == [["onednn", "mkl"]]
 
 
+def test_stage_tables_run_their_reference_for_the_op_s_other_backends(monkeypatch):
+    """An op run in stages (a conv, then a BN): a backend forced that the op has but a stage lacks runs that
+    stage's reference; one the op lacks altogether, or that cannot run on the device, raises naming the op."""
+    monkeypatch.setattr(_backend, "TABLES", {})
+    conv = _table("staged", _implementation("onednn", "onednn conv", devices=("cpu",)),
+                  _implementation("reference", "reference conv"))
+    bn = _backend.OpTable("test_staged.bn", [_implementation("cpp", "cpp bn", devices=("cpu",), kernel="fastbb_C::nms"),
+                                             _implementation("reference", "reference bn")],
+                          autocast="none", stage_of="test_staged")
+    assert conv.offered() == ["onednn", "reference"] and bn.offered() == ["cpp", "reference"]
+    with fastbb.use_backend("onednn"):
+        assert (conv("cpu", 1), bn("cpu", 1)) == (("onednn conv", 1), ("reference bn", 1))
+    with fastbb.use_backend("cpp"):
+        assert (conv("cpu", 1), bn("cpu", 1)) == (("reference conv", 1), ("cpp bn", 1))
+    for table in (conv, bn):
+        with fastbb.use_backend("triton"), pytest.raises(RuntimeError, match=r"fastbb\.test_staged has no 'triton'"):
+            table("cpu", 1)
+        with fastbb.use_backend("cpp"), pytest.raises(RuntimeError, match="'cpp' was forced but is not usable on cuda"):
+            table("cuda", 1)
+    with pytest.raises(ValueError, match="named 'test_staged.<stage>'"):
+        _backend.OpTable("other.bn", [_implementation("reference", "ref")], autocast="none", stage_of="test_staged")
+
+
 def test_table_declarations_are_checked(monkeypatch):
     monkeypatch.setattr(_backend, "TABLES", {})
     with pytest.raises(ValueError, match="unknown backends"):

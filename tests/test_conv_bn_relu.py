@@ -1,6 +1,6 @@
 """fastbb.ops.conv_bn_relu and its modules against nn.Conv2d + nn.BatchNorm2d / FrozenBatchNorm2d + ReLU."""
+import contextlib
 import copy
-import importlib
 
 import pytest
 import torch
@@ -8,13 +8,20 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 import fastbb
+from fastbb import _backend
 from fastbb.nn.conv_bn_relu import ConvBNReLU2d, FrozenBatchNorm2d
-from fastbb.ops.conv_bn_relu import (bn_relu_backward_reference, bn_relu_forward_reference, conv_bn_relu)
+from fastbb.ops.conv_bn_relu import (TABLE, TRAIN_CONV_TABLE, bn_relu_backward_reference, bn_relu_forward_reference,
+                                     conv_bn_relu)
+from fastbb.ops.conv_bn_relu import fold as fold_module
+from fastbb.ops.conv_bn_relu.bn_relu_train import BACKWARD_TABLE, FORWARD_TABLE
 
-from conftest import TOLERANCES, usable_backends
+from conftest import TOLERANCES, record_choices, usable_backends
 
-BACKENDS = usable_backends("cpu", {"cpp": "fastbb_C::bn_relu_forward"})
+# The training BN's backends (the eval conv's are in test_conv_cpu.py and test_conv_eval_dispatch.py).
+BACKENDS = usable_backends("cpu", "conv_bn_relu.bn_relu_train")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
@@ -93,15 +100,14 @@ def test_eval_channels_last_and_gradients():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the packed oneDNN path on CPU
 def test_eval_fold_is_reused_until_a_source_changes(monkeypatch, dtype):
     """Inference reuses the folded weight; any in-place change, replaced tensor or new eps refolds."""
-    op = importlib.import_module("fastbb.ops.conv_bn_relu")  # the module (fastbb.ops.conv_bn_relu is the op)
     folds = []
 
     def counting_fold(*args):
         folds.append(1)
         return fold(*args)
 
-    fold = op._fold
-    monkeypatch.setattr(op, "_fold", counting_fold)
+    fold = fold_module.fold
+    monkeypatch.setattr(fold_module, "fold", counting_fold)
     conv, bn = _modules(dtype=dtype)
     bn.eval()
     fused = ConvBNReLU2d.from_modules(conv, bn, nn.ReLU())
@@ -316,6 +322,167 @@ def test_bad_input(change, error, message):
         conv_bn_relu(torch.randn(1, 6, 1, 1), conv.weight, padding=1, training=True)
 
 
+# ---- What each backend, forced, runs ---------------------------------------------------------------------------
+
+class _OpLog(TorchDispatchMode):
+    """The ops that reach the dispatcher (below autograd), as 'namespace::name', outermost calls only."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+    def has(self, prefix):
+        return any(name.startswith(prefix) for name in self.names)
+
+
+_TRITON_ON_CPU = _backend.backend_usable("triton", "cpu")
+
+
+@pytest.mark.parametrize("forced, kernel, channels_last, chosen, ran, not_ran", [
+    (None, 3, False, "cpp", "fastbb_C::winograd_conv2d", ("mkldnn::", "aten::convolution")),
+    ("cpp", 3, False, "cpp", "fastbb_C::winograd_conv2d", ("mkldnn::", "aten::convolution")),
+    ("cpp", 1, False, "reference", "aten::convolution", ("mkldnn::", "fastbb_C::", "aten::mm", "aten::addmm")),
+    ("reference", 3, False, "reference", "aten::convolution", ("mkldnn::", "fastbb_C::")),
+    ("reference", 3, True, "reference", "aten::convolution", ("mkldnn::", "fastbb_C::")),
+    ("onednn", 3, False, "onednn", "mkldnn::_convolution_pointwise", ("fastbb_C::", "aten::convolution")),
+    ("onednn", 3, True, "onednn", "mkldnn::_reorder_convolution_weight", ("fastbb_C::", "aten::convolution")),
+    ("mkl", 1, False, "mkl", "aten::addmm", ("mkldnn::", "fastbb_C::", "aten::convolution")),
+    ("mkl", 3, False, "reference", "aten::convolution", ("mkldnn::", "fastbb_C::")),
+    pytest.param("triton", 3, False, "triton", "aten::permute", ("mkldnn::", "fastbb_C::", "aten::convolution"),
+                 marks=pytest.mark.skipif(not _TRITON_ON_CPU, reason="needs Triton's interpreter on the CPU")),
+])
+def test_forced_backend_runs_what_it_says_in_eval(monkeypatch, forced, kernel, channels_last, chosen, ran, not_ran):
+    """A float32 inference call through the module (so the folded weight is cached): the eval conv runs the
+    forced backend's implementation where it applies (Winograd: 3x3; the GEMM: 1x1), else the reference,
+    which calls no oneDNN op directly; every result is eager's."""
+    channels = 16 if forced == "triton" else 128  # the interpreter is slow; Winograd needs 64+ channels
+    conv, bn = _modules(c_in=channels, c_out=channels, kernel=kernel, dtype=torch.float32)
+    bn.eval()
+    fused = ConvBNReLU2d.from_modules(conv, bn, nn.ReLU())
+    x = torch.randn(1, channels, 12, 10)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    chosen_by = record_choices(monkeypatch, TABLE)
+    log = _OpLog()
+    with torch.no_grad():
+        want = _eager(conv, bn, x)
+        with fastbb.use_backend(forced) if forced else contextlib.nullcontext(), log:
+            got = fused(x)
+    assert chosen_by["conv_bn_relu"] == [chosen]
+    assert ran in log.names, log.names
+    assert not any(log.has(prefix) for prefix in not_ran), log.names
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert got.stride() == want.stride()
+
+
+@pytest.mark.parametrize("forced, kernel, conv_chosen, bn_chosen", [
+    (None, 1, "mkl", "cpp"),
+    ("cpp", 1, "reference", "cpp"),  # the Winograd conv is 3x3 only
+    ("cpp", 3, "cpp", "cpp"),
+    ("mkl", 1, "mkl", "reference"),  # the BN has no MKL implementation: its reference
+    ("onednn", 3, "reference", "reference"),
+    ("reference", 3, "reference", "reference"),
+])
+def test_forced_backend_runs_what_it_says_in_training(monkeypatch, forced, kernel, conv_chosen, bn_chosen):
+    """Training: the conv stage and the fused BN (forward and backward) each run the forced backend where
+    they have it and it applies, their reference elsewhere; the output and every gradient within twice
+    eager's float32 error of the float64 run."""
+    channels = 128 if kernel == 3 else 8  # the training Winograd conv: 128+ channels, 4096+ output positions
+    conv, bn = _modules(c_in=channels, c_out=channels, kernel=kernel, dtype=torch.float32)
+    x = torch.randn(1, channels, 64, 64)
+    chosen = record_choices(monkeypatch, TRAIN_CONV_TABLE, FORWARD_TABLE, BACKWARD_TABLE)
+    results = {}
+    for name, dtype in (("exact", torch.float64), ("eager", torch.float32), ("fastbb", torch.float32)):
+        c, b = copy.deepcopy(conv).to(dtype), copy.deepcopy(bn).to(dtype)
+        xi = x.to(dtype).requires_grad_()
+        if name == "fastbb":
+            with fastbb.use_backend(forced) if forced else contextlib.nullcontext():
+                out = _call(c, b, xi, training=True, relu=False)
+                grads = torch.autograd.grad(out.square().sum(), (xi, c.weight, b.weight))
+        else:
+            out = b(c(xi))
+            grads = torch.autograd.grad(out.square().sum(), (xi, c.weight, b.weight))
+        results[name] = (out, *grads)
+    assert chosen == {"conv_bn_relu.train_conv": [conv_chosen], "conv_bn_relu.bn_relu_train": [bn_chosen],
+                      "conv_bn_relu.bn_relu_train_backward": [bn_chosen]}
+    for what, got, eager, exact in zip(("out", "x", "conv.weight", "bn.weight"), results["fastbb"], results["eager"],
+                                       results["exact"]):
+        _assert_within_twice_pytorch_error(got, eager, exact, what)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_forcing_a_backend_the_op_lacks_or_cannot_run_raises(training):
+    conv, bn = _modules(dtype=torch.float32)
+    bn.train(training)
+    x = torch.randn(2, 6, 7, 8)
+    with fastbb.use_backend("cuda"), pytest.raises(RuntimeError, match=r"fastbb\.conv_bn_relu has no 'cuda'"):
+        _call(conv, bn, x, training=training)
+    with fastbb.use_backend("cudnn"), pytest.raises(
+            RuntimeError, match=r"fastbb\.conv_bn_relu: backend 'cudnn' was forced but is not usable on cpu"):
+        _call(conv, bn, x, training=training)
+
+
+def test_eager_training_runs_the_kernels_without_the_custom_op_dispatch():
+    """Eager calls go straight to the BN kernels (the custom ops' dispatch costs 0.1-0.2 ms a layer and step);
+    torch.compile traces the custom ops (test below)."""
+    conv, bn = _modules(dtype=torch.float32)
+    x = torch.randn(2, 6, 7, 8, requires_grad=True)
+    log = _OpLog()
+    with log:
+        _call(conv, bn, x, training=True).sum().backward()
+    assert "fastbb_C::bn_relu_forward" in log.names and "fastbb_C::bn_relu_backward" in log.names
+    assert not log.has("fastbb::")
+
+
+def _recording_backend(graphs):
+    """A torch.compile backend that runs AOT autograd's forward and backward graphs as they are, keeping them."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(graph, example_inputs):
+        graphs.append(graph)
+        return make_boxed_func(graph.forward)
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+
+def test_training_compiles_without_graph_breaks_into_the_custom_ops():
+    """torch.compile(fullgraph=True) of a training forward + backward: the autograd.Function eager calls run,
+    traced into fastbb::bn_relu_train and fastbb::bn_relu_train_backward; results equal eager's."""
+    conv, bn = _modules(c_in=3, c_out=4, dtype=torch.float32)
+    x = torch.randn(2, 3, 6, 5, requires_grad=True)
+    residual = torch.randn(2, 4, 6, 5, requires_grad=True)
+    args = (x, conv.weight, bn.weight, bn.bias, residual)
+
+    def forward(x, weight, bn_weight, bn_bias, residual):
+        return conv_bn_relu(x, weight, None, bn_weight, bn_bias, padding=1, training=True, residual=residual)
+
+    graphs = []
+    compiled = torch.compile(forward, fullgraph=True, backend=_recording_backend(graphs))
+    out = compiled(*args)
+    got = torch.autograd.grad(out.square().sum(), args)
+    called = {node.target for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
+    assert torch.ops.fastbb.bn_relu_train.default in called
+    assert torch.ops.fastbb.bn_relu_train_backward.default in called
+    want_out = forward(*args)
+    want = torch.autograd.grad(want_out.square().sum(), args)
+    torch.testing.assert_close(out, want_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_eval_compiles_without_graph_breaks():
+    conv, bn = _modules(c_in=3, c_out=4, dtype=torch.float32)
+    bn.eval()
+    x = torch.randn(2, 3, 6, 5)
+    compiled = torch.compile(lambda x: _call(conv, bn, x), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), _eager(conv, bn, x), rtol=1e-5, atol=1e-5)
+
+
 # ---- CUDA: the Triton kernels on the GPU -----------------------------------------------------------------------
 
 CUDA_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -376,7 +543,7 @@ def test_cuda_triton_bn_relu_forward_and_backward(dtype, channels_last):
 def test_cuda_triton_conv_epilogue_other_dtypes(monkeypatch, dtype, channels_last):
     """The implicit-GEMM conv in the dtypes test_conv_eval_dispatch.py's GPU tests leave out (they cover
     float32 and bfloat16), with one fixed tile: within twice eager PyTorch's error against float64."""
-    from fastbb.kernels import conv_bn_relu as conv_kernels
+    from fastbb.kernels import conv2d_epilogue
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, 32, 19, 23, dtype=torch.float64, device="cuda")
@@ -388,7 +555,7 @@ def test_cuda_triton_conv_epilogue_other_dtypes(monkeypatch, dtype, channels_las
     eager = F.relu(F.conv2d(x, weight, shift.to(dtype), 1, 2, 2) + residual)
     # float32, as the eval path passes them; float64 for float64, which the eval path does not offer
     epilogue_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    got = conv_kernels.conv2d_epilogue(x, weight, torch.ones(48, dtype=epilogue_dtype, device="cuda"),
+    got = conv2d_epilogue.conv2d_epilogue(x, weight, torch.ones(48, dtype=epilogue_dtype, device="cuda"),
                                        shift.to(epilogue_dtype), residual, True, padding=2, dilation=2,
                                        block_m=64, block_n=32, block_k=32)
     assert got.dtype == dtype and got.shape == exact.shape

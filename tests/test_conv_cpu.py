@@ -2,7 +2,6 @@
 (eval, and training with its input gradient), the 1x1 eval conv as a GEMM, and when conv_bn_relu uses each."""
 import contextlib
 import copy
-import importlib
 
 import pytest
 import torch
@@ -11,12 +10,11 @@ from torch import nn
 
 import fastbb
 from fastbb.nn.conv_bn_relu import ConvBNReLU2d
-from fastbb.ops.conv_bn_relu import (conv_bn_relu, winograd_weight, winograd_weight_backward,
-                                     winograd_weight_of_input_gradient, winograd_weight_reference)
+from fastbb.ops.conv_bn_relu import TABLE, TRAIN_CONV_TABLE, conv_bn_relu, cpu_conv
+from fastbb.ops.conv_bn_relu.cpu_conv import (winograd_weight, winograd_weight_backward,
+                                              winograd_weight_of_input_gradient, winograd_weight_reference)
 
-from conftest import TOLERANCES
-
-op = importlib.import_module("fastbb.ops.conv_bn_relu")  # the module (fastbb.ops.conv_bn_relu is the op)
+from conftest import TOLERANCES, record_choices
 
 
 def _within_twice_eager_error(got, eager, exact, name=""):
@@ -145,16 +143,18 @@ def _bn(channels):
     return bn
 
 
-def _count_calls(monkeypatch, name):
-    """A list that grows by one at each call of fastbb.ops.conv_bn_relu's function `name`."""
-    calls, run = [], getattr(op, name)
+class _Runs:
+    """The calls of one backend of one of conv_bn_relu's tables, counted as the test goes."""
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return run(*args, **kwargs)
+    def __init__(self, chosen, table, backend):
+        self.chosen, self.table, self.backend = chosen, table, backend
 
-    monkeypatch.setattr(op, name, counting)
-    return calls
+    def __len__(self):
+        return self.chosen[self.table.op].count(self.backend)
+
+
+def _runs(monkeypatch, table, backend):
+    return _Runs(record_choices(monkeypatch, table), table, backend)
 
 
 def _expected(conv, bn, x, residual, relu):
@@ -173,7 +173,7 @@ def _expected(conv, bn, x, residual, relu):
 @pytest.fixture
 def winograd_calls(monkeypatch):
     """Counts the eval convs that run as Winograd convs."""
-    return _count_calls(monkeypatch, "_winograd_eval")
+    return _runs(monkeypatch, TABLE, "cpp")
 
 
 @pytest.mark.parametrize("dilation, padding", [(1, 1), (2, 2), (4, 4), (2, 0), (1, 3)])
@@ -196,7 +196,9 @@ def test_conv_bn_relu_eval_runs_winograd(winograd_calls, dilation, padding, resi
 
 
 def test_transformed_weight_is_cached_until_a_source_changes(monkeypatch):
-    transforms = _count_calls(monkeypatch, "winograd_weight")
+    transforms = []
+    transform = cpu_conv.winograd_weight
+    monkeypatch.setattr(cpu_conv, "winograd_weight", lambda weight: transforms.append(1) or transform(weight))
     conv, bn = nn.Conv2d(128, 128, 3, padding=1, bias=False), _bn(128)
     fused = ConvBNReLU2d.from_modules(conv, bn, nn.ReLU()).eval()
     x = torch.randn(1, 128, 10, 10)
@@ -263,7 +265,7 @@ def test_empty_batch():
 @pytest.fixture
 def gemm_calls(monkeypatch):
     """Counts the eval convs that run as GEMMs."""
-    return _count_calls(monkeypatch, "pointwise_conv_gemm")
+    return _runs(monkeypatch, TABLE, "mkl")
 
 
 @pytest.mark.parametrize("shape", [(1, 24, 5, 7), (2, 24, 32, 40)])
@@ -310,15 +312,7 @@ def _train_modules(channels_in, channels_out, padding, dilation, bias):
 @pytest.fixture
 def winograd_train_calls(monkeypatch):
     """Counts the training convs that run as Winograd convs."""
-    calls = []
-    apply = op._WinogradTrainConv.apply
-
-    def counting(*args):
-        calls.append(1)
-        return apply(*args)
-
-    monkeypatch.setattr(op._WinogradTrainConv, "apply", counting)
-    return calls
+    return _runs(monkeypatch, TRAIN_CONV_TABLE, "cpp")
 
 
 @pytest.mark.parametrize("padding, dilation", [(1, 1), (2, 2), (0, 1), (3, 1)])  # (3, 1): ATen's input gradient
@@ -389,7 +383,7 @@ def test_other_training_convs_do_not_run_winograd(winograd_train_calls, case):
 def test_training_pointwise_conv_as_gemm(monkeypatch, shape, gemm, bias):
     """A training 1x1 stride-1 conv over 196+ pixels per image runs as a batched GEMM with autograd: output
     and every gradient within twice eager's float32 error of the float64 run."""
-    calls = _count_calls(monkeypatch, "_pointwise_gemm_train")
+    calls = _runs(monkeypatch, TRAIN_CONV_TABLE, "mkl")
     conv, bn = nn.Conv2d(24, 40, 1, bias=bias), _bn(40).train()
     results = {}
     for name, dtype in (("exact", torch.float64), ("eager", torch.float32), ("fastbb", torch.float32)):
@@ -411,7 +405,7 @@ def test_training_pointwise_conv_as_gemm(monkeypatch, shape, gemm, bias):
 def test_channels_last_residual_joins_the_onednn_conv(monkeypatch, residual_layout, fused, relu):
     """channels_last eval with a channels_last float32 residual: oneDNN's conv with the add (and ReLU) as
     post-ops, on the packed weight; another residual layout takes the conv, then the add and ReLU."""
-    plain_calls = _count_calls(monkeypatch, "_eager_eval")
+    plain_calls = _runs(monkeypatch, TABLE, "reference")
     conv, bn = nn.Conv2d(24, 40, 3, padding=1, bias=False), _bn(40)
     x = torch.randn(2, 24, 9, 11).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():

@@ -15,7 +15,7 @@ from conftest import randomize_bn, usable_backends
 
 # Whole ResNets run on the compiled CPU backend and the reference; the Triton kernels (too slow for a
 # ResNet under the interpreter) are checked op by op in test_conv_bn_relu.py.
-BACKENDS = [b for b in usable_backends("cpu", {"cpp": "fastbb_C::bn_relu_forward"}) if b != "triton"]
+BACKENDS = [b for b in usable_backends("cpu", "conv_bn_relu.bn_relu_train") if b != "triton"]
 
 
 def _error(out, exact):
@@ -198,7 +198,7 @@ def test_inference_cache_frees_weights_with_their_model(context):
     model = resnet18().eval()
     with getattr(torch, context)():
         model(torch.randn(1, 3, 64, 64))
-    fold_cache = importlib.import_module("fastbb.ops.conv_bn_relu")._fold_cache
+    fold_cache = importlib.import_module("fastbb.ops.conv_bn_relu.fold").fold_cache
     entry = fold_cache._entries[id(model.conv1.weight)]
     assert entry[3].grad_fn is None and not entry[3].requires_grad  # the folded weight
     weights = [weakref.ref(p) for p in model.parameters()]

@@ -5,13 +5,13 @@ import pytest
 import torch
 from triton.runtime.autotuner import Autotuner
 
-from fastbb.kernels import _common, conv_bn_relu, fpn_merge
+from fastbb.kernels import _common, conv2d_epilogue, fpn_merge
 
 TUNED = {
     "fpn_merge": fpn_merge._FPN_MERGE,
     "fpn_merge float64": fpn_merge._FPN_MERGE_FP64,
-    "conv2d_epilogue": conv_bn_relu._CONV,
-    "conv2d_epilogue float64": conv_bn_relu._CONV_FP64,
+    "conv2d_epilogue": conv2d_epilogue._CONV,
+    "conv2d_epilogue float64": conv2d_epilogue._CONV_FP64,
 }
 
 
@@ -68,7 +68,7 @@ def test_a_pinned_config_outside_the_list_is_refused():
 def test_float64_operand_tiles_fit_in_96_kib():
     # Triton's pipeliner keeps stages - 1 buffers of the A and B tiles in shared memory (what the compile
     # check measures): 256 KiB for 128 x 128 x 64 at 3 stages in float64, over every GPU's limit
-    for tuned in (fpn_merge._FPN_MERGE_FP64, conv_bn_relu._CONV_FP64):
+    for tuned in (fpn_merge._FPN_MERGE_FP64, conv2d_epilogue._CONV_FP64):
         for config in tuned.configs:
             kw = config.kwargs
             tile_bytes = (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * 8
@@ -84,7 +84,7 @@ def _recorded_configs(monkeypatch, launch):
 
     monkeypatch.setattr(Autotuner, "run", record)
     monkeypatch.setattr(fpn_merge, "INTERPRET", False)
-    monkeypatch.setattr(conv_bn_relu, "INTERPRET", False)
+    monkeypatch.setattr(conv2d_epilogue, "INTERPRET", False)
     launch()
     assert len(launches) == 1
     return launches[0]
@@ -101,14 +101,14 @@ def _conv2d_epilogue(dtype):
     x = torch.empty((2, 64, 20, 30), dtype=dtype, device="meta", memory_format=torch.channels_last)
     weight = torch.empty((32, 64, 3, 3), dtype=dtype, device="meta")
     scale = torch.empty((32,), device="meta")
-    return lambda: conv_bn_relu.conv2d_epilogue(x, weight, scale, scale, None, True, 1, 1, 1)
+    return lambda: conv2d_epilogue.conv2d_epilogue(x, weight, scale, scale, None, True, 1, 1, 1)
 
 
 @pytest.mark.parametrize("launch, kernel, tuned", [
-    pytest.param(_fpn_merge, fpn_merge._fpn_merge_kernel,
-                 {torch.float64: fpn_merge._FPN_MERGE_FP64, None: fpn_merge._FPN_MERGE}, id="fpn_merge"),
-    pytest.param(_conv2d_epilogue, conv_bn_relu._conv2d_epilogue_kernel,
-                 {torch.float64: conv_bn_relu._CONV_FP64, None: conv_bn_relu._CONV}, id="conv2d_epilogue"),
+    pytest.param(_fpn_merge, fpn_merge._fpn_merge_kernel, {torch.float64: fpn_merge._FPN_MERGE_FP64, None: fpn_merge._FPN_MERGE},
+                 id="fpn_merge"),
+    pytest.param(_conv2d_epilogue, conv2d_epilogue._conv2d_epilogue_kernel,
+                 {torch.float64: conv2d_epilogue._CONV_FP64, None: conv2d_epilogue._CONV}, id="conv2d_epilogue"),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("switch", ["1", "0"], ids=["autotune", "pinned"])

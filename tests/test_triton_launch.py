@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
 ]
 
-KERNEL_MODULES = ("nms", "focal_loss", "box_decode", "upsample_nearest_add", "fpn_merge", "conv_bn_relu")
+KERNEL_MODULES = ("nms", "focal_loss", "box_decode", "upsample_nearest_add", "fpn_merge", "bn_relu", "conv2d_epilogue")
 
 
 def kernel_modules():
@@ -47,7 +47,7 @@ def test_every_kernel_module_is_covered():
 
 def run_every_launcher():
     """Each launcher once, on small CPU tensors (through the public ops where they reach it)."""
-    from fastbb.kernels import conv_bn_relu as conv_kernels
+    from fastbb.kernels import conv2d_epilogue
     from fastbb.ops.box_decode import decode_boxes
     from fastbb.ops.conv_bn_relu import conv_bn_relu
     from fastbb.ops.focal_loss import sigmoid_focal_loss
@@ -75,7 +75,7 @@ def run_every_launcher():
         conv_bn_relu(y, torch.randn(4, 3, 3, 3), None, torch.rand(4) + 0.5, torch.randn(4), padding=1,
                      training=True).sum().backward()
 
-    conv_kernels.conv2d_epilogue(torch.randn(1, 3, 6, 5), torch.randn(4, 3, 3, 3), torch.rand(4), torch.randn(4),
+    conv2d_epilogue.conv2d_epilogue(torch.randn(1, 3, 6, 5), torch.randn(4, 3, 3, 3), torch.rand(4), torch.randn(4),
                                  None, True, padding=1)
 
 
@@ -158,11 +158,11 @@ OVERSIZED = {
         meta(1, 1, 1, WIDE), 1, WIDE)),
     "fpn_merge": ((1, 1, 2**16, 2**15 + 1), lambda k: k["fpn_merge"].fpn_merge(
         meta(1, 1, 2**16, 2**15 + 1), meta(1, 1, 1, 1), None, meta(1, 1, 1, 1))),
-    "bn_relu": ((2**31, 1, 1, 2), lambda k: k["conv_bn_relu"].bn_relu_forward(
+    "fastbb.bn_relu_forward": ((2**31, 1, 1, 2), lambda k: k["bn_relu"].bn_relu_forward(
         meta(2**31, 1, 1, 2), None, None, None, 1e-5, True)),
-    "bn_relu, backward": ((2**31, 1, 1, 2), lambda k: k["conv_bn_relu"].bn_relu_backward(
+    "fastbb.bn_relu_backward": ((2**31, 1, 1, 2), lambda k: k["bn_relu"].bn_relu_backward(
         meta(2**31, 1, 1, 2), meta(2**31, 1, 1, 2), meta(2**31, 1, 1, 2), meta(1), meta(1), None, True, False)),
-    "conv2d_epilogue": ((2**16, 1, 2**8, 2**8), lambda k: k["conv_bn_relu"].conv2d_epilogue(
+    "fastbb.conv2d_epilogue": ((2**16, 1, 2**8, 2**8), lambda k: k["conv2d_epilogue"].conv2d_epilogue(
         meta(2**16, 1, 2**8, 2**8), meta(1, 1, 1, 1), meta(1), meta(1), None, True)),
 }
 

@@ -55,7 +55,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from fastbb.kernels import (_common, box_decode, conv_bn_relu, focal_loss, fpn_merge, nms,  # noqa: E402
+from fastbb.kernels import (_common, bn_relu, box_decode, conv2d_epilogue, focal_loss, fpn_merge, nms,  # noqa: E402
                             upsample_nearest_add)
 
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
@@ -133,7 +133,7 @@ def _conv_cases():
                 label = (f"{SHORT[dtype]} {layout(channels_last)} {'i64' if big else 'i32'}"
                          f"{' residual' if residual is not None else ''}")
                 yield label, all_configs, lambda x=x, w=weight, s=scale, b=shift, r=residual: (
-                    conv_bn_relu.conv2d_epilogue(x, w, s, b, r, True, 1, 2, 2))
+                    conv2d_epilogue.conv2d_epilogue(x, w, s, b, r, True, 1, 2, 2))
 
 
 def _bn_cases():
@@ -151,11 +151,11 @@ def _bn_cases():
                 label = (f"{SHORT[dtype]} {layout(channels_last)} {'i64' if big else 'i32'}"
                          f"{' affine residual' if affine else ''}")
                 yield label, False, lambda y=y, w=weight, b=bias, r=residual: (
-                    conv_bn_relu.bn_relu_forward(y, w, b, r, 1e-5, True))
+                    bn_relu.bn_relu_forward(y, w, b, r, 1e-5, True))
                 yield label, False, lambda y=y, w=weight, m=mean, s=invstd, r=residual is not None: (
-                    conv_bn_relu.bn_relu_backward(y, y, y, m, s, w, True, r))
+                    bn_relu.bn_relu_backward(y, y, y, m, s, w, True, r))
         y = meta((2, 256, 100, 152), dtype)
-        yield f"{SHORT[dtype]} NCHW no ReLU", False, lambda y=y, s=stat: conv_bn_relu.bn_relu_backward(
+        yield f"{SHORT[dtype]} NCHW no ReLU", False, lambda y=y, s=stat: bn_relu.bn_relu_backward(
             y, y, y, meta((256,), s), meta((256,), s), None, False, False)
 
 

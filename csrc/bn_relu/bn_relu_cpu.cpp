@@ -1,4 +1,5 @@
-// CPU kernels of the fused training-mode BatchNorm (+ residual) + ReLU (schemas in fastbb/ops/conv_bn_relu.py):
+// CPU kernels of the fused training-mode BatchNorm (+ residual) + ReLU (schemas in
+// fastbb/ops/conv_bn_relu/bn_relu_train.py):
 //   fastbb_C::bn_relu_forward(y, weight?, bias?, residual?, eps, relu) -> (out, mean, invstd)
 //       out = relu((y - mean) * invstd * weight + bias + residual), batch statistics per channel
 //   fastbb_C::bn_relu_backward(grad_out, out, y, mean, invstd, weight?, relu, residual_grad)
@@ -33,7 +34,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -74,49 +74,11 @@ int64_t grain_for(int64_t elements_per_item) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Conversions between 16-bit dtypes and float32 (float32 and float64 are used in place).
-//
-// bfloat16 is the top half of a float32; its rounding is c10's (to nearest even, NaN to 0x7FC0), written
-// with integer operations so that the loop vectorizes. For half, F16C converts eight at once where the CPU
-// has it, rounding as c10 does.
+// 16-bit dtypes are widened to float32 (simd::as_acc) and narrowed back once (simd::narrow); float32 and
+// float64 are used in place.
 
-inline float bf16_to_float(c10::BFloat16 value) {
-  const uint32_t bits = static_cast<uint32_t>(value.x) << 16;
-  float result;
-  std::memcpy(&result, &bits, sizeof(result));
-  return result;
-}
-
-inline c10::BFloat16 float_to_bf16(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  const bool is_nan = static_cast<int32_t>(bits & 0x7fffffffu) > 0x7f800000;
-  return c10::BFloat16(static_cast<uint16_t>(is_nan ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
-}
-
-FASTBB_AVX2_CLONES void widen(const c10::BFloat16* __restrict__ src, float* __restrict__ dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
-}
-
-FASTBB_AVX2_CLONES void narrow(const float* __restrict__ src, c10::BFloat16* __restrict__ dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
-}
-
-void widen(const c10::Half* src, float* dst, int64_t n) { simd::widen_half(src, dst, n); }
-
-void narrow(const float* src, c10::Half* dst, int64_t n) { simd::narrow_half(src, dst, n); }
-
-// The values of src as acc_t: src itself for float32 and float64, else widened into buffer.
-template <typename scalar_t, typename acc_t>
-const acc_t* as_acc(const scalar_t* src, acc_t* buffer, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    widen(src, buffer, n);
-    return buffer;
-  }
-}
+using simd::as_acc;
+using simd::narrow;
 
 // Where results of acc_t are computed before they are stored as scalar_t: dst itself, or buffer.
 template <typename scalar_t, typename acc_t>
@@ -820,7 +782,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_forward_cpu(const at::Ten
                                                                    const c10::optional<at::Tensor>& bias,
                                                                    const c10::optional<at::Tensor>& residual_in,
                                                                    double eps, bool relu) {
-  constexpr const char* kOp = "bn_relu_forward";
+  constexpr const char* kOp = "fastbb.bn_relu_forward";
   check_y(y_in, kOp);
   TORCH_CHECK(eps >= 0, kOp, ": eps must be non-negative, got ", eps);
   const bool channels_last = is_channels_last(y_in);
@@ -866,7 +828,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_forward_cpu(const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& out_in, const at::Tensor& y_in, const at::Tensor& mean,
     const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, bool relu, bool residual_grad) {
-  constexpr const char* kOp = "bn_relu_backward";
+  constexpr const char* kOp = "fastbb.bn_relu_backward";
   check_y(y_in, kOp);
   const bool channels_last = is_channels_last(y_in);
   const at::MemoryFormat format = format_of(channels_last);

@@ -1,5 +1,5 @@
-// Winograd F(2x2, 3x3) conv of the CPU eval path (schema and the weight transform in
-// fastbb/ops/conv_bn_relu.py):
+// Winograd F(2x2, 3x3) conv of conv_bn_relu's CPU convs, eval and training (schemas and the weight
+// transform's adjoint in fastbb/ops/conv_bn_relu/cpu_conv.py):
 //   fastbb_C::winograd_weight(weight) -> u (16, K, C)
 //   fastbb_C::winograd_conv2d(x, u, shift?, residual?, relu, pad_h, pad_w, dilation_h, dilation_w)
 //   fastbb_C::winograd_weight_gradient(x, grad_y, pad_h, pad_w, dilation_h, dilation_w) -> grad_u (16, K, C)
@@ -125,7 +125,7 @@ void output_transform_row(const float* m, int64_t stride_a, const int64_t* origi
 at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 && weight.scalar_type() == at::kFloat &&
                   weight.is_contiguous(),
-              "winograd_weight: weight must be a contiguous (K, C, 3, 3) float32 tensor");
+              "fastbb.winograd_weight: weight must be a contiguous (K, C, 3, 3) float32 tensor");
   const int64_t K = weight.size(0), C = weight.size(1), plane = K * C;
   at::Tensor u = at::empty({16, K, C}, weight.options());
   const float* wp = weight.const_data_ptr<float>();
@@ -234,27 +234,27 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& x, const at::Tensor& u, const s
                                const std::optional<at::Tensor>& residual, bool relu, int64_t pad_h, int64_t pad_w,
                                int64_t dh, int64_t dw) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "winograd_conv2d: x must be a contiguous NCHW float32 tensor");
+              "fastbb.winograd_conv2d: x must be a contiguous NCHW float32 tensor");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(2) == C && u.scalar_type() == at::kFloat && u.is_contiguous(),
-              "winograd_conv2d: u must be a contiguous (16, K, C) float32 tensor with C = ", C);
+              "fastbb.winograd_conv2d: u must be a contiguous (16, K, C) float32 tensor with C = ", C);
   const int64_t K = u.size(1);
   const float* sp = nullptr;
   if (shift.has_value()) {
     TORCH_CHECK(shift->dim() == 1 && shift->size(0) == K && shift->scalar_type() == at::kFloat &&
                     shift->is_contiguous(),
-                "winograd_conv2d: shift must be a contiguous (K,) float32 tensor");
+                "fastbb.winograd_conv2d: shift must be a contiguous (K,) float32 tensor");
     sp = shift->const_data_ptr<float>();
   }
-  TORCH_CHECK(pad_h >= 0 && pad_w >= 0 && dh >= 1 && dw >= 1, "winograd_conv2d: bad padding or dilation");
+  TORCH_CHECK(pad_h >= 0 && pad_w >= 0 && dh >= 1 && dw >= 1, "fastbb.winograd_conv2d: bad padding or dilation");
   const int64_t Ho = H + 2 * pad_h - 2 * dh, Wo = W + 2 * pad_w - 2 * dw;
-  TORCH_CHECK(Ho > 0 && Wo > 0, "winograd_conv2d: the output would be empty");
+  TORCH_CHECK(Ho > 0 && Wo > 0, "fastbb.winograd_conv2d: the output would be empty");
   const float* res = nullptr;
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
     TORCH_CHECK(r.scalar_type() == at::kFloat && r.is_contiguous() && r.dim() == 4 && r.size(0) == N &&
                     r.size(1) == K && r.size(2) == Ho && r.size(3) == Wo,
-                "winograd_conv2d: residual must be a contiguous float32 tensor of the output's shape");
+                "fastbb.winograd_conv2d: residual must be a contiguous float32 tensor of the output's shape");
     res = r.const_data_ptr<float>();
   }
   at::Tensor out = at::empty({N, K, Ho, Wo}, x.options());
@@ -295,17 +295,18 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& x, const at::Tensor& u, const s
 
 // grad_u (16, K, C): the gradient of the loss with respect to u = winograd_weight(weight) of the conv of x
 // whose output gradient is grad_y, summed over the tiles chunk by chunk: grad_u[a] += grad_M[a] V[a]^T.
-// The weight's gradient is then G^T grad_u G per kernel (in fastbb/ops/conv_bn_relu.py).
+// The weight's gradient is then G^T grad_u G per kernel (in fastbb/ops/conv_bn_relu/cpu_conv.py).
 at::Tensor winograd_weight_gradient_cpu(const at::Tensor& x, const at::Tensor& grad_y, int64_t pad_h, int64_t pad_w,
                                         int64_t dh, int64_t dw) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "winograd_weight_gradient: x must be a contiguous NCHW float32 tensor");
+              "fastbb.winograd_weight_gradient: x must be a contiguous NCHW float32 tensor");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(pad_h >= 0 && pad_w >= 0 && dh >= 1 && dw >= 1, "winograd_weight_gradient: bad padding or dilation");
+  TORCH_CHECK(pad_h >= 0 && pad_w >= 0 && dh >= 1 && dw >= 1,
+              "fastbb.winograd_weight_gradient: bad padding or dilation");
   const int64_t Ho = H + 2 * pad_h - 2 * dh, Wo = W + 2 * pad_w - 2 * dw;
   TORCH_CHECK(grad_y.dim() == 4 && grad_y.scalar_type() == at::kFloat && grad_y.is_contiguous() &&
                   grad_y.size(0) == N && grad_y.size(2) == Ho && grad_y.size(3) == Wo && Ho > 0 && Wo > 0,
-              "winograd_weight_gradient: grad_y must be a contiguous float32 (N, K, H_out, W_out) tensor");
+              "fastbb.winograd_weight_gradient: grad_y must be a contiguous float32 (N, K, H_out, W_out) tensor");
   const int64_t K = grad_y.size(1);
   at::Tensor grad_u = at::zeros({16, K, C}, x.options());
   if (N == 0 || K == 0 || C == 0) return grad_u;
