@@ -57,7 +57,8 @@ def backend_matrix():
 
     lines = ["| op | CPU (in order of preference) | CUDA (in order of preference) | under autocast |",
              "|---|---|---|---|"]
-    for table in _backend.TABLES.values():
+    # Ops by name, each op's stages right after it.
+    for table in sorted(_backend.TABLES.values(), key=lambda t: (t.stage_of or t.op, t.op)):
         if table.op.startswith("test_"):
             continue
         columns = []

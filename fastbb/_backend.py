@@ -168,32 +168,6 @@ def use_backend(name):
         stack.pop()
 
 
-def choose(op_name, device_type, preference, kernels=None):
-    """Pick the backend for one call of `op_name` on `device_type`.
-
-    preference: {device_type: (backend, ...)} fastest first (the reference is the last resort
-    everywhere); kernels: {backend: fastbb_C op name}.
-    """
-    kernels = kernels or {}
-    forced = forced_backend()
-    if forced is not None:
-        if not backend_usable(forced, device_type, kernels.get(forced)):
-            raise RuntimeError(
-                f"fastbb.{op_name}: backend {forced!r} was forced but is not usable on {device_type} "
-                f"tensors here ({_why_unusable(forced, device_type)}); usable: "
-                f"{[b for b in BACKENDS if backend_usable(b, device_type, kernels.get(b))]}")
-        # An op has a backend when it prefers it on some device: Triton, preferred on CUDA, can be
-        # forced on CPU tensors under the interpreter without ever being chosen there by default.
-        offered = {b for backends in preference.values() for b in backends} | {"reference"}
-        if forced not in offered:
-            raise RuntimeError(f"fastbb.{op_name} has no {forced!r} implementation; it has {sorted(offered)}")
-        return forced
-    for backend in preference.get(device_type, ()):
-        if backend_usable(backend, device_type, kernels.get(backend)):
-            return backend
-    return "reference"
-
-
 def _why_unusable(backend, device_type):
     if backend in ("cpp", "cuda") and _extension_error is not None:
         return _extension_error

@@ -33,10 +33,6 @@ def devices():
 def usable_backends(device, op):
     """The backends of `op` (its table's name, e.g. "nms") that can run on `device` here, as the op's table
     says (Triton on CPU tensors under the interpreter included)."""
-    if isinstance(op, dict):  # TRANSITION: a {backend: kernel} dict, until every op has its table
-        return [b for b in ("reference", "cpp", "cuda", "triton")
-                if fastbb._backend.backend_usable(b, device, op.get(b, f"fastbb_C::{b}" if b in ("cpp", "cuda") else None))
-                and (b not in ("cpp", "cuda") or b in op)]
     return fastbb._backend.TABLES[op].usable_backends(device)
 
 

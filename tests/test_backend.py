@@ -210,3 +210,12 @@ def test_load_warning_says_why_cuda_kernels_are_missing_on_a_gpu_machine():
     message = _backend.load_warning(None, cpu_only, gpu_present=True)
     assert message.startswith("fastbb") and "CUDA ops run on Triton or PyTorch instead" in message
     assert "pure-PyTorch reference" in _backend.load_warning("fastbb._C is not built", None, gpu_present=True)
+
+
+def test_readme_backend_matrix_is_generated_from_the_tables():
+    """The README's matrix is `python -m fastbb backends`, so it cannot go stale (regenerate it with that)."""
+    from fastbb.__main__ import backend_matrix
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    start, end = "<!-- backend-matrix:start -->\n", "<!-- backend-matrix:end -->"
+    assert readme[readme.index(start) + len(start):readme.index(end)].strip() == backend_matrix().strip()
