@@ -143,28 +143,24 @@ def backend_providers(op, device, fn):
             if backend != "reference" and not (backend == "triton" and device == "cpu")}
 
 
-def _spin(stop):
-    """A busy single-threaded process, as a DataLoader worker decoding images is beside a training step."""
-    while not stop.is_set():
-        sum(i * i for i in range(10_000))
+# A busy single-threaded process, as a DataLoader worker decoding images is beside a training step. A plain
+# interpreter (not multiprocessing, whose spawned children re-import the caller's main module).
+_SPIN = "import sys\nwhile True:\n    sum(i * i for i in range(10_000))\n"
 
 
 @contextlib.contextmanager
 def busy_processes(count):
     """Run `count` busy processes beside the block (0: none), so timings show fastbb under contention."""
-    import multiprocessing
+    import subprocess
+    import sys
 
-    context = multiprocessing.get_context("spawn")
-    stop = context.Event()
-    workers = [context.Process(target=_spin, args=(stop,), daemon=True) for _ in range(count)]
-    for worker in workers:
-        worker.start()
+    workers = [subprocess.Popen([sys.executable, "-c", _SPIN]) for _ in range(count)]
     try:
         yield
     finally:
-        stop.set()
         for worker in workers:
-            worker.join(timeout=10)
+            worker.kill()
+            worker.wait()
 
 
 def _family_modules(selected=None):

@@ -115,13 +115,12 @@ def test_gpu_check_summary_lists_speedups():
     assert "4.00x" in text and "2.00x" in text
 
 
-def test_busy_processes_run_beside_the_block_and_stop():
-    import time
+def test_busy_processes_run_beside_the_block_and_stop(monkeypatch):
+    import subprocess
 
-    with runner.busy_processes(1):
-        time.sleep(0.5)
-        import multiprocessing
-        children = multiprocessing.active_children()
-        assert len(children) == 1 and children[0].is_alive()
-        child = children[0]
-    assert not child.is_alive()
+    started = []
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+    with runner.busy_processes(2):
+        assert len(started) == 2 and all(p.poll() is None for p in started)  # running
+    assert all(p.poll() is not None for p in started)  # stopped
