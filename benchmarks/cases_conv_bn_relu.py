@@ -17,7 +17,6 @@ import torchvision
 from torch import nn
 
 import fastbb
-from fastbb.models.resnet import resnet_forward_features
 from fastbb.ops.conv_bn_relu import conv_bn_relu
 
 # A cold torch.compile of a ResNet-50 forward (seconds): about a minute here, and on a 16-core GPU machine
@@ -121,7 +120,7 @@ def _resnet_cases(device):
     compiled_extractor = torch.compile(extractor, dynamic=False)
     cases.append({"name": "ResNet-50 eval C2-C5 features 2x3x800x1344",
                   "providers": {"torchvision": features(extractor), "torch.compile": features(compiled_extractor),
-                                "fastbb": features(lambda im: resnet_forward_features(ours, im))},
+                                "fastbb": features(ours.forward_features)},
                   "baseline": "torchvision", "compile_estimate_s": RESNET_COMPILE_ESTIMATE_S})
 
     train_theirs = copy.deepcopy(theirs).train()
@@ -140,7 +139,7 @@ def _resnet_cases(device):
     torchvision_features = create_feature_extractor(train_theirs, {f"layer{i}": f"c{i + 1}" for i in range(1, 5)})
     cases.append({"name": "ResNet-50 backbone train step 2x3x224x224",
                   "providers": {"torchvision": step(train_theirs, lambda m, b: torchvision_features(b).values()),
-                                "fastbb": step(train_ours, resnet_forward_features)},
+                                "fastbb": step(train_ours, fastbb.models.ResNet.forward_features)},
                   "baseline": "torchvision"})
     return cases
 

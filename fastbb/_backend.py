@@ -16,7 +16,7 @@ import importlib.util
 import os
 import threading
 import warnings
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -154,10 +154,25 @@ def forced_backend():
 
 
 @contextlib.contextmanager
-def use_backend(name):
-    """Force every fastbb op called inside the block to run on backend `name`."""
+def use_backend(name: str) -> Iterator[None]:
+    """
+    Forces every fastbb op called inside the ``with`` block, in this thread, to run on one backend.
+
+    An op runs its implementation of that backend where one applies to the call, and its pure-PyTorch
+    reference where none does; it raises a RuntimeError when it has the backend but the backend cannot
+    run here (a kernel not built, a CUDA backend for CPU tensors), and when it has no such backend at
+    all. Blocks nest (the innermost wins) and take precedence over the FASTBB_BACKEND environment
+    variable.
+
+    Args:
+        name (str): the backend, one of ``"reference"``, ``"cpp"``, ``"cuda"``, ``"triton"``,
+            ``"onednn"``, ``"mkl"``, ``"cudnn"`` (``fastbb.backends()`` says which are usable here).
+
+    Returns:
+        ContextManager[None]: the context manager of the block.
+    """
     if name not in BACKENDS:
-        raise ValueError(f"use_backend: backend must be one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"fastbb.use_backend: backend must be one of {list(BACKENDS)}, got {name!r}")
     stack = getattr(_state, "stack", None)
     if stack is None:
         stack = _state.stack = []
@@ -299,9 +314,15 @@ class OpTable:
         return self.choose(device_type, *args).run(*args)
 
 
-def backends():
-    """What is built and usable here, per backend: {backend: {'built': bool, 'usable_on': [device types],
-    'why': str (when it is usable nowhere), 'what': str, 'ops': [ops that have it]}}."""
+def backends() -> dict[str, dict[str, Any]]:
+    """
+    Reports what is built and usable in this process, per backend.
+
+    Returns:
+        dict[str, dict[str, Any]]: for each backend name, ``{"built": bool, "usable_on": list[str]`` (the
+        device types it can run on here), ``"why": str`` (why it is usable nowhere, else ``""``),
+        ``"what": str`` (what the backend is), ``"ops": list[str]`` (the ops that have it) ``}``.
+    """
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     report = {}
     for backend, what in BACKENDS.items():

@@ -1,11 +1,21 @@
 """OpenMMLab-style config building: fastbb.build(dict(type='FPN', ...))."""
 import inspect
+from typing import Any, Callable
 
 _MODULES = {}
 
 
-def register(name=None):
-    """Class decorator: make the class buildable as dict(type=name or its class name, ...)."""
+def register(name: str | None = None) -> Callable[[type], type]:
+    """
+    Class decorator that makes the class buildable by :func:`build` as ``dict(type=NAME, ...)``.
+
+    Args:
+        name (str, optional): the type name in configs. Default: the class's name.
+
+    Returns:
+        Callable[[type], type]: the decorator, which registers the class and returns it unchanged. It
+        raises a KeyError when another class is registered under the name already.
+    """
     def add(cls):
         key = name or cls.__name__
         if key in _MODULES and _MODULES[key] is not cls:
@@ -15,13 +25,29 @@ def register(name=None):
     return add
 
 
-def registered():
-    """The registered type names, sorted."""
+def registered() -> list[str]:
+    """
+    Lists the type names :func:`build` knows.
+
+    Returns:
+        list[str]: the registered type names, sorted.
+    """
     return sorted(_MODULES)
 
 
-def build(cfg, **default_args):
-    """Build the module that `cfg['type']` names, passing the other keys as constructor arguments."""
+def build(cfg: dict, **default_args: Any) -> Any:
+    """
+    Builds the object an OpenMMLab-style config names, as mmengine's ``Registry.build`` does.
+
+    Args:
+        cfg (dict): ``type`` (a registered name, see :func:`registered`, or a class) and the constructor's
+            keyword arguments.
+        **default_args: constructor arguments for the keys ``cfg`` does not set.
+
+    Returns:
+        Any: the object built, e.g. ``fastbb.build(dict(type="FPN", in_channels=[256, 512], out_channels=256,
+        num_outs=5))`` an :class:`fastbb.nn.FPN`.
+    """
     if not isinstance(cfg, dict):
         raise TypeError(f"fastbb.build: cfg must be a dict, got {type(cfg).__name__}")
     if "type" not in cfg:

@@ -13,8 +13,8 @@ import types
 
 from torch import nn
 
-from fastbb.models.resnet import basic_block_forward, bottleneck_forward, resnet_forward
-from fastbb.nn.conv_bn_relu import ConvBNReLU2d, fusable
+from fastbb.models.resnet import _basic_block_forward, _bottleneck_forward, _resnet_forward
+from fastbb.nn.conv_bn_relu import ConvBNReLU2d, _fusable
 
 
 def _has(module, *names):
@@ -27,11 +27,11 @@ def _block_kind(module):
     if getattr(module, "with_plugins", False) or getattr(module, "with_cp", False):
         return None
     if kind == "Bottleneck" and _has(module, "conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample") \
-            and all(fusable(module.get_submodule(c), module.get_submodule(b))
+            and all(_fusable(module.get_submodule(c), module.get_submodule(b))
                     for c, b in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))):
         return kind
     if kind == "BasicBlock" and _has(module, "conv1", "bn1", "conv2", "bn2", "downsample") \
-            and all(fusable(module.get_submodule(c), module.get_submodule(b)) for c, b in (("conv1", "bn1"),
+            and all(_fusable(module.get_submodule(c), module.get_submodule(b)) for c, b in (("conv1", "bn1"),
                                                                                           ("conv2", "bn2"))):
         return kind
     return None
@@ -44,34 +44,41 @@ def _sequential_chain(module):
             or len(module) not in (2, 3):
         return None
     children = list(module)
-    if not fusable(children[0], children[1]):
+    if not _fusable(children[0], children[1]):
         return None
     if len(children) == 3 and not isinstance(children[2], nn.ReLU):
         return None
     return children[0], children[1], children[2] if len(children) == 3 else None
 
 
-def convert(model):
-    """Fuse, in place, the conv -> BN [-> ReLU] chains of a torchvision or OpenMMLab model.
+def convert(model: nn.Module) -> list[str]:
+    """
+    Fuses, in place, the conv -> BN [-> ReLU] chains of a torchvision or OpenMMLab model (see the module
+    docstring for what is swapped). The model keeps its parameters, buffers and state_dict keys and
+    computes the same outputs; only forwards change.
 
-    Returns the list of what was converted, one "name: what" line each (also useful to check that
-    nothing was missed). The model keeps its state_dict keys and computes the same outputs.
+    Args:
+        model (nn.Module): the model to convert.
+
+    Returns:
+        list[str]: what was converted, one ``"name: what"`` line each (also useful to check that nothing
+        was missed).
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"fastbb.convert: model must be an nn.Module, got {type(model).__name__}")
     report = []
     blocks = set()
     for name, module in model.named_modules():
         kind = _block_kind(module)
         if kind is not None:
-            forward = bottleneck_forward if kind == "Bottleneck" else basic_block_forward
+            forward = _bottleneck_forward if kind == "Bottleneck" else _basic_block_forward
             module.forward = types.MethodType(forward, module)
             blocks.add(id(module))
             report.append(f"{name}: {kind} (conv + BN + ReLU fused, residual in the last)")
         elif type(module).__name__ == "ResNet" and _has(module, "conv1", "bn1", "maxpool", "layer1", "layer2", "layer3",
                                                          "layer4", "avgpool", "fc") \
-                and fusable(module.conv1, module.bn1):
-            module.forward = types.MethodType(resnet_forward, module)
+                and _fusable(module.conv1, module.bn1):
+            module.forward = types.MethodType(_resnet_forward, module)
             report.append(f"{name or '(model)'}: ResNet stem conv1 + bn1 + relu")
     for parent_name, parent in list(model.named_modules()):
         if id(parent) in blocks:

@@ -1,6 +1,7 @@
 """What every Triton launcher in fastbb.kernels shares: the interpreter switch, the autotuning switch and
-the autotuned-kernel wrapper, the device guard, CUDA's grid limits, the compute dtype, the output memory
-format rule (and the tile orientation built on it), and the store-side bfloat16 rounding the interpreter needs."""
+the autotuned-kernel wrapper, the launch configuration of the tiled GEMM kernels, the device guard, CUDA's
+grid limits, the compute dtype, the output memory format rule (and the tile orientation built on it), and
+the store-side bfloat16 rounding the interpreter needs."""
 import contextlib
 import os
 
@@ -48,6 +49,24 @@ class TunedKernel:
             configs = list(self.configs) if tune else [self.pinned]
             self._launchers[tune] = triton.autotune(configs=configs, key=self.key)(self.kernel)
         return self._launchers[tune]
+
+
+def gemm_launch(op, kernel, dtype, tuned, tuned_float64, interpreter_blocks, block_m=None, block_n=None,
+                block_k=None):
+    """(kernel, block keywords) for a launch of a tiled GEMM kernel with inputs of `dtype`: `kernel` with the
+    blocks given (all three, each a power of two >= 16, as tl.dot needs), else under the interpreter with
+    its small `interpreter_blocks`, else the autotuner of the kernel's configs for the dtype
+    (`tuned_float64` for float64, whose accumulator and tiles need smaller ones), which picks the blocks
+    itself. `kernel` is the launcher's module-level name for the @triton.jit kernel, looked up at each call,
+    so that a test's wrapper of it is what launches."""
+    fixed = (block_m, block_n, block_k)
+    if any(b is not None for b in fixed):
+        if any(b is None or b < 16 or b & (b - 1) for b in fixed):
+            raise ValueError(f"{op}: block_m, block_n, block_k must all be powers of two >= 16")
+        return kernel, dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    if INTERPRET:
+        return kernel, dict(interpreter_blocks)
+    return (tuned_float64 if dtype == torch.float64 else tuned).launcher(), {}
 
 
 def on_device(t):

@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbb.kernels._common import (INT32_MAX, INTERPRET, TunedKernel, compute_dtype, on_device, output_value,
-                                     round_bf16, span)
+from fastbb.kernels._common import (INT32_MAX, INTERPRET, TunedKernel, compute_dtype, gemm_launch, on_device,
+                                     output_value, round_bf16, span)
 
 _OP = "fastbb.conv2d_epilogue"
 
@@ -118,11 +118,6 @@ _CONV_FP64 = TunedKernel(_conv2d_epilogue_kernel, _CONV_FP64_CONFIGS, _CONV_FP64
 _CONV_INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
 
 
-def _conv2d_epilogue_tuned(dtype):
-    """The autotuned conv2d_epilogue for inputs of dtype: float64 has its own configs."""
-    return _CONV_FP64 if dtype == torch.float64 else _CONV
-
-
 def _pair(value, name):
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
@@ -183,17 +178,9 @@ def conv2d_epilogue(x, weight, scale, shift, residual, relu, stride=1, padding=0
     kwargs = dict(HAS_RESIDUAL=residual is not None, RELU=bool(relu),
                   DOT_IN_FP32=x.dtype in (torch.float32, torch.float64) or INTERPRET,
                   ACC=compute_dtype(x.dtype), OFFSET=offset, ROUND_BF16=round_bf16(x.dtype))
-    fixed = (block_m, block_n, block_k)
-    if any(b is not None for b in fixed):
-        if any(b is None or b < 16 or b & (b - 1) for b in fixed):
-            raise ValueError(f"{_OP}: block_m, block_n, block_k must all be powers of two >= 16")
-        kernel = _conv2d_epilogue_kernel
-        kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    elif INTERPRET:
-        kernel = _conv2d_epilogue_kernel
-        kwargs.update(_CONV_INTERPRET_BLOCKS)
-    else:
-        kernel = _conv2d_epilogue_tuned(x.dtype).launcher()
+    kernel, blocks = gemm_launch(_OP, _conv2d_epilogue_kernel, x.dtype, _CONV, _CONV_FP64, _CONV_INTERPRET_BLOCKS,
+                                 block_m, block_n, block_k)
+    kwargs.update(blocks)
 
     def grid(meta):
         return (triton.cdiv(gemm_m, meta["BLOCK_M"]) * triton.cdiv(Cout, meta["BLOCK_N"]),)

@@ -6,9 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbb.kernels._common import (INT32_MAX, INTERPRET, TunedKernel, compute_dtype, on_device,
+from fastbb.kernels._common import (INT32_MAX, INTERPRET, TunedKernel, compute_dtype, gemm_launch, on_device,
                                      output_format, output_value, round_bf16, span)
 from fastbb.kernels._nearest import float32_from_bits, nearest_scale, nearest_source
+
+_OP = "fastbb.fpn_merge"
 
 
 @triton.jit
@@ -109,11 +111,6 @@ _FPN_MERGE_FP64 = TunedKernel(_fpn_merge_kernel, _FPN_MERGE_FP64_CONFIGS, _FPN_M
 _FPN_MERGE_INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}
 
 
-def _fpn_merge_tuned(dtype):
-    """The autotuned fpn_merge for inputs of dtype: float64 has its own configs."""
-    return _FPN_MERGE_FP64 if dtype == torch.float64 else _FPN_MERGE
-
-
 def fpn_merge(x, weight, bias, top, *, block_m=None, block_n=None, block_k=None):
     """out = F.conv2d(x, weight, bias) + F.interpolate(top, size=x.shape[-2:], mode="nearest"), as one
     GEMM over input channels whose epilogue adds the bias and the upsampled top.
@@ -130,11 +127,11 @@ def fpn_merge(x, weight, bias, top, *, block_m=None, block_n=None, block_k=None)
     if out.numel() == 0:
         return out
     if h == 0 or w == 0:
-        raise ValueError(f"fpn_merge: cannot upsample an empty top {tuple(top.shape)} to {(H, W)}")
+        raise ValueError(f"{_OP}: cannot upsample an empty top {tuple(top.shape)} to {(H, W)}")
     num_pixels = H * W
     # Program ids and pixel indices are int32 (offsets are int64); 16 x 16 is the smallest tile.
     if num_pixels + 128 > INT32_MAX or N * triton.cdiv(num_pixels, 16) * triton.cdiv(Cout, 16) > INT32_MAX:
-        raise ValueError(f"fpn_merge: shape {tuple(x.shape)} is too large for the Triton kernel")
+        raise ValueError(f"{_OP}: shape {tuple(x.shape)} is too large for the Triton kernel")
     # Pixels are addressed by one stride when x's rows are packed back to back (always for out).
     x_pixels_flat = H == 1 or x.stride(2) == W * x.stride(3)
     w2d = weight.reshape(Cout, Cin)
@@ -150,17 +147,9 @@ def fpn_merge(x, weight, bias, top, *, block_m=None, block_n=None, block_k=None)
                   ACC=compute_dtype(x.dtype), ROUND_BF16=round_bf16(x.dtype),
                   OFFSET=tl.int64 if max(span(x, 1), span(w2d), span(top, 1), span(out, 1)) > INT32_MAX
                   else tl.int32)
-    fixed = (block_m, block_n, block_k)
-    if any(b is not None for b in fixed):
-        if any(b is None or b < 16 or b & (b - 1) for b in fixed):
-            raise ValueError("fpn_merge: block_m, block_n, block_k must all be powers of two >= 16")
-        kernel = _fpn_merge_kernel
-        kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    elif INTERPRET:
-        kernel = _fpn_merge_kernel
-        kwargs.update(_FPN_MERGE_INTERPRET_BLOCKS)
-    else:
-        kernel = _fpn_merge_tuned(x.dtype).launcher()
+    kernel, blocks = gemm_launch(_OP, _fpn_merge_kernel, x.dtype, _FPN_MERGE, _FPN_MERGE_FP64,
+                                 _FPN_MERGE_INTERPRET_BLOCKS, block_m, block_n, block_k)
+    kwargs.update(blocks)
 
     def grid(meta):
         return (N * triton.cdiv(num_pixels, meta["BLOCK_M"]) * triton.cdiv(Cout, meta["BLOCK_N"]),)

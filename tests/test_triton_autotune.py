@@ -83,6 +83,7 @@ def _recorded_configs(monkeypatch, launch):
         launches.append((tuner.fn, list(tuner.configs)))
 
     monkeypatch.setattr(Autotuner, "run", record)
+    monkeypatch.setattr(_common, "INTERPRET", False)
     monkeypatch.setattr(fpn_merge, "INTERPRET", False)
     monkeypatch.setattr(conv2d_epilogue, "INTERPRET", False)
     launch()

@@ -156,7 +156,7 @@ OVERSIZED = {
         meta(1, 1, 1, WIDE), meta(1, 1, 1, WIDE), meta(1, 1, 1, WIDE))),
     "upsample_nearest_backward": ((1, 1, 1, WIDE), lambda k: k["upsample_nearest_add"].upsample_nearest_backward(
         meta(1, 1, 1, WIDE), 1, WIDE)),
-    "fpn_merge": ((1, 1, 2**16, 2**15 + 1), lambda k: k["fpn_merge"].fpn_merge(
+    "fastbb.fpn_merge": ((1, 1, 2**16, 2**15 + 1), lambda k: k["fpn_merge"].fpn_merge(
         meta(1, 1, 2**16, 2**15 + 1), meta(1, 1, 1, 1), None, meta(1, 1, 1, 1))),
     "fastbb.bn_relu_forward": ((2**31, 1, 1, 2), lambda k: k["bn_relu"].bn_relu_forward(
         meta(2**31, 1, 1, 2), None, None, None, 1e-5, True)),

@@ -268,7 +268,7 @@ void focal_loss_cpu_impl(const at::Tensor& logits, const c10::optional<at::Tenso
         for (int64_t row = first_row; row <= last_row; ++row) {
           const int64_t label = label_data[row];
           TORCH_CHECK((label >= -1 && label <= num_classes) || label == ignore_index,
-                      "sigmoid_focal_loss: labels must be in [-1, ", num_classes, "] or ignore_index (",
+                      "fastbb.sigmoid_focal_loss_labels: labels must be in [-1, ", num_classes, "] or ignore_index (",
                       ignore_index, "), got ", label);
           const int64_t row_begin = std::max(row * num_classes, start) - start;
           const int64_t row_end = std::min((row + 1) * num_classes, start + n) - start;

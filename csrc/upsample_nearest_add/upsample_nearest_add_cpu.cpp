@@ -47,30 +47,21 @@ int64_t grain_for(int64_t elements_per_item) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Conversions between the tensor dtype and acc_t, and the additions of the forward built on them.
-//
-// bfloat16 is the top half of a float32; its rounding is c10's (to nearest even, NaN to 0x7FC0), written
-// with integer operations only so that the loops using it vectorize. For half, the compiler targets plain
-// x86-64 here, where c10's conversion is a long branchy sequence; F16C, where the CPU has it, converts
-// eight at once and rounds the same (IEEE, to nearest even).
+// Conversions between the tensor dtype and acc_t (cpu_simd.h), and the additions of the forward built on
+// them. For half, the compiler targets plain x86-64 here, where c10's conversion is a long branchy
+// sequence; F16C, where the CPU has it, converts eight at once and rounds the same (IEEE, to nearest even).
+
+using simd::as_acc;
+using simd::narrow;
 
 inline float to_acc(float value) { return value; }
 inline double to_acc(double value) { return value; }
-inline float to_acc(c10::BFloat16 value) {
-  const uint32_t bits = static_cast<uint32_t>(value.x) << 16;
-  float result;
-  std::memcpy(&result, &bits, sizeof(result));
-  return result;
-}
+inline float to_acc(c10::BFloat16 value) { return simd::bf16_to_float(value); }
 
 template <typename scalar_t>
 inline scalar_t from_acc(acc_type<scalar_t> value) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    uint32_t bits;
-    std::memcpy(&bits, &value, sizeof(bits));
-    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    const bool is_nan = static_cast<int32_t>(bits & 0x7fffffffu) > 0x7f800000;
-    return c10::BFloat16(static_cast<uint16_t>(is_nan ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
+    return simd::float_to_bf16(value);
   } else {
     return value;
   }
@@ -90,16 +81,6 @@ FASTBB_AVX2_CLONES void add_into(scalar_t* __restrict__ out, const acc_t* __rest
   for (int64_t i = 0; i < n; ++i) out[i] = from_acc<scalar_t>(to_acc(out[i]) + b[i]);
 }
 
-template <typename scalar_t>
-FASTBB_AVX2_CLONES void widen(const scalar_t* __restrict__ src, acc_type<scalar_t>* __restrict__ dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_acc(src[i]);
-}
-
-template <typename scalar_t>
-FASTBB_AVX2_CLONES void narrow(const acc_type<scalar_t>* __restrict__ src, scalar_t* __restrict__ dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = from_acc<scalar_t>(src[i]);
-}
-
 #ifdef FASTBB_X86
 // out = a + b with out == a allowed: each block of eight is loaded before it is stored.
 __attribute__((target("avx,f16c"))) void add_f16c(const c10::Half* a, const float* b, c10::Half* out, int64_t n) {
@@ -112,10 +93,6 @@ __attribute__((target("avx,f16c"))) void add_f16c(const c10::Half* a, const floa
   for (; i < n; ++i) out[i].x = _cvtss_sh(_cvtsh_ss(a[i].x) + b[i], _MM_FROUND_TO_NEAREST_INT);
 }
 #endif
-
-void widen(const c10::Half* src, float* dst, int64_t n) { simd::widen_half(src, dst, n); }
-
-void narrow(const float* src, c10::Half* dst, int64_t n) { simd::narrow_half(src, dst, n); }
 
 void add_arrays(const c10::Half* a, const float* b, c10::Half* out, int64_t n) {
 #ifdef FASTBB_X86
@@ -185,17 +162,6 @@ void finish_streaming(bool streaming) {
 #ifdef FASTBB_X86
   if (streaming) _mm_sfence();
 #endif
-}
-
-// The values of src as acc_t: src itself for float32 and float64, else widened into buffer.
-template <typename scalar_t, typename acc_t>
-const acc_t* as_acc(const scalar_t* src, acc_t* buffer, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    widen(src, buffer, n);
-    return buffer;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------

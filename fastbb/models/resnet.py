@@ -5,19 +5,45 @@ state_dict keys, same outputs with the same weights, in train and eval mode. No 
 `weights=` takes a state_dict or a local file path.
 """
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from fastbb.nn.conv_bn_relu import fused_conv_bn
+from fastbb.nn.conv_bn_relu import _fused_conv_bn
 
 
-def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    """
+    torchvision's 3x3 convolution with padding (= dilation), without bias.
+
+    Args:
+        in_planes (int): input channels.
+        out_planes (int): output channels.
+        stride (int): the stride. Default: 1.
+        groups (int): the groups. Default: 1.
+        dilation (int): the dilation, and the padding. Default: 1.
+
+    Returns:
+        nn.Conv2d: the convolution.
+    """
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups, bias=False,
                      dilation=dilation)
 
 
-def conv1x1(in_planes, out_planes, stride=1):
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """
+    torchvision's 1x1 convolution, without bias.
+
+    Args:
+        in_planes (int): input channels.
+        out_planes (int): output channels.
+        stride (int): the stride. Default: 1.
+
+    Returns:
+        nn.Conv2d: the convolution.
+    """
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
@@ -31,34 +57,64 @@ def _shortcut(block, x):
         x = layers[0](x)
         layers = layers[1:]
     if len(layers) == 2 and isinstance(layers[0], nn.Conv2d):
-        return fused_conv_bn(layers[0], layers[1], x, relu=False)
+        return _fused_conv_bn(layers[0], layers[1], x, relu=False)
     return downsample(x)
 
 
-def basic_block_forward(block, x):
-    """torchvision BasicBlock.forward, fused: two conv_bn_relu calls, the second with the residual."""
-    out = fused_conv_bn(block.conv1, block.bn1, x)
-    return fused_conv_bn(block.conv2, block.bn2, out, residual=_shortcut(block, x))
+def _basic_block_forward(self, x: Tensor) -> Tensor:
+    """
+    torchvision BasicBlock.forward, fused: two conv_bn_relu calls, the second with the residual.
+
+    Args:
+        x (Tensor[N, C, H, W]): the input.
+
+    Returns:
+        Tensor: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)).
+    """
+    out = _fused_conv_bn(self.conv1, self.bn1, x)
+    return _fused_conv_bn(self.conv2, self.bn2, out, residual=_shortcut(self, x))
 
 
-def bottleneck_forward(block, x):
-    """torchvision Bottleneck.forward, fused: three conv_bn_relu calls, the last with the residual."""
-    out = fused_conv_bn(block.conv1, block.bn1, x)
-    out = fused_conv_bn(block.conv2, block.bn2, out)
-    return fused_conv_bn(block.conv3, block.bn3, out, residual=_shortcut(block, x))
+def _bottleneck_forward(self, x: Tensor) -> Tensor:
+    """
+    torchvision Bottleneck.forward, fused: three conv_bn_relu calls, the last with the residual.
+
+    Args:
+        x (Tensor[N, C, H, W]): the input.
+
+    Returns:
+        Tensor: the block's output, relu(bn3(conv3(...)) + shortcut(x)).
+    """
+    out = _fused_conv_bn(self.conv1, self.bn1, x)
+    out = _fused_conv_bn(self.conv2, self.bn2, out)
+    return _fused_conv_bn(self.conv3, self.bn3, out, residual=_shortcut(self, x))
 
 
 class BasicBlock(nn.Module):
-    expansion = 1
+    """
+    torchvision's ResNet BasicBlock (two 3x3 convs), its conv -> BN -> ReLU chains and residual add fused.
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
-                 norm_layer=None):
+    Args:
+        inplanes (int): input channels.
+        planes (int): output channels.
+        stride (int): the first conv's stride. Default: 1.
+        downsample (nn.Module, optional): the shortcut's conv -> BN, where the shape changes.
+        groups (int): must be 1. Default: 1.
+        base_width (int): must be 64. Default: 64.
+        dilation (int): must be 1. Default: 1.
+        norm_layer (Callable[..., nn.Module], optional): the norm layer. Default: nn.BatchNorm2d.
+    """
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Callable[..., nn.Module] | None = None) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         if groups != 1 or base_width != 64:
-            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+            raise ValueError("fastbb.models.BasicBlock: BasicBlock only supports groups=1 and base_width=64")
         if dilation > 1:
-            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+            raise NotImplementedError("fastbb.models.BasicBlock: Dilation > 1 not supported in BasicBlock")
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -67,14 +123,30 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    forward = basic_block_forward
+    forward = _basic_block_forward
 
 
 class Bottleneck(nn.Module):
-    expansion = 4
+    """
+    torchvision's ResNet Bottleneck (1x1, 3x3, 1x1 convs, the stride on the 3x3: ResNet V1.5), its
+    conv -> BN -> ReLU chains and residual add fused.
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
-                 norm_layer=None):
+    Args:
+        inplanes (int): input channels.
+        planes (int): the width of the 3x3 conv at groups=1, base_width=64; the output has
+            ``planes * 4`` channels.
+        stride (int): the 3x3 conv's stride. Default: 1.
+        downsample (nn.Module, optional): the shortcut's conv -> BN, where the shape changes.
+        groups (int): the 3x3 conv's groups (ResNeXt). Default: 1.
+        base_width (int): the width per group (Wide ResNet, ResNeXt). Default: 64.
+        dilation (int): the 3x3 conv's dilation. Default: 1.
+        norm_layer (Callable[..., nn.Module], optional): the norm layer. Default: nn.BatchNorm2d.
+    """
+    expansion: int = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Callable[..., nn.Module] | None = None) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         width = int(planes * (base_width / 64.0)) * groups
@@ -88,39 +160,72 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    forward = bottleneck_forward
+    forward = _bottleneck_forward
 
 
-def resnet_forward_features(model, x):
-    """The stem and layer1..4 of a torchvision-style ResNet, the stem fused; returns C2..C5."""
-    x = model.maxpool(fused_conv_bn(model.conv1, model.bn1, x))
-    c2 = model.layer1(x)
-    c3 = model.layer2(c2)
-    c4 = model.layer3(c3)
-    return c2, c3, c4, model.layer4(c4)
+def _resnet_forward_features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """
+    The stem and layer1..4 of a torchvision-style ResNet, the stem fused.
+
+    Args:
+        x (Tensor[N, 3, H, W]): the images.
+
+    Returns:
+        Tuple[Tensor, Tensor, Tensor, Tensor]: the outputs C2, C3, C4, C5 of layer1..4.
+    """
+    x = self.maxpool(_fused_conv_bn(self.conv1, self.bn1, x))
+    c2 = self.layer1(x)
+    c3 = self.layer2(c2)
+    c4 = self.layer3(c3)
+    return c2, c3, c4, self.layer4(c4)
 
 
-def resnet_forward(model, x):
-    """torchvision ResNet.forward, fused.
+def _resnet_forward(self, x: Tensor) -> Tensor:
+    """
+    torchvision ResNet.forward, fused.
 
     An inference forward (eval, no autograd) of contiguous float32 images on the CPU runs channels_last
     inside: oneDNN then runs every conv on its weight packed once, where for NCHW it reorders activations
     into and out of its blocked layout at each conv (ResNet-50 at 1x3x224x224 on a 2-core AVX2 CPU: 1.2x).
     The logits are a 2-D tensor either way; their error against a float64 run stays that of torchvision's
-    own channels_last forward (tested). resnet_forward_features keeps the caller's layout.
+    own channels_last forward (tested). forward_features keeps the caller's layout.
+
+    Args:
+        x (Tensor[N, 3, H, W]): the images.
+
+    Returns:
+        Tensor[N, num_classes]: the logits.
     """
-    if (not model.training and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+    if (not self.training and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
             and x.dim() == 4 and x.is_contiguous() and not torch.compiler.is_compiling()):
         x = x.contiguous(memory_format=torch.channels_last)
-    x = resnet_forward_features(model, x)[-1]
-    return model.fc(torch.flatten(model.avgpool(x), 1))
+    x = _resnet_forward_features(self, x)[-1]
+    return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 class ResNet(nn.Module):
-    """torchvision.models.ResNet, fused. `forward_features(x)` returns the C2..C5 maps."""
+    """
+    torchvision.models.ResNet with every conv -> BN [-> ReLU] (and the residual add) fused: same module
+    tree, state_dict keys and outputs. ``forward(x)`` returns the logits, ``forward_features(x)`` the C2..C5
+    maps.
 
-    def __init__(self, block, layers, num_classes=1000, zero_init_residual=False, groups=1, width_per_group=64,
-                 replace_stride_with_dilation=None, norm_layer=None):
+    Args:
+        block (type[BasicBlock] or type[Bottleneck]): the residual block.
+        layers (List[int]): the number of blocks of each of the four stages.
+        num_classes (int): the classifier's outputs. Default: 1000.
+        zero_init_residual (bool): zero-initialize the last BN of each residual branch, so that each block
+            starts as an identity. Default: False.
+        groups (int): the 3x3 convs' groups (ResNeXt). Default: 1.
+        width_per_group (int): the width per group (Wide ResNet, ResNeXt). Default: 64.
+        replace_stride_with_dilation (List[bool], optional): for each of stages 2..4, whether its stride is
+            replaced by a dilation. Default: None (no stage).
+        norm_layer (Callable[..., nn.Module], optional): the norm layer. Default: nn.BatchNorm2d.
+    """
+
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int = 1000,
+                 zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64,
+                 replace_stride_with_dilation: list[bool] | None = None,
+                 norm_layer: Callable[..., nn.Module] | None = None) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         self._norm_layer = norm_layer
@@ -129,7 +234,8 @@ class ResNet(nn.Module):
         if replace_stride_with_dilation is None:
             replace_stride_with_dilation = [False, False, False]
         if len(replace_stride_with_dilation) != 3:
-            raise ValueError("replace_stride_with_dilation should be None or a 3-element tuple, got "
+            raise ValueError("fastbb.models.ResNet: replace_stride_with_dilation should be None or a 3-element "
+                             "tuple, got "
                              f"{replace_stride_with_dilation}")
         self.groups = groups
         self.base_width = width_per_group
@@ -156,7 +262,8 @@ class ResNet(nn.Module):
                 elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
                     nn.init.constant_(m.bn2.weight, 0)
 
-    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1,
+                    dilate: bool = False) -> nn.Sequential:
         norm_layer = self._norm_layer
         downsample = None
         previous_dilation = self.dilation
@@ -174,36 +281,76 @@ class ResNet(nn.Module):
                                 dilation=self.dilation, norm_layer=norm_layer))
         return nn.Sequential(*layers)
 
-    forward_features = resnet_forward_features
-    forward = resnet_forward
+    forward_features = _resnet_forward_features
+    forward = _resnet_forward
 
 
-def _resnet(block, layers, weights, **kwargs):
+_Weights = dict[str, Tensor] | str | os.PathLike | None
+
+
+def _resnet(builder: str, block: type[BasicBlock | Bottleneck], layers: list[int], weights: _Weights,
+            progress: bool, **kwargs: Any) -> ResNet:
     model = ResNet(block, layers, **kwargs)
     if weights is not None:
         if isinstance(weights, (str, os.PathLike)):
             weights = torch.load(weights, map_location="cpu", weights_only=True)
         if not isinstance(weights, dict):
-            raise TypeError(f"weights must be a state_dict or a path to one, got {type(weights).__name__}")
+            raise TypeError(f"fastbb.models.{builder}: weights must be a state_dict or a path to one, "
+                            f"got {type(weights).__name__}")
         model.load_state_dict(weights)
     return model
 
 
-def resnet18(*, weights=None, **kwargs):
-    return _resnet(BasicBlock, [2, 2, 2, 2], weights, **kwargs)
+_BUILDER_ARGS = """
+    Args:
+        weights (dict[str, Tensor] or str or os.PathLike, optional): a state_dict (torchvision's keys),
+            or the path of a file holding one; None leaves the model randomly initialized. Nothing is
+            downloaded: torchvision's ``Weights`` enums are not accepted. Default: None.
+        progress (bool): accepted for torchvision's signature and not read (nothing is downloaded).
+            Default: True.
+        **kwargs: passed to :class:`ResNet` (``num_classes``, ``norm_layer``,
+            ``replace_stride_with_dilation``, ...).
+
+    Returns:
+        ResNet: the model.
+"""
 
 
-def resnet34(*, weights=None, **kwargs):
-    return _resnet(BasicBlock, [3, 4, 6, 3], weights, **kwargs)
+def resnet18(*, weights: _Weights = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-18 from `Deep Residual Learning for Image Recognition <https://arxiv.org/abs/1512.03385>`__,
+    as torchvision.models.resnet18, fused.
+    """
+    return _resnet("resnet18", BasicBlock, [2, 2, 2, 2], weights, progress, **kwargs)
 
 
-def resnet50(*, weights=None, **kwargs):
-    return _resnet(Bottleneck, [3, 4, 6, 3], weights, **kwargs)
+def resnet34(*, weights: _Weights = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-34 from `Deep Residual Learning for Image Recognition <https://arxiv.org/abs/1512.03385>`__,
+    as torchvision.models.resnet34, fused.
+    """
+    return _resnet("resnet34", BasicBlock, [3, 4, 6, 3], weights, progress, **kwargs)
 
 
-def resnet101(*, weights=None, **kwargs):
-    return _resnet(Bottleneck, [3, 4, 23, 3], weights, **kwargs)
+def resnet50(*, weights: _Weights = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-50 from `Deep Residual Learning for Image Recognition <https://arxiv.org/abs/1512.03385>`__,
+    as torchvision.models.resnet50 (the stride on the 3x3 conv: ResNet V1.5), fused.
+    """
+    return _resnet("resnet50", Bottleneck, [3, 4, 6, 3], weights, progress, **kwargs)
 
 
-def resnet152(*, weights=None, **kwargs):
-    return _resnet(Bottleneck, [3, 8, 36, 3], weights, **kwargs)
+def resnet101(*, weights: _Weights = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-101 from `Deep Residual Learning for Image Recognition <https://arxiv.org/abs/1512.03385>`__,
+    as torchvision.models.resnet101, fused.
+    """
+    return _resnet("resnet101", Bottleneck, [3, 4, 23, 3], weights, progress, **kwargs)
+
+
+def resnet152(*, weights: _Weights = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-152 from `Deep Residual Learning for Image Recognition <https://arxiv.org/abs/1512.03385>`__,
+    as torchvision.models.resnet152, fused.
+    """
+    return _resnet("resnet152", Bottleneck, [3, 8, 36, 3], weights, progress, **kwargs)
+
+
+for _builder in (resnet18, resnet34, resnet50, resnet101, resnet152):
+    if _builder.__doc__ is not None:  # None under python -OO
+        _builder.__doc__ += _BUILDER_ARGS

@@ -1,5 +1,6 @@
 """Box coders with torchvision's and mmdet's APIs; decoding runs on the fused fastbb.ops.decode_boxes."""
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -10,8 +11,16 @@ from fastbb.ops.box_decode import decode_boxes
 
 @register("BoxCoder")
 class BoxCoder:
-    """torchvision.models.detection._utils.BoxCoder: (dx, dy, dw, dh) / weights, dw and dh clamped
-    from above at bbox_xform_clip. A plain class, as torchvision's is."""
+    """
+    torchvision.models.detection._utils.BoxCoder, decoding with the fused :func:`fastbb.ops.decode_boxes`.
+    This class encodes and decodes a set of bounding boxes into the representation used for training the
+    regressors: (dx, dy, dw, dh) scaled by ``weights``, dw and dh clamped from above at
+    ``bbox_xform_clip`` when decoding. A plain class, as torchvision's is.
+
+    Args:
+        weights (Tuple[float, float, float, float]): the weights (wx, wy, ww, wh) of the deltas.
+        bbox_xform_clip (float): the upper clamp of dw and dh when decoding. Default: log(1000 / 16).
+    """
 
     def __init__(self, weights: tuple[float, float, float, float],
                  bbox_xform_clip: float = math.log(1000.0 / 16)) -> None:
@@ -19,12 +28,31 @@ class BoxCoder:
         self.bbox_xform_clip = bbox_xform_clip
 
     def encode(self, reference_boxes: list[Tensor], proposals: list[Tensor]) -> list[Tensor]:
+        """
+        Encodes the proposals of every image with respect to its reference boxes.
+
+        Args:
+            reference_boxes (List[Tensor[N_i, 4]]): the reference (ground-truth) boxes of each image.
+            proposals (List[Tensor[N_i, 4]]): the boxes to be encoded, one tensor per image.
+
+        Returns:
+            List[Tensor[N_i, 4]]: the deltas of each image (a tuple, as torchvision returns it).
+        """
         boxes_per_image = [len(b) for b in reference_boxes]
         targets = self.encode_single(torch.cat(reference_boxes, dim=0), torch.cat(proposals, dim=0))
         return targets.split(boxes_per_image, 0)
 
     def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
-        """Deltas that move each of `proposals` (N, 4) onto the matching `reference_boxes` (N, 4)."""
+        """
+        Encodes a set of proposals with respect to some reference boxes.
+
+        Args:
+            reference_boxes (Tensor[N, 4]): reference boxes.
+            proposals (Tensor[N, 4]): boxes to be encoded.
+
+        Returns:
+            Tensor[N, 4]: the deltas that move each proposal onto its reference box.
+        """
         wx, wy, ww, wh = (torch.as_tensor(w, dtype=reference_boxes.dtype, device=reference_boxes.device)
                           for w in self.weights)
         ex_w = proposals[:, 2:3] - proposals[:, 0:1]
@@ -39,11 +67,22 @@ class BoxCoder:
                           ww * torch.log(gt_w / ex_w), wh * torch.log(gt_h / ex_h)), dim=1)
 
     def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
-        """rel_codes (sum N_i, 4K) for the boxes of every image: decoded boxes (sum N_i, K, 4)."""
+        """
+        Decodes the deltas of the boxes of every image at once.
+
+        Args:
+            rel_codes (Tensor[sum N_i, 4K]): encoded boxes, K per reference box.
+            boxes (List[Tensor[N_i, 4]]): the reference boxes of each image.
+
+        Returns:
+            Tensor[sum N_i, K, 4]: the decoded boxes.
+        """
         if not isinstance(boxes, (list, tuple)):
-            raise TypeError(f"BoxCoder.decode: boxes must be a list or tuple of tensors, got {type(boxes).__name__}")
+            raise TypeError(f"fastbb.nn.BoxCoder.decode: boxes must be a list or tuple of tensors, "
+                            f"got {type(boxes).__name__}")
         if not isinstance(rel_codes, torch.Tensor):
-            raise TypeError(f"BoxCoder.decode: rel_codes must be a torch.Tensor, got {type(rel_codes).__name__}")
+            raise TypeError(f"fastbb.nn.BoxCoder.decode: rel_codes must be a torch.Tensor, "
+                            f"got {type(rel_codes).__name__}")
         num_boxes = sum(b.size(0) for b in boxes)
         concat_boxes = torch.cat(boxes, dim=0)
         if num_boxes > 0:
@@ -54,24 +93,50 @@ class BoxCoder:
         return pred_boxes
 
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
-        """rel_codes (N, 4K) relative to boxes (N, 4): decoded boxes (N, 4K)."""
+        """
+        From a set of original boxes and encoded relative box offsets, gets the decoded boxes.
+
+        Args:
+            rel_codes (Tensor[N, 4K]): encoded boxes.
+            boxes (Tensor[N, 4]): reference boxes.
+
+        Returns:
+            Tensor[N, 4K]: the decoded boxes ``(x1, y1, x2, y2)``.
+        """
         return decode_boxes(boxes, rel_codes, style="torchvision", weights=tuple(self.weights),
                             dwh_max=self.bbox_xform_clip)
 
 
 @register("DeltaXYWHBBoxCoder")
 class DeltaXYWHBBoxCoder:
-    """mmdet 3.x DeltaXYWHBBoxCoder: deltas normalised by target_means / target_stds, dw and dh clamped at
-    |log(wh_ratio_clip)|, optional centre-shift clamp (YOLOF) and clipping to the image."""
+    """
+    mmdet 3.x ``DeltaXYWHBBoxCoder``, decoding with the fused :func:`fastbb.ops.decode_boxes`: deltas
+    (dx, dy, dw, dh) normalised by ``target_means`` / ``target_stds``, dw and dh clamped at
+    |log(wh_ratio_clip)|, an optional centre-shift clamp (YOLOF) and clipping to the image.
+
+    Args:
+        target_means (Sequence[float]): Denormalizing means of target for delta coordinates.
+            Default: (0., 0., 0., 0.).
+        target_stds (Sequence[float]): Denormalizing standard deviation of target for delta coordinates.
+            Default: (1., 1., 1., 1.).
+        clip_border (bool): Whether to clip the objects outside the border of the image. Default: True.
+        add_ctr_clamp (bool): Whether to clamp the centre shift of the decoded boxes at ``ctr_clamp``
+            pixels (only used by YOLOF). Default: False.
+        ctr_clamp (int): the maximum pixel shift of the centre. Default: 32.
+        use_box_type (bool): must be False: decode returns plain tensors, not mmdet's HorizontalBoxes.
+            Default: False. (mmdet's coders take it, and ignore any other keyword, through ``**kwargs``;
+            fastbb takes no other keyword, so that a misspelt config key raises.)
+    """
 
     # Size of the last dimension of an encoded box (mmdet's BaseBBoxCoder attribute).
     encode_size = 4
 
-    def __init__(self, target_means=(0., 0., 0., 0.), target_stds=(1., 1., 1., 1.), clip_border=True,
-                 add_ctr_clamp=False, ctr_clamp=32, use_box_type=False):
+    def __init__(self, target_means: Sequence[float] = (0., 0., 0., 0.),
+                 target_stds: Sequence[float] = (1., 1., 1., 1.), clip_border: bool = True,
+                 add_ctr_clamp: bool = False, ctr_clamp: int = 32, use_box_type: bool = False) -> None:
         if use_box_type:
-            raise ValueError("DeltaXYWHBBoxCoder: use_box_type=True (HorizontalBoxes outputs) is not supported; "
-                             "decode returns plain (..., 4) tensors")
+            raise ValueError("fastbb.nn.DeltaXYWHBBoxCoder: use_box_type=True (HorizontalBoxes outputs) is not "
+                             "supported; decode returns plain (..., 4) tensors")
         self.means = target_means
         self.stds = target_stds
         self.clip_border = clip_border
@@ -80,12 +145,22 @@ class DeltaXYWHBBoxCoder:
         self.use_box_type = use_box_type
 
     def encode(self, bboxes: Tensor, gt_bboxes: Tensor) -> Tensor:
-        """Deltas (float32) that move `bboxes` (N, ..., 4) onto `gt_bboxes` of the same shape."""
+        """
+        Gets the box regression transformation deltas that transform ``bboxes`` into ``gt_bboxes``.
+
+        Args:
+            bboxes (Tensor[N, ..., 4]): Source boxes, e.g. object proposals.
+            gt_bboxes (Tensor[N, ..., 4]): Target of the transformation, e.g. ground-truth boxes, of bboxes'
+                shape.
+
+        Returns:
+            Tensor[N, ..., 4]: Box transformation deltas, in float32.
+        """
         if bboxes.size(0) != gt_bboxes.size(0) or bboxes.size(-1) != 4 or gt_bboxes.size(-1) != 4:
-            raise ValueError(f"DeltaXYWHBBoxCoder.encode: bboxes and gt_bboxes must be (N, ..., 4) with one N, "
-                             f"got {tuple(bboxes.shape)} and {tuple(gt_bboxes.shape)}")
+            raise ValueError(f"fastbb.nn.DeltaXYWHBBoxCoder.encode: bboxes and gt_bboxes must be (N, ..., 4) with "
+                             f"one N, got {tuple(bboxes.shape)} and {tuple(gt_bboxes.shape)}")
         if bboxes.shape != gt_bboxes.shape:
-            raise ValueError(f"DeltaXYWHBBoxCoder.encode: bboxes and gt_bboxes must have one shape, "
+            raise ValueError(f"fastbb.nn.DeltaXYWHBBoxCoder.encode: bboxes and gt_bboxes must have one shape, "
                              f"got {tuple(bboxes.shape)} and {tuple(gt_bboxes.shape)}")
         src = bboxes.float()
         dst = gt_bboxes.float()
@@ -96,15 +171,26 @@ class DeltaXYWHBBoxCoder:
         deltas = torch.cat(((dst_ctr - src_ctr) / src_size, torch.log(dst_size / src_size)), dim=-1)
         return (deltas - deltas.new_tensor(self.means)) / deltas.new_tensor(self.stds)
 
-    def decode(self, bboxes: Tensor, pred_bboxes: Tensor, max_shape=None, wh_ratio_clip=16 / 1000) -> Tensor:
-        """Boxes from `pred_bboxes` (N, 4K) or (B, N, 4K) relative to `bboxes` (N, 4) or (B, N, 4).
-
-        max_shape: (h, w) or (h, w, c), or one such shape per image for batched inputs; used when
-        clip_border is set.
+    def decode(self, bboxes: Tensor, pred_bboxes: Tensor,
+               max_shape: Sequence[int] | Tensor | Sequence[Sequence[int]] | None = None,
+               wh_ratio_clip: float = 16 / 1000) -> Tensor:
         """
-        if pred_bboxes.size(0) != bboxes.size(0) or (pred_bboxes.ndim == 3 and pred_bboxes.size(1) != bboxes.size(1)):
-            raise ValueError(f"DeltaXYWHBBoxCoder.decode: pred_bboxes {tuple(pred_bboxes.shape)} do not match "
-                             f"bboxes {tuple(bboxes.shape)}")
+        Applies the transformation ``pred_bboxes`` to ``bboxes``.
+
+        Args:
+            bboxes (Tensor[N, 4] or Tensor[B, N, 4]): Basic boxes.
+            pred_bboxes (Tensor[N, 4K] or Tensor[B, N, 4K]): Encoded offsets with respect to each box.
+            max_shape (Sequence[int] or Tensor or Sequence[Sequence[int]], optional): Maximum bounds for
+                boxes, (H, W) or (H, W, C); one per image for batched inputs. Used when clip_border is set.
+            wh_ratio_clip (float): The allowed ratio between width and height. Default: 16 / 1000.
+
+        Returns:
+            Tensor: Decoded boxes, of pred_bboxes' shape and dtype.
+        """
+        if (pred_bboxes.size(0) != bboxes.size(0)
+                or (pred_bboxes.ndim == 3 and pred_bboxes.size(1) != bboxes.size(1))):
+            raise ValueError(f"fastbb.nn.DeltaXYWHBBoxCoder.decode: pred_bboxes {tuple(pred_bboxes.shape)} do not "
+                             f"match bboxes {tuple(bboxes.shape)}")
         max_ratio = abs(math.log(wh_ratio_clip))
         return decode_boxes(
             bboxes, pred_bboxes, style="mmdet", means=tuple(self.means), stds=tuple(self.stds),

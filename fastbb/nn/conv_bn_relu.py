@@ -1,22 +1,31 @@
 """FrozenBatchNorm2d (torchvision's) and ConvBNReLU2d: a Conv2d -> BatchNorm -> [ReLU] chain run as one
 fastbb.ops.conv_bn_relu call, its submodules kept under their original names so state_dicts load unchanged."""
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from fastbb.nn.sync_batch_norm import sync_batch_norm_train
+from fastbb.nn.sync_batch_norm import _sync_batch_norm_train
 from fastbb.ops.conv_bn_relu import conv_bn_relu
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """torchvision.ops.FrozenBatchNorm2d: fixed statistics and affine parameters (all buffers).
+    """
+    torchvision.ops.FrozenBatchNorm2d: BatchNorm2d where the batch statistics and the affine parameters are
+    fixed (all four are buffers).
 
     out = x * scale + shift with scale = weight * rsqrt(running_var + eps), shift = bias - running_mean *
     scale; eps is read at every call (it may be changed after construction). num_batches_tracked in a
-    state_dict is dropped on load, as torchvision does.
+    state_dict is dropped on load, as torchvision does. A conv followed by it runs fused in
+    :class:`ConvBNReLU2d` and the fused models.
+
+    Args:
+        num_features (int): Number of features ``C`` from an expected input of size ``(N, C, H, W)``.
+        eps (float): a value added to the denominator for numerical stability. Default: 1e-5.
     """
 
-    def __init__(self, num_features, eps=1e-5):
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
         self.register_buffer("weight", torch.ones(num_features))
@@ -30,12 +39,19 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
+        """
+        Args:
+            x (Tensor[N, C, H, W]): the input.
+
+        Returns:
+            Tensor[N, C, H, W]: the normalized input.
+        """
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
         return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.weight.shape[0]}, eps={self.eps})"
 
 
@@ -44,17 +60,36 @@ def _is_frozen(bn):
 
 
 class ConvBNReLU2d(nn.Module):
-    """relu(bn(conv(x)) [+ residual]) in one fastbb.ops.conv_bn_relu call.
+    """
+    ``relu(bn(conv(x)) [+ residual])`` in one :func:`fastbb.ops.conv_bn_relu` call: what
+    ``nn.Sequential(nn.Conv2d(...), nn.BatchNorm2d(...), nn.ReLU())`` computes (fastbb's own module; it
+    replaces such chains, e.g. torchvision's Conv2dNormActivation, in :func:`fastbb.convert`).
 
     Holds an nn.Conv2d, a BatchNorm2d / SyncBatchNorm / FrozenBatchNorm2d and optionally a ReLU under the
-    names given (default "conv", "bn", "relu"; from_modules(..., names=("0", "1", "2")) keeps an
-    nn.Sequential's keys). forward(x, residual=None). The BN mode follows the module: training (batch
-    statistics, running stats updated as nn.BatchNorm2d does), eval, or frozen. SyncBatchNorm training
-    across processes all-reduces the batch statistics itself (fastbb.nn.sync_batch_norm), on any device.
+    names given, so that state_dicts keep their keys (:meth:`from_modules` wraps existing modules). The BN
+    mode follows the module: training (batch statistics, running stats updated as nn.BatchNorm2d does),
+    eval, or frozen. SyncBatchNorm training across processes all-reduces the batch statistics itself
+    (fastbb.nn.sync_batch_norm), on any device.
+
+    Args:
+        in_channels (int): the conv's input channels.
+        out_channels (int): the conv's output channels.
+        kernel_size (int or Tuple[int, int]): the conv's kernel size.
+        stride (int or Tuple[int, int]): the conv's stride. Default: 1.
+        padding (int or Tuple[int, int]): the conv's zero padding. Default: 0.
+        dilation (int or Tuple[int, int]): the conv's dilation. Default: 1.
+        groups (int): the conv's groups. Default: 1.
+        bias (bool): whether the conv has a bias. Default: False.
+        relu (bool): whether a ReLU follows the BN. Default: True.
+        eps (float): the BatchNorm2d's eps. Default: 1e-5.
+        momentum (float): the BatchNorm2d's momentum. Default: 0.1.
+        names (Sequence[str]): the names of the conv, the BN and the ReLU. Default: ("conv", "bn", "relu").
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=False, relu=True, eps=1e-5, momentum=0.1, names=("conv", "bn", "relu")):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = False, relu: bool = True,
+                 eps: float = 1e-5, momentum: float = 0.1, names: Sequence[str] = ("conv", "bn", "relu")) -> None:
         super().__init__()
         self._names = tuple(names)
         self.add_module(self._names[0], nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
@@ -64,22 +99,36 @@ class ConvBNReLU2d(nn.Module):
             self.add_module(self._names[2], nn.ReLU(inplace=True))
 
     @classmethod
-    def from_modules(cls, conv, bn, relu=None, names=("conv", "bn", "relu")):
-        """Wrap existing modules (their parameters and buffers are shared, not copied)."""
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.Module, relu: nn.ReLU | None = None,
+                     names: Sequence[str] = ("conv", "bn", "relu")) -> "ConvBNReLU2d":
+        """
+        Wraps existing modules: their parameters and buffers are shared, not copied.
+
+        Args:
+            conv (nn.Conv2d): the conv, with zero padding given as numbers.
+            bn (nn.Module): a BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d (torchvision's or fastbb's)
+                with the conv's output channels.
+            relu (nn.ReLU, optional): the ReLU, if one follows.
+            names (Sequence[str]): the names of the three modules, e.g. ("0", "1", "2") to keep an
+                nn.Sequential's keys. Default: ("conv", "bn", "relu").
+
+        Returns:
+            ConvBNReLU2d: the module holding them.
+        """
         if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"ConvBNReLU2d: conv must be an nn.Conv2d, got {type(conv).__name__}")
+            raise TypeError(f"fastbb.nn.ConvBNReLU2d: conv must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"ConvBNReLU2d: only zero padding given as numbers is supported, got "
+            raise ValueError(f"fastbb.nn.ConvBNReLU2d: only zero padding given as numbers is supported, got "
                              f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
         if not (isinstance(bn, nn.modules.batchnorm._BatchNorm) or _is_frozen(bn)):
-            raise TypeError(f"ConvBNReLU2d: bn must be a BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d, "
+            raise TypeError(f"fastbb.nn.ConvBNReLU2d: bn must be a BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d, "
                             f"got {type(bn).__name__}")
         features = bn.weight.shape[0] if _is_frozen(bn) else bn.num_features
         if features != conv.out_channels:
-            raise ValueError(f"ConvBNReLU2d: bn has {features} features but conv has {conv.out_channels} output "
-                             f"channels")
+            raise ValueError(f"fastbb.nn.ConvBNReLU2d: bn has {features} features but conv has {conv.out_channels} "
+                             f"output channels")
         if relu is not None and not isinstance(relu, nn.ReLU):
-            raise TypeError(f"ConvBNReLU2d: relu must be an nn.ReLU or None, got {type(relu).__name__}")
+            raise TypeError(f"fastbb.nn.ConvBNReLU2d: relu must be an nn.ReLU or None, got {type(relu).__name__}")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._names = tuple(names)
@@ -89,12 +138,20 @@ class ConvBNReLU2d(nn.Module):
             module.add_module(module._names[2], relu)
         return module
 
-    def forward(self, x, residual=None):
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            x (Tensor[N, C_in, H, W]): the input.
+            residual (Tensor[N, C_out, H_out, W_out], optional): added after the BN, before the ReLU.
+
+        Returns:
+            Tensor[N, C_out, H_out, W_out]: the output.
+        """
         conv, bn = getattr(self, self._names[0]), getattr(self, self._names[1])
-        return fused_conv_bn(conv, bn, x, relu=hasattr(self, self._names[2]), residual=residual)
+        return _fused_conv_bn(conv, bn, x, relu=hasattr(self, self._names[2]), residual=residual)
 
 
-def fusable(conv, bn):
+def _fusable(conv, bn):
     """Whether conv -> bn can run as one conv_bn_relu call (else it runs as the modules themselves)."""
     return (isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and (isinstance(bn, nn.modules.batchnorm._BatchNorm) or _is_frozen(bn)))
@@ -107,11 +164,11 @@ def _synchronizes(bn):
             and torch.distributed.is_initialized() and torch.distributed.get_world_size(bn.process_group) > 1)
 
 
-def fused_conv_bn(conv, bn, x, relu=True, residual=None):
+def _fused_conv_bn(conv, bn, x, relu=True, residual=None):
     """relu(bn(conv(x)) [+ residual]) with the BN module's mode (training, eval, frozen), as one fused call;
     the modules' own forward when the pair is not fusable (e.g. GroupNorm). A SyncBatchNorm training across
     processes runs the conv, then fastbb's synchronized BN (torch's SyncBatchNorm is GPU-only)."""
-    if not fusable(conv, bn):
+    if not _fusable(conv, bn):
         out = bn(conv(x))
         out = out + residual if residual is not None else out
         return torch.relu(out) if relu else out
@@ -130,7 +187,7 @@ def fused_conv_bn(conv, bn, x, relu=True, residual=None):
     running_var = bn.running_var if use_running else None
     if _synchronizes(bn):
         y = F.conv2d(x, conv.weight, conv.bias, **conv_args)
-        return sync_batch_norm_train(y, bn.weight, bn.bias, running_mean, running_var, momentum, bn.eps,
+        return _sync_batch_norm_train(y, bn.weight, bn.bias, running_mean, running_var, momentum, bn.eps,
                                      bn.process_group, residual=residual, relu=relu)
     return conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, running_mean, running_var,
                         training=batch_statistics, momentum=momentum, eps=bn.eps, relu=relu, residual=residual,

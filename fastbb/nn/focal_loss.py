@@ -2,11 +2,23 @@
 from torch import Tensor, nn
 
 from fastbb._registry import register
-from fastbb.ops.focal_loss import _sigmoid_focal_loss_weighted, sigmoid_focal_loss, sigmoid_focal_loss_labels
+from fastbb.ops.focal_loss import _sigmoid_focal_loss_labels, _sigmoid_focal_loss_weighted, sigmoid_focal_loss
+
+_FOCAL_LOSS = "fastbb.nn.FocalLoss"  # how FocalLoss's error messages name it
 
 
 class SigmoidFocalLoss(nn.Module):
-    """torchvision.ops.sigmoid_focal_loss as a module: forward(inputs, targets) with dense targets."""
+    """
+    torchvision.ops.sigmoid_focal_loss as a module (:func:`fastbb.ops.sigmoid_focal_loss`), with dense
+    targets.
+
+    Args:
+        alpha (float): Weighting factor in range [0, 1] to balance positive vs negative examples or -1 for
+            ignore. Default: ``0.25``.
+        gamma (float): Exponent of the modulating factor (1 - p_t) to balance easy vs hard examples.
+            Default: ``2.0``.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'none'``.
+    """
 
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> None:
         super().__init__()
@@ -15,6 +27,14 @@ class SigmoidFocalLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """
+        Args:
+            inputs (Tensor): the predictions (logits), of any shape; a floating-point dtype.
+            targets (Tensor): the binary (or soft) targets, of inputs' shape.
+
+        Returns:
+            Tensor: the loss with the reduction applied, in inputs' dtype.
+        """
         return sigmoid_focal_loss(inputs, targets, self.alpha, self.gamma, self.reduction)
 
     def extra_repr(self) -> str:
@@ -23,31 +43,60 @@ class SigmoidFocalLoss(nn.Module):
 
 @register("FocalLoss")
 class FocalLoss(nn.Module):
-    """mmdet's FocalLoss (sigmoid form). target: class labels (N,) with C as background, or dense one-hot /
-    soft targets of pred's shape; weight per anchor (N,) or per element; 'mean' with avg_factor divides the
-    sum by avg_factor."""
+    """
+    mmdet's ``FocalLoss`` (sigmoid form), on the fused focal loss.
+
+    Args:
+        use_sigmoid (bool): must be True: only the sigmoid focal loss exists (as in mmdet). Default: True.
+        gamma (float): Exponent of the modulating factor. Default: 2.0.
+        alpha (float): Weighting factor of the positive class. Default: 0.25.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+        loss_weight (float): Factor of the loss. Default: 1.0.
+        activated (bool): must be False: the predictions are logits (mmdet's ``activated=True``, for
+            probabilities, is not supported). Default: False.
+    """
 
     def __init__(self, use_sigmoid: bool = True, gamma: float = 2.0, alpha: float = 0.25, reduction: str = "mean",
-                 loss_weight: float = 1.0) -> None:
+                 loss_weight: float = 1.0, activated: bool = False) -> None:
         super().__init__()
         if not use_sigmoid:
-            raise ValueError("FocalLoss: use_sigmoid must be True (only the sigmoid focal loss exists, as in mmdet)")
+            raise ValueError(f"{_FOCAL_LOSS}: use_sigmoid must be True (only the sigmoid focal loss exists, as in "
+                             f"mmdet)")
+        if activated:
+            raise ValueError(f"{_FOCAL_LOSS}: activated=True (probabilities as predictions) is not supported; "
+                             f"pass logits with activated=False")
         self.use_sigmoid = use_sigmoid
         self.gamma = gamma
         self.alpha = alpha
         self.reduction = reduction
         self.loss_weight = loss_weight
+        self.activated = activated
 
-    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None, avg_factor=None,
-                reduction_override: str | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
+                avg_factor: float | Tensor | None = None, reduction_override: str | None = None) -> Tensor:
+        """
+        Args:
+            pred (Tensor[N, C]): the predictions (logits).
+            target (Tensor): class labels ``(N,)`` with C as background, or dense one-hot / soft targets of
+                pred's shape.
+            weight (Tensor, optional): the weight of each prediction: per anchor ``(N,)`` or per element.
+            avg_factor (float or Tensor, optional): with ``'mean'``, the loss is the sum divided by it.
+            reduction_override (str, optional): ``'none'`` | ``'mean'`` | ``'sum'`` in place of
+                ``reduction``.
+
+        Returns:
+            Tensor: ``loss_weight`` times the loss with the reduction applied, in pred's dtype.
+        """
         if reduction_override not in (None, "none", "mean", "sum"):
-            raise ValueError(f"FocalLoss: reduction_override must be None, 'none', 'mean' or 'sum', "
+            raise ValueError(f"{_FOCAL_LOSS}: reduction_override must be None, 'none', 'mean' or 'sum', "
                              f"got {reduction_override!r}")
         reduction = reduction_override if reduction_override else self.reduction
         if pred.dim() == target.dim():
-            loss = _sigmoid_focal_loss_weighted(pred, target, weight, self.gamma, self.alpha, reduction, avg_factor)
+            loss = _sigmoid_focal_loss_weighted(_FOCAL_LOSS, pred, target, weight, self.gamma, self.alpha, reduction,
+                                                avg_factor)
         else:
-            loss = sigmoid_focal_loss_labels(pred, target, self.gamma, self.alpha, weight, reduction, avg_factor)
+            loss = _sigmoid_focal_loss_labels(_FOCAL_LOSS, ("pred", "target"), pred, target, self.gamma, self.alpha,
+                                              weight, reduction, avg_factor, -100)
         return self.loss_weight * loss
 
     def extra_repr(self) -> str:

@@ -6,10 +6,11 @@ fastbb.ops.upsample_nearest_add after the lateral block when it has a norm or an
 state_dict keys and outputs are those of the originals.
 """
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from fastbb._registry import register
 from fastbb.ops.fpn_merge import fpn_merge
@@ -51,26 +52,62 @@ def _conv_norm(in_channels, out_channels, kernel_size, norm_layer):
     return nn.Sequential(*layers)
 
 
-class ExtraFPNBlock(nn.Module):
-    """Base of the blocks run on the FPN's outputs: forward(results, x, names) -> (results, names)."""
+def _run_block(blocks, x, idx):
+    """blocks[idx](x), negative idx counting from the end, or x when no block has that index."""
+    idx = idx + len(blocks) if idx < 0 else idx
+    return blocks[idx](x) if 0 <= idx < len(blocks) else x
 
-    def forward(self, results, x, names):
+
+class ExtraFPNBlock(nn.Module):
+    """torchvision's base class for the extra block in the FPN, run on its outputs."""
+
+    def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        """
+        Args:
+            results (List[Tensor]): the result of the FPN
+            x (List[Tensor]): the original feature maps
+            names (List[str]): the names for each one of the original feature maps
+
+        Returns:
+            results (List[Tensor]): the extended set of results of the FPN
+            names (List[str]): the extended set of names for the results
+        """
         raise NotImplementedError
 
 
 class LastLevelMaxPool(ExtraFPNBlock):
-    """torchvision's: appends max_pool2d(results[-1], 1, 2, 0) as level "pool"."""
+    """
+    torchvision's: applies a max_pool2d (not actual max_pool2d, we just subsample) on top of the last
+    feature map, as level "pool".
+    """
 
-    def forward(self, results, x, names):
+    def forward(self, x: list[Tensor], y: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        """
+        Args:
+            x (List[Tensor]): the result of the FPN, extended in place.
+            y (List[Tensor]): the original feature maps (unused).
+            names (List[str]): the names of the results, extended in place.
+
+        Returns:
+            x (List[Tensor]): the results with ``max_pool2d(x[-1], 1, 2, 0)`` appended.
+            names (List[str]): the names with "pool" appended.
+        """
         names.append("pool")
-        results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
-        return results, names
+        x.append(F.max_pool2d(x[-1], kernel_size=1, stride=2, padding=0))
+        return x, names
 
 
 class LastLevelP6P7(ExtraFPNBlock):
-    """torchvision's: P6 and P7 by 3x3 stride-2 convs, P6 from P5 when in == out channels, else from C5."""
+    """
+    torchvision's: adds the P6 and P7 levels of RetinaNet by 3x3 stride-2 convs, P6 from P5 when
+    ``in_channels == out_channels``, else from C5.
 
-    def __init__(self, in_channels, out_channels):
+    Args:
+        in_channels (int): the channels of the map P6 is computed from.
+        out_channels (int): the channels of P6 and P7.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
         self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
@@ -79,7 +116,17 @@ class LastLevelP6P7(ExtraFPNBlock):
             nn.init.constant_(module.bias, 0)
         self.use_P5 = in_channels == out_channels
 
-    def forward(self, p, c, names):
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        """
+        Args:
+            p (List[Tensor]): the result of the FPN, extended in place.
+            c (List[Tensor]): the original feature maps.
+            names (List[str]): the names of the results, extended in place.
+
+        Returns:
+            p (List[Tensor]): the results with P6 and P7 appended.
+            names (List[str]): the names with "p6" and "p7" appended.
+        """
         p6 = self.p6(p[-1] if self.use_P5 else c[-1])
         p7 = self.p7(F.relu(p6))
         p.extend([p6, p7])
@@ -88,24 +135,34 @@ class LastLevelP6P7(ExtraFPNBlock):
 
 
 class FeaturePyramidNetwork(nn.Module):
-    """torchvision.ops.FeaturePyramidNetwork with fused top-down merges.
+    """
+    torchvision.ops.FeaturePyramidNetwork with fused top-down merges: a FPN on top of a set of feature
+    maps, as in `"Feature Pyramid Network for Object Detection" <https://arxiv.org/abs/1612.03144>`_.
 
-    in_channels_list: channels of each input level (highest resolution first); out_channels: of every
-    output; extra_blocks: an ExtraFPNBlock (LastLevelMaxPool, LastLevelP6P7, or any module with its
-    forward(results, x, names) signature); norm_layer: a norm module class, or None. Takes and returns an
-    OrderedDict of feature maps; state_dict keys `inner_blocks.i.0.*`, `layer_blocks.i.0.*` (older
-    `inner_blocks.i.weight` checkpoints are upgraded on load, as torchvision does).
+    The feature maps are supposed to be in increasing depth order (highest resolution first). state_dict
+    keys are torchvision's, ``inner_blocks.i.0.*`` and ``layer_blocks.i.0.*`` (older
+    ``inner_blocks.i.weight`` checkpoints are upgraded on load, as torchvision does).
+
+    Args:
+        in_channels_list (List[int]): number of channels for each feature map that is passed to the module.
+        out_channels (int): number of channels of the FPN representation.
+        extra_blocks (ExtraFPNBlock, optional): if provided, extra operations will be performed. It is
+            expected to take the fpn features, the original features and the names of the original
+            features as input, and returns a new list of feature maps and their corresponding names.
+        norm_layer (Callable[..., nn.Module], optional): Module specifying the normalization layer to use.
+            Default: None.
     """
 
     _version = 2
 
-    def __init__(self, in_channels_list, out_channels, extra_blocks=None, norm_layer=None):
+    def __init__(self, in_channels_list: list[int], out_channels: int, extra_blocks: ExtraFPNBlock | None = None,
+                 norm_layer: Callable[..., nn.Module] | None = None) -> None:
         super().__init__()
         self.inner_blocks = nn.ModuleList()
         self.layer_blocks = nn.ModuleList()
         for in_channels in in_channels_list:
             if in_channels == 0:
-                raise ValueError("FeaturePyramidNetwork: in_channels=0 is not supported (as in torchvision)")
+                raise ValueError("fastbb.nn.FeaturePyramidNetwork: in_channels=0 is not supported (as in torchvision)")
             self.inner_blocks.append(_conv_norm(in_channels, out_channels, 1, norm_layer))
             self.layer_blocks.append(_conv_norm(out_channels, out_channels, 3, norm_layer))
         for m in self.modules():
@@ -114,7 +171,7 @@ class FeaturePyramidNetwork(nn.Module):
                 if m.bias is not None:
                     nn.init.constant_(m.bias, 0)
         if extra_blocks is not None and not isinstance(extra_blocks, nn.Module):
-            raise TypeError(f"FeaturePyramidNetwork: extra_blocks must be an ExtraFPNBlock module, "
+            raise TypeError(f"fastbb.nn.FeaturePyramidNetwork: extra_blocks must be an ExtraFPNBlock module, "
                             f"got {type(extra_blocks).__name__}")
         self.extra_blocks = extra_blocks
 
@@ -131,11 +188,47 @@ class FeaturePyramidNetwork(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def forward(self, x):
+    def get_result_from_inner_blocks(self, x: Tensor, idx: int) -> Tensor:
+        """
+        torchvision's equivalent of ``self.inner_blocks[idx](x)`` (written for TorchScript there).
+
+        Args:
+            x (Tensor): the input of the block.
+            idx (int): the block's index; negative counts from the end.
+
+        Returns:
+            Tensor: the block's output, or x itself when no block has that index (as in torchvision).
+        """
+        return _run_block(self.inner_blocks, x, idx)
+
+    def get_result_from_layer_blocks(self, x: Tensor, idx: int) -> Tensor:
+        """
+        :meth:`get_result_from_inner_blocks` for the output convs: ``self.layer_blocks[idx](x)``.
+
+        Args:
+            x (Tensor): a merged map.
+            idx (int): which 3x3 output block runs it, counted from the end when negative.
+
+        Returns:
+            Tensor: that block's output (x when there is no such block).
+        """
+        return _run_block(self.layer_blocks, x, idx)
+
+    def forward(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
+        """
+        Computes the FPN for a set of feature maps.
+
+        Args:
+            x (OrderedDict[str, Tensor]): feature maps for each feature level.
+
+        Returns:
+            results (OrderedDict[str, Tensor]): feature maps after FPN layers. They are ordered from the
+            highest resolution first.
+        """
         names = list(x.keys())
         features = list(x.values())
         if len(features) != len(self.inner_blocks):
-            raise ValueError(f"FeaturePyramidNetwork: expected {len(self.inner_blocks)} feature maps, "
+            raise ValueError(f"fastbb.nn.FeaturePyramidNetwork: expected {len(self.inner_blocks)} feature maps, "
                              f"got {len(features)}")
         last_inner = self.inner_blocks[-1](features[-1])
         results = [self.layer_blocks[-1](last_inner)]
@@ -165,10 +258,10 @@ def _norm_module(norm_cfg, channels):
         norm = nn.SyncBatchNorm(channels, **cfg)
     elif kind == "GN":
         if "num_groups" not in cfg:
-            raise ValueError("FPN: norm_cfg of type 'GN' needs num_groups")
+            raise ValueError("fastbb.nn.FPN: norm_cfg of type 'GN' needs num_groups")
         norm = nn.GroupNorm(num_channels=channels, **cfg)
     else:
-        raise ValueError(f"FPN: norm_cfg type {kind!r} is not supported; supported: {sorted(_NORM_NAMES)}")
+        raise ValueError(f"fastbb.nn.FPN: norm_cfg type {kind!r} is not supported; supported: {sorted(_NORM_NAMES)}")
     for p in norm.parameters():
         p.requires_grad = requires_grad
     return norm
@@ -185,7 +278,7 @@ class ConvModule(nn.Module):
                  act_cfg=None):
         super().__init__()
         if conv_cfg is not None and dict(conv_cfg).get("type") not in ("Conv2d", "Conv"):
-            raise ValueError(f"FPN: conv_cfg {conv_cfg!r} is not supported; only None or type 'Conv2d'")
+            raise ValueError(f"fastbb.nn.FPN: conv_cfg {conv_cfg!r} is not supported; only None or type 'Conv2d'")
         self.norm_name = None
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=norm_cfg is None)
         if norm_cfg is not None:
@@ -196,7 +289,8 @@ class ConvModule(nn.Module):
             cfg = dict(act_cfg)
             kind = cfg.pop("type", None)
             if kind not in _ACTIVATIONS:
-                raise ValueError(f"FPN: act_cfg type {kind!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+                raise ValueError(f"fastbb.nn.FPN: act_cfg type {kind!r} is not supported; "
+                                 f"supported: {sorted(_ACTIVATIONS)}")
             cfg.pop("inplace", None)  # mmdet's FPN builds its activations with inplace=False
             self.activate = _ACTIVATIONS[kind](**cfg)
 
@@ -215,22 +309,47 @@ class ConvModule(nn.Module):
 
 @register("FPN")
 class FPN(nn.Module):
-    """mmdet.models.necks.FPN with fused top-down merges: same arguments, keys and outputs (a tuple).
+    """
+    mmdet.models.necks.FPN with fused top-down merges: same arguments, state_dict keys and outputs (a
+    tuple), the Feature Pyramid Network of `"Feature Pyramid Networks for Object Detection"
+    <https://arxiv.org/abs/1612.03144>`_.
 
-    in_channels: list of input channels; out_channels; num_outs; start_level / end_level (end_level is
-    inclusive, -1 for the last); add_extra_convs False, True (= 'on_input'), 'on_input', 'on_lateral' or
-    'on_output'; relu_before_extra_convs; no_norm_on_lateral; conv_cfg, norm_cfg, act_cfg as ConvModule;
-    upsample_cfg as F.interpolate's keywords (the fused merge serves mode='nearest' with no scale_factor,
-    every other setting runs mmdet's own interpolate + add). init_cfg is accepted for config compatibility;
-    convs start Xavier-uniform initialised with zero bias (mmdet's default init_cfg).
+    Args:
+        in_channels (List[int]): Number of input channels per scale.
+        out_channels (int): Number of output channels (used at each scale).
+        num_outs (int): Number of output scales.
+        start_level (int): Index of the start input backbone level used to build the feature pyramid.
+            Default: 0.
+        end_level (int): Index of the end input backbone level (inclusive) to build the feature pyramid.
+            Default: -1, which means the last level.
+        add_extra_convs (bool or str): If bool, whether to add convs on top of the original feature maps
+            (True means 'on_input'). If str, where the extra convs start: 'on_input' (the last feat map of
+            the neck inputs, i.e. the backbone feature), 'on_lateral' (the last feat map after the lateral
+            convs) or 'on_output' (the last output feat map after the fpn convs). Default: False.
+        relu_before_extra_convs (bool): Whether to apply relu before the extra conv. Default: False.
+        no_norm_on_lateral (bool): Whether to apply norm on lateral. Default: False.
+        conv_cfg (dict, optional): Config dict for convolution layer: None or type 'Conv2d'. Default: None.
+        norm_cfg (dict, optional): Config dict for normalization layer: type 'BN', 'BN2d', 'SyncBN' or
+            'GN'. Default: None.
+        act_cfg (dict, optional): Config dict for activation layer in ConvModule: type 'ReLU',
+            'LeakyReLU', 'ReLU6', 'SiLU', 'Swish' or 'GELU'. Default: None.
+        upsample_cfg (dict): Config dict for interpolate layer (F.interpolate's keywords). The fused
+            merge serves mode='nearest' with no scale_factor; every other setting runs mmdet's own
+            interpolate + add. Default: dict(mode='nearest').
+        init_cfg (dict or list[dict], optional): accepted for config compatibility and not read: the
+            convs start Xavier-uniform initialised with zero bias, mmdet's default init_cfg. Default: None
+            (mmdet's default is that Xavier init_cfg).
     """
 
-    def __init__(self, in_channels, out_channels, num_outs, start_level=0, end_level=-1, add_extra_convs=False,
-                 relu_before_extra_convs=False, no_norm_on_lateral=False, conv_cfg=None, norm_cfg=None,
-                 act_cfg=None, upsample_cfg=dict(mode="nearest"), init_cfg=None):
+    def __init__(self, in_channels: list[int], out_channels: int, num_outs: int, start_level: int = 0,
+                 end_level: int = -1, add_extra_convs: bool | str = False, relu_before_extra_convs: bool = False,
+                 no_norm_on_lateral: bool = False, conv_cfg: dict | None = None, norm_cfg: dict | None = None,
+                 act_cfg: dict | None = None, upsample_cfg: dict = dict(mode="nearest"),
+                 init_cfg: dict | list[dict] | None = None) -> None:
         super().__init__()
         if not isinstance(in_channels, (list, tuple)) or not in_channels:
-            raise ValueError(f"FPN: in_channels must be a non-empty list of channel counts, got {in_channels!r}")
+            raise ValueError(f"fastbb.nn.FPN: in_channels must be a non-empty list of channel counts, "
+                             f"got {in_channels!r}")
         self.in_channels = list(in_channels)
         self.out_channels = out_channels
         self.num_ins = len(in_channels)
@@ -239,27 +358,29 @@ class FPN(nn.Module):
         self.no_norm_on_lateral = no_norm_on_lateral
         self.upsample_cfg = dict(upsample_cfg)
         if not 0 <= start_level < self.num_ins:
-            raise ValueError(f"FPN: start_level must be in [0, {self.num_ins}), got {start_level}")
+            raise ValueError(f"fastbb.nn.FPN: start_level must be in [0, {self.num_ins}), got {start_level}")
         if end_level == -1 or end_level == self.num_ins - 1:
             self.backbone_end_level = self.num_ins
             if num_outs < self.num_ins - start_level:
-                raise ValueError(f"FPN: num_outs must be >= len(in_channels) - start_level = "
+                raise ValueError(f"fastbb.nn.FPN: num_outs must be >= len(in_channels) - start_level = "
                                  f"{self.num_ins - start_level}, got {num_outs}")
         else:
             if not start_level <= end_level < self.num_ins:
-                raise ValueError(f"FPN: end_level must be -1 or in [start_level, {self.num_ins}), got {end_level}")
+                raise ValueError(f"fastbb.nn.FPN: end_level must be -1 or in [start_level, {self.num_ins}), "
+                                 f"got {end_level}")
             if num_outs != end_level - start_level + 1:
-                raise ValueError(f"FPN: with end_level {end_level}, num_outs must be end_level - start_level + 1 = "
-                                 f"{end_level - start_level + 1} (no extra levels), got {num_outs}")
+                raise ValueError(f"fastbb.nn.FPN: with end_level {end_level}, num_outs must be end_level - "
+                                 f"start_level + 1 = {end_level - start_level + 1} (no extra levels), got {num_outs}")
             self.backbone_end_level = end_level + 1
         self.start_level = start_level
         self.end_level = end_level
         if isinstance(add_extra_convs, str):
             if add_extra_convs not in ("on_input", "on_lateral", "on_output"):
-                raise ValueError(f"FPN: add_extra_convs must be a bool or one of 'on_input', 'on_lateral', "
+                raise ValueError(f"fastbb.nn.FPN: add_extra_convs must be a bool or one of 'on_input', 'on_lateral', "
                                  f"'on_output', got {add_extra_convs!r}")
         elif not isinstance(add_extra_convs, bool):
-            raise TypeError(f"FPN: add_extra_convs must be a bool or a str, got {type(add_extra_convs).__name__}")
+            raise TypeError(f"fastbb.nn.FPN: add_extra_convs must be a bool or a str, "
+                            f"got {type(add_extra_convs).__name__}")
         elif add_extra_convs:
             add_extra_convs = "on_input"
         self.add_extra_convs = add_extra_convs
@@ -307,9 +428,17 @@ class FPN(nn.Module):
             laterals.insert(0, merged)
         return laterals, top
 
-    def forward(self, inputs):
+    def forward(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """
+        Args:
+            inputs (Tuple[Tensor]): the backbone's feature maps, one per entry of ``in_channels``,
+                highest resolution first.
+
+        Returns:
+            Tuple[Tensor]: the ``num_outs`` output maps, highest resolution first.
+        """
         if len(inputs) != len(self.in_channels):
-            raise ValueError(f"FPN: expected {len(self.in_channels)} inputs, got {len(inputs)}")
+            raise ValueError(f"fastbb.nn.FPN: expected {len(self.in_channels)} inputs, got {len(inputs)}")
         laterals, top_lateral = self._top_down(inputs)
         used = len(laterals)
         outs = [self.fpn_convs[i](laterals[i]) for i in range(used)]

@@ -25,7 +25,7 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(grad, ctx.group), None
 
 
-def sync_batch_norm_train(y, weight, bias, running_mean, running_var, momentum, eps, process_group=None,
+def _sync_batch_norm_train(y, weight, bias, running_mean, running_var, momentum, eps, process_group=None,
                           residual=None, relu=False):
     """relu(batch_norm(y) [+ residual]) with the batch statistics of y over every rank of process_group
     (None: the default group), as nn.SyncBatchNorm trains, but on any device and backend.

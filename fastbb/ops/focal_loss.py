@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from fastbb import _backend
 from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, compute_dtype, kernel_lib
 
-_OP = "sigmoid_focal_loss"
+_OP = "fastbb.sigmoid_focal_loss"  # how error messages name the op
+_LABELS_OP = "fastbb.sigmoid_focal_loss_labels"
 _REDUCTIONS = ("none", "mean", "sum")
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -47,7 +48,7 @@ def _label_targets(labels, num_classes, ignore_index, dtype):
 def _check_label_range(labels, num_classes, ignore_index):
     bad = ((labels < -1) | (labels > num_classes)) & (labels != ignore_index)
     if bool(bad.any()):
-        raise ValueError(f"{_OP}: labels must be in [-1, {num_classes}] or ignore_index ({ignore_index}), "
+        raise ValueError(f"{_LABELS_OP}: labels must be in [-1, {num_classes}] or ignore_index ({ignore_index}), "
                          f"got {labels[bad][0].item()}")
 
 
@@ -104,7 +105,7 @@ def _triton(logits, targets, labels, weight, alpha, gamma, ignore_index, reduce,
 
 # Every implementation takes (logits, targets, labels, weight, alpha, gamma, ignore_index, reduce,
 # compute_grad) and returns (loss or its sum, weighted per-element gradient).
-TABLE = _backend.OpTable(_OP, [
+TABLE = _backend.OpTable("sigmoid_focal_loss", [
     _backend.Implementation("cuda", _compiled, devices=("cuda",), kernel="fastbb_C::sigmoid_focal_loss",
                             what="one CUDA pass: loss (or per-block partial sums) and gradient"),
     _backend.Implementation("triton", _triton, devices=("cuda",), what="the same single pass in Triton"),
@@ -161,7 +162,8 @@ _focal_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Public functions: checks and normalisation to the op's (N, C) layout.
+# Public functions: checks and normalisation to the op's (N, C) layout. The checks take the name errors
+# give the caller (fastbb.nn.FocalLoss runs them too) and the caller's names of its arguments.
 
 def _broadcasts_to(shape, target_shape):
     """Whether a tensor of `shape` broadcasts to exactly `target_shape`."""
@@ -171,32 +173,32 @@ def _broadcasts_to(shape, target_shape):
         return False
 
 
-def _check_common(gamma, alpha, reduction):
-    gamma = check_float(_OP, "gamma", gamma)
+def _check_common(op, gamma, alpha, reduction):
+    gamma = check_float(op, "gamma", gamma)
     if gamma < 0:
-        raise ValueError(f"{_OP}: gamma must be >= 0, got {gamma}")
-    alpha = check_float(_OP, "alpha", alpha)
+        raise ValueError(f"{op}: gamma must be >= 0, got {gamma}")
+    alpha = check_float(op, "alpha", alpha)
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"{_OP}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     return gamma, alpha
 
 
-def _check_avg_factor(avg_factor, reduction):
+def _check_avg_factor(op, avg_factor, reduction):
     """avg_factor as a Python float, or as a tensor (divided afterwards: no host sync); None if absent."""
     if avg_factor is None:
         return None
     if reduction == "sum":
-        raise ValueError(f"{_OP}: avg_factor can not be used with reduction 'sum'")
+        raise ValueError(f"{op}: avg_factor can not be used with reduction 'sum'")
     if isinstance(avg_factor, torch.Tensor):
         if avg_factor.numel() != 1:
-            raise ValueError(f"{_OP}: avg_factor must be a number or a one-element tensor, "
+            raise ValueError(f"{op}: avg_factor must be a number or a one-element tensor, "
                              f"got shape {tuple(avg_factor.shape)}")
         if avg_factor.device.type != "cpu" or torch.compiler.is_compiling():
             return avg_factor.reshape(())  # its sign is not checked here: that would wait for the device
         avg_factor = avg_factor.item()
-    avg_factor = check_float(_OP, "avg_factor", avg_factor)
+    avg_factor = check_float(op, "avg_factor", avg_factor)
     if avg_factor <= 0:
-        raise ValueError(f"{_OP}: avg_factor must be > 0, got {avg_factor}")
+        raise ValueError(f"{op}: avg_factor must be > 0, got {avg_factor}")
     return avg_factor
 
 
@@ -255,81 +257,136 @@ def _reduce(loss, reduction, dtype, avg_factor=None):
     return loss.mean().to(dtype)
 
 
-def _check_dense(inputs, targets, reduction, gamma, alpha):
-    check_tensor(_OP, "inputs", inputs, dtypes=FLOAT_DTYPES)
-    check_tensor(_OP, "targets", targets)
+def _check_dense(op, inputs, targets, reduction, gamma, alpha, names=("inputs", "targets")):
+    inputs_name, targets_name = names
+    check_tensor(op, inputs_name, inputs, dtypes=FLOAT_DTYPES)
+    check_tensor(op, targets_name, targets)
     if not (targets.is_floating_point() or targets.dtype == torch.bool or targets.dtype in _INTEGER_DTYPES):
-        raise TypeError(f"{_OP}: targets must be real numbers, got dtype {targets.dtype}")
+        raise TypeError(f"{op}: {targets_name} must be real numbers, got dtype {targets.dtype}")
     if targets.shape != inputs.shape:
-        raise ValueError(f"{_OP}: targets must have the shape of inputs {tuple(inputs.shape)}, "
+        raise ValueError(f"{op}: {targets_name} must have the shape of {inputs_name} {tuple(inputs.shape)}, "
                          f"got {tuple(targets.shape)}")
-    check_same_device(_OP, inputs=inputs, targets=targets)
-    return _check_common(gamma, alpha, reduction)
+    check_same_device(op, **{inputs_name: inputs, targets_name: targets})
+    return _check_common(op, gamma, alpha, reduction)
 
 
-def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2, reduction="none"):
-    """torchvision.ops.sigmoid_focal_loss: dense targets (probabilities) of inputs' shape.
-
-    alpha < 0 disables the alpha weighting; reduction 'none' | 'mean' | 'sum'. Differentiable in inputs
-    (and in targets, which then take the plain PyTorch formula).
+def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2,
+                       reduction: str = "none") -> torch.Tensor:
     """
-    gamma, alpha = _check_dense(inputs, targets, reduction, gamma, alpha)
+    Loss used in RetinaNet for dense detection: https://arxiv.org/abs/1708.02002, as
+    torchvision.ops.sigmoid_focal_loss, with the loss and its gradient computed in one pass.
+
+    Args:
+        inputs (Tensor): A float tensor of arbitrary shape: the predictions (logits) for each example;
+            float16, bfloat16, float32 or float64 (computed in float32, float64 for float64).
+        targets (Tensor): A tensor with the same shape as inputs. Stores the binary classification label
+            for each element in inputs (0 for the negative class and 1 for the positive class; values
+            in between are soft targets).
+        alpha (float): Weighting factor in range [0, 1] to balance positive vs negative examples or -1
+            (any negative value) for ignore. Default: ``0.25``.
+        gamma (float): Exponent of the modulating factor (1 - p_t) to balance easy vs hard examples;
+            >= 0. Default: ``2``.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``
+            ``'none'``: No reduction will be applied to the output.
+            ``'mean'``: The output will be averaged.
+            ``'sum'``: The output will be summed. Default: ``'none'``.
+
+    Returns:
+        Tensor: Loss tensor with the reduction option applied, in inputs' dtype. Differentiable in inputs
+        (and in targets, which then take the plain PyTorch formula).
+    """
+    gamma, alpha = _check_dense(_OP, inputs, targets, reduction, gamma, alpha)
     if targets.requires_grad and torch.is_grad_enabled():
         return _reduce(_focal_loss_reference(inputs, targets, alpha, gamma), reduction, inputs.dtype)
     return _run(inputs, targets, None, None, alpha, gamma, -100, reduction, None)
 
 
-def sigmoid_focal_loss_reference(inputs, targets, alpha=0.25, gamma=2, reduction="none"):
-    """sigmoid_focal_loss in plain PyTorch (the ground truth): same arguments, checks and results."""
-    gamma, alpha = _check_dense(inputs, targets, reduction, gamma, alpha)
+def sigmoid_focal_loss_reference(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
+                                 gamma: float = 2, reduction: str = "none") -> torch.Tensor:
+    """:func:`sigmoid_focal_loss` in plain PyTorch (the ground truth): same arguments, checks and results."""
+    gamma, alpha = _check_dense(_OP, inputs, targets, reduction, gamma, alpha)
     return _reduce(_focal_loss_reference(inputs, targets, alpha, gamma), reduction, inputs.dtype)
 
 
-def _check_labels(logits, labels, weight, reduction, gamma, alpha, avg_factor, ignore_index):
-    check_tensor(_OP, "logits", logits, dtypes=FLOAT_DTYPES)
-    check_tensor(_OP, "labels", labels)
+def _check_labels(op, logits, labels, weight, reduction, gamma, alpha, avg_factor, ignore_index,
+                  names=("logits", "labels")):
+    logits_name, labels_name = names
+    check_tensor(op, logits_name, logits, dtypes=FLOAT_DTYPES)
+    check_tensor(op, labels_name, labels)
     if logits.dim() == 0:
-        raise ValueError(f"{_OP}: logits must be (..., C), got a 0-d tensor")
+        raise ValueError(f"{op}: {logits_name} must be (..., C), got a 0-d tensor")
     if labels.dtype not in _INTEGER_DTYPES:
-        raise TypeError(f"{_OP}: labels must be an integer tensor (class indices), got dtype {labels.dtype}")
+        raise TypeError(f"{op}: {labels_name} must be an integer tensor (class indices), got dtype {labels.dtype}")
     if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"{_OP}: labels must have shape {tuple(logits.shape[:-1])} (logits' without the "
-                         f"class dimension), got {tuple(labels.shape)}")
-    check_same_device(_OP, logits=logits, labels=labels)
+        raise ValueError(f"{op}: {labels_name} must have shape {tuple(logits.shape[:-1])} (that of {logits_name} "
+                         f"without the class dimension), got {tuple(labels.shape)}")
+    check_same_device(op, **{logits_name: logits, labels_name: labels})
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{_OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
     if weight is not None:
-        check_tensor(_OP, "weight", weight)
+        check_tensor(op, "weight", weight)
         if not weight.is_floating_point():
-            raise TypeError(f"{_OP}: weight must be a floating-point tensor, got dtype {weight.dtype}")
-        check_same_device(_OP, logits=logits, weight=weight)
+            raise TypeError(f"{op}: weight must be a floating-point tensor, got dtype {weight.dtype}")
+        check_same_device(op, **{logits_name: logits, "weight": weight})
         if weight.shape != logits.shape[:-1]:
             if not _broadcasts_to(weight.shape, logits.shape):
-                raise ValueError(f"{_OP}: weight must be per anchor {tuple(logits.shape[:-1])} or broadcastable "
-                                 f"to logits {tuple(logits.shape)}, got shape {tuple(weight.shape)}")
-    gamma, alpha = _check_common(gamma, alpha, reduction)
-    return gamma, alpha, _check_avg_factor(avg_factor, reduction)
+                raise ValueError(f"{op}: weight must be per anchor {tuple(logits.shape[:-1])} or broadcastable "
+                                 f"to {logits_name} {tuple(logits.shape)}, got shape {tuple(weight.shape)}")
+    gamma, alpha = _check_common(op, gamma, alpha, reduction)
+    return gamma, alpha, _check_avg_factor(op, avg_factor, reduction)
 
 
-def sigmoid_focal_loss_labels(logits, labels, gamma=2.0, alpha=0.25, weight=None, reduction="mean",
-                              avg_factor=None, ignore_index=-100):
-    """Focal loss of logits (..., C) against class labels (...): mmcv / mmdet semantics.
-
-    A label in [0, C) is that class; C or -1 is background; `ignore_index` contributes nothing. weight:
-    per anchor (...,) or (..., 1), per class (C,), or full. 'mean' averages over all (..., C) elements (the
-    sum divided by avg_factor when given), as torchvision on the one-hot targets. Labels outside [-1, C]
-    other than ignore_index raise on CPU; on CUDA that check would wait for the device, so it is not made
-    and such labels count as background.
-    """
-    gamma, alpha, avg_factor = _check_labels(logits, labels, weight, reduction, gamma, alpha, avg_factor,
-                                             ignore_index)
+def _sigmoid_focal_loss_labels(op, names, logits, labels, gamma, alpha, weight, reduction, avg_factor,
+                               ignore_index):
+    gamma, alpha, avg_factor = _check_labels(op, logits, labels, weight, reduction, gamma, alpha, avg_factor,
+                                             ignore_index, names)
     return _run(logits, None, labels, weight, alpha, gamma, ignore_index, reduction, avg_factor)
 
 
-def sigmoid_focal_loss_labels_reference(logits, labels, gamma=2.0, alpha=0.25, weight=None, reduction="mean",
-                                        avg_factor=None, ignore_index=-100):
-    """sigmoid_focal_loss_labels in plain PyTorch (the ground truth): same arguments, checks and results."""
-    gamma, alpha, avg_factor = _check_labels(logits, labels, weight, reduction, gamma, alpha, avg_factor,
+def sigmoid_focal_loss_labels(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25,
+                              weight: torch.Tensor | None = None, reduction: str = "mean",
+                              avg_factor: float | torch.Tensor | None = None,
+                              ignore_index: int = -100) -> torch.Tensor:
+    """
+    Sigmoid focal loss of logits against class labels, as mmdet's ``FocalLoss`` computes it on labels, in
+    one pass. The arguments are those of ``mmcv.ops.sigmoid_focal_loss(input, target, gamma, alpha, weight,
+    reduction)`` in its order, then mmdet's ``avg_factor`` and ``ignore_index``; ``'mean'`` is mmdet's
+    (over every element), where mmcv's op divides the sum by the number of rows.
+
+    Labels outside [-1, C] other than ``ignore_index`` raise on CPU; on CUDA that check would wait for the
+    device, so it is not made and such labels count as background.
+
+    Args:
+        logits (Tensor[..., C]): the predictions; float16, bfloat16, float32 or float64 (computed in
+            float32, float64 for float64).
+        labels (Tensor[...]): integer class labels: a label in [0, C) is that class, C or -1 is background
+            (every class negative).
+        gamma (float): Exponent of the modulating factor (1 - p_t); >= 0. Default: ``2.0``.
+        alpha (float): Weighting factor of the positive class in [0, 1], or a negative value for no
+            weighting. Default: ``0.25``.
+        weight (Tensor, optional): per anchor ``(...)`` or ``(..., 1)``, per class ``(C,)``, or any shape
+            broadcastable to logits; floating point.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. ``'mean'`` averages over all ``(..., C)``
+            elements, as torchvision does on the one-hot targets (the sum divided by ``avg_factor`` when
+            given). Default: ``'mean'``.
+        avg_factor (float or Tensor, optional): > 0, the divisor of ``'mean'``; a one-element tensor on the
+            device is divided by without a host synchronisation. Not with ``'sum'``.
+        ignore_index (int): rows with this label add nothing to the loss or its gradient. Default: ``-100``.
+
+    Returns:
+        Tensor: Loss tensor with the reduction option applied, in logits' dtype (of logits' shape for
+        ``'none'``). Differentiable in logits.
+    """
+    return _sigmoid_focal_loss_labels(_LABELS_OP, ("logits", "labels"), logits, labels, gamma, alpha, weight,
+                                      reduction, avg_factor, ignore_index)
+
+
+def sigmoid_focal_loss_labels_reference(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0,
+                                        alpha: float = 0.25, weight: torch.Tensor | None = None,
+                                        reduction: str = "mean", avg_factor: float | torch.Tensor | None = None,
+                                        ignore_index: int = -100) -> torch.Tensor:
+    """:func:`sigmoid_focal_loss_labels` in plain PyTorch (the ground truth): same arguments, checks and results."""
+    gamma, alpha, avg_factor = _check_labels(_LABELS_OP, logits, labels, weight, reduction, gamma, alpha, avg_factor,
                                              ignore_index)
     if labels.device.type == "cpu":
         _check_label_range(labels, logits.shape[-1], ignore_index)
@@ -342,17 +399,17 @@ def sigmoid_focal_loss_labels_reference(logits, labels, gamma=2.0, alpha=0.25, w
     return _reduce(loss, reduction, logits.dtype, avg_factor)
 
 
-def _sigmoid_focal_loss_weighted(pred, target, weight, gamma, alpha, reduction, avg_factor):
+def _sigmoid_focal_loss_weighted(op, pred, target, weight, gamma, alpha, reduction, avg_factor):
     """Dense targets with mmdet's weight and avg_factor (fastbb.nn.FocalLoss on one-hot / soft targets)."""
-    gamma, alpha = _check_dense(pred, target, reduction, gamma, alpha)
-    avg_factor = _check_avg_factor(avg_factor, reduction)
+    gamma, alpha = _check_dense(op, pred, target, reduction, gamma, alpha, names=("pred", "target"))
+    avg_factor = _check_avg_factor(op, avg_factor, reduction)
     if weight is not None:
-        check_tensor(_OP, "weight", weight)
-        check_same_device(_OP, pred=pred, weight=weight)
+        check_tensor(op, "weight", weight)
+        check_same_device(op, pred=pred, weight=weight)
         if weight.shape != pred.shape and pred.dim() == 2 and weight.numel() == pred.shape[0]:
             weight = weight.reshape(-1, 1)  # per anchor, as mmdet
         if not _broadcasts_to(weight.shape, pred.shape):
-            raise ValueError(f"{_OP}: weight must be per anchor or broadcastable to pred {tuple(pred.shape)}, "
+            raise ValueError(f"{op}: weight must be per anchor or broadcastable to pred {tuple(pred.shape)}, "
                              f"got shape {tuple(weight.shape)}")
     if target.requires_grad and torch.is_grad_enabled():
         loss = _focal_loss_reference(pred, target, alpha, gamma, weight)
