@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import importlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -258,6 +259,9 @@ def run(device=None, only=None, min_time=1.0, log=print, families=None, budget_s
 
 
 def _run(device, only, min_time, log, families, budget_s, json_path, exclude, representative, busy):
+    # torch.compile's first import logs where it found CUDA_HOME on a machine without a GPU; that line says
+    # nothing about the measurements and would land among the progress lines.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     start = time.perf_counter()
     report = _header(device)
     report["busy_processes"] = busy

@@ -9,6 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastbb.ops._common import compute_dtype as torch_compute_dtype
+from fastbb.ops._common import memory_format as output_format
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INT32_MAX = 2**31 - 1
 # CUDA's limits on a launch: gridDim.x up to 2**31 - 1, gridDim.y and gridDim.z up to 65535.
@@ -84,8 +87,8 @@ def check_grid(op, grid, shape):
 
 
 def compute_dtype(dtype):
-    """Triton dtype of the arithmetic: float64 for float64 inputs, float32 for every other float."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """Triton dtype of the arithmetic: fastbb.ops._common.compute_dtype's rule, as a tl dtype."""
+    return tl.float64 if torch_compute_dtype(dtype) == torch.float64 else tl.float32
 
 
 def round_bf16(dtype):
@@ -96,14 +99,6 @@ def round_bf16(dtype):
 def span(t, first_dim=0):
     """Largest element offset reachable from index 0 along dims first_dim.. of t."""
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[first_dim:], t.stride()[first_dim:]))
-
-
-def output_format(t):
-    """Memory format of an output made to follow t: channels_last only when t is exactly that (and not
-    also contiguous), the rule the ops' fake functions use, so real and fake outputs get the same strides."""
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def tiles_channels_last(t):

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from fastbb.kernels._common import (INT32_MAX, GRID_YZ_MAX, INTERPRET, compute_dtype, on_device, output_format,
-                                     output_value, round_bf16)
+                                     output_value, round_bf16, torch_compute_dtype)
 
 # BN tiles hold 2048 elements on a GPU (16 per thread with 4 warps). The interpreter runs each program in
 # Python: small tiles, and two per reduction program, so that small test shapes still cover several
@@ -331,7 +331,7 @@ def bn_relu_forward(y, weight, bias, residual, eps, relu):
     y = y.contiguous(memory_format=fmt)
     if residual is not None:
         residual = _bn_operand(residual, fmt, "residual", y.shape, _FORWARD)
-    stat_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    stat_dtype = torch_compute_dtype(y.dtype)
     out = torch.empty_like(y, memory_format=fmt)
     total = N * H * W
     if total == 0 or C == 0:
@@ -379,7 +379,7 @@ def bn_relu_backward(grad_out, out, y, mean, invstd, weight, relu, residual_grad
     grad_out = _bn_operand(grad_out, fmt, "grad_out", y.shape, _BACKWARD)
     if relu:
         out = _bn_operand(out, fmt, "out", y.shape, _BACKWARD)
-    stat_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    stat_dtype = torch_compute_dtype(y.dtype)
     grad_y = torch.empty_like(y, memory_format=fmt)
     grad_weight = torch.zeros(C, dtype=stat_dtype, device=y.device)
     grad_bias = torch.zeros(C, dtype=stat_dtype, device=y.device)

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbb.kernels._common import check_grid, on_device
+from fastbb.kernels._common import check_grid, compute_dtype, on_device
 
 _BLOCK = 256
 _CLIP_NONE, _CLIP_ONE, _CLIP_PER_IMAGE = 0, 1, 2
@@ -119,8 +119,8 @@ def decode_boxes(anchors, deltas, image_sizes, style, weights, means, stds, dwh_
     else:
         clip, sizes, boxes_per_image = (_CLIP_ONE if image_size else _CLIP_NONE), deltas, num_boxes
     clip_h, clip_w = image_size if image_size else (0.0, 0.0)
-    compute = tl.float64 if deltas.dtype == torch.float64 else tl.float32
-    grid = check_grid("decode_boxes", (triton.cdiv(num_boxes, _BLOCK),), deltas.shape)
+    compute = compute_dtype(deltas.dtype)
+    grid = check_grid("fastbb.decode_boxes", (triton.cdiv(num_boxes, _BLOCK),), deltas.shape)
     with on_device(deltas):
         _decode_boxes_kernel[grid](
             anchors, deltas, sizes, out, num_boxes, deltas.shape[-1] // 4, anchors.shape[0], boxes_per_image,

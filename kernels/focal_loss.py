@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbb.kernels._common import check_grid, on_device
+from fastbb.kernels._common import check_grid, compute_dtype, on_device, torch_compute_dtype
 
 _BLOCK = 1024
 
@@ -78,14 +78,14 @@ def _focal_loss_kernel(logits_ptr, targets_ptr, labels_ptr, weight_ptr, loss_ptr
 
 def sigmoid_focal_loss(logits, targets, labels, weight, alpha, gamma, ignore_index, reduce, compute_grad):
     """fastbb_C::sigmoid_focal_loss's contract (fastbb/ops/focal_loss.py) on Triton."""
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    compute = torch_compute_dtype(logits.dtype)
     total = logits.numel()
     num_blocks = triton.cdiv(total, _BLOCK)
     partial = torch.empty(num_blocks if reduce else 0, dtype=compute, device=logits.device)
     loss = partial if reduce else torch.empty_like(logits)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     if total > 0:
-        grid = check_grid("sigmoid_focal_loss", (num_blocks,), logits.shape)
+        grid = check_grid("fastbb.sigmoid_focal_loss", (num_blocks,), logits.shape)
         with on_device(logits):
             _focal_loss_kernel[grid](
                 logits, targets if targets is not None else logits, labels if labels is not None else logits,
@@ -93,7 +93,7 @@ def sigmoid_focal_loss(logits, targets, labels, weight, alpha, gamma, ignore_ind
                 weight.stride(0) if weight is not None else 0, weight.stride(1) if weight is not None else 0,
                 alpha if alpha >= 0 else 1.0, 1.0 - alpha if alpha >= 0 else 1.0, gamma, ignore_index,
                 HAS_LABELS=labels is not None, HAS_WEIGHT=weight is not None, REDUCE=reduce, GRAD=compute_grad,
-                COMPUTE=tl.float64 if compute == torch.float64 else tl.float32, BLOCK=_BLOCK)
+                COMPUTE=compute_dtype(logits.dtype), BLOCK=_BLOCK)
     if reduce:
         return partial.sum(), grad
     return loss, grad

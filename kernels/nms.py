@@ -167,7 +167,7 @@ def iou_mask(boxes, labels, valid_counts, iou_threshold):
     if mask.numel() == 0:
         return mask
     tiles_per_image = upper_tiles(words)
-    grid = check_grid("nms_iou_mask", (tiles_per_image * batch,), boxes.shape)
+    grid = check_grid("fastbb.nms_iou_mask", (tiles_per_image * batch,), boxes.shape)
     double = boxes.dtype == torch.float64
     counts = valid_counts.to(torch.int64).clamp(0, rows).contiguous()
     boxes = boxes.contiguous()
@@ -189,14 +189,14 @@ def reduce_mask(mask, valid_counts, *, block_words=None):
     """
     batch, rows, words = mask.shape
     if words != triton.cdiv(rows, TILE):
-        raise ValueError(f"nms_reduce_mask: mask must have shape (B, M, ceil(M / 64)), got {tuple(mask.shape)}")
+        raise ValueError(f"fastbb.nms_reduce_mask: mask must have shape (B, M, ceil(M / 64)), got {tuple(mask.shape)}")
     keep = torch.zeros((batch, rows), dtype=torch.bool, device=mask.device)
     if keep.numel() == 0:
         return keep
     block_words = block_words or _REDUCE_BLOCK_WORDS
     if block_words & (block_words - 1):
-        raise ValueError(f"nms_reduce_mask: block_words must be a power of two, got {block_words}")
-    grid = check_grid("nms_reduce_mask", (batch,), mask.shape)
+        raise ValueError(f"fastbb.nms_reduce_mask: block_words must be a power of two, got {block_words}")
+    grid = check_grid("fastbb.nms_reduce_mask", (batch,), mask.shape)
     mask = mask.contiguous()
     counts = valid_counts.to(torch.int64).clamp(0, rows).contiguous()
     removed = torch.zeros((batch, words), dtype=torch.int64, device=mask.device)

@@ -173,13 +173,13 @@ def upsample_nearest_add(top, lateral, out):
     if out.numel() == 0:
         return out
     if h == 0 or w == 0:
-        raise ValueError(f"upsample_nearest_add: cannot upsample an empty top {tuple(top.shape)} to {(H, W)}")
+        raise ValueError(f"fastbb.upsample_nearest_add: cannot upsample an empty top {tuple(top.shape)} to {(H, W)}")
     channels_last = tiles_channels_last(out)
     num_rows, fast_len = _rows_and_fast(N, C, H, W, channels_last)
     block_rows, block_fast = _elementwise_tile(fast_len)
     grid = (triton.cdiv(num_rows, block_rows), triton.cdiv(fast_len, block_fast))
     if num_rows + block_rows > INT32_MAX or grid[1] > GRID_YZ_MAX:
-        raise ValueError(f"upsample_nearest_add: shape {tuple(lateral.shape)} is too large for the Triton kernel")
+        raise ValueError(f"fastbb.upsample_nearest_add: shape {tuple(lateral.shape)} is too large for the Triton kernel")
     with on_device(out):
         _upsample_nearest_add_kernel[grid](
             top, lateral, out, num_rows, fast_len, C, H, W, h, w, nearest_scale(h, H), nearest_scale(w, W),
@@ -209,7 +209,7 @@ def upsample_nearest_backward(grad_out, top_height, top_width):
     block_rows, block_fast = _elementwise_tile(fast_len)
     grid = (triton.cdiv(num_rows, block_rows), triton.cdiv(fast_len, block_fast))
     if num_rows + block_rows > INT32_MAX or grid[1] > GRID_YZ_MAX or max(H, W) >= 2**24:
-        raise ValueError(f"upsample_nearest_backward: shape {tuple(grad_out.shape)} is too large for the Triton kernel")
+        raise ValueError(f"fastbb.upsample_nearest_add_backward: shape {tuple(grad_out.shape)} is too large for the Triton kernel")
     with on_device(grad_out):
         _upsample_nearest_backward_kernel[grid](
             grad_out, grad_top, num_rows, fast_len, C, H, W, h, w, nearest_scale(h, H), nearest_scale(w, W),

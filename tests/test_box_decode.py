@@ -8,7 +8,7 @@ from torchvision.ops import clip_boxes_to_image
 
 import fastbb
 from fastbb.ops.box_decode import decode_boxes, decode_boxes_reference
-from conftest import TOLERANCES, check_forced_backends, devices, usable_backends
+from conftest import TOLERANCES, check_forced_backends, usable_backends
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 IMAGE_H, IMAGE_W = 800, 1333

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 import torchvision
 
 import fastbb
-from fastbb.ops import focal_loss as focal_module
 from fastbb.ops.focal_loss import (sigmoid_focal_loss, sigmoid_focal_loss_labels,
                                    sigmoid_focal_loss_labels_reference, sigmoid_focal_loss_reference)
 from fastbb.nn.focal_loss import FocalLoss, SigmoidFocalLoss

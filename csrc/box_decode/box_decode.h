@@ -209,13 +209,13 @@ inline FASTBB_HOST_DEVICE void decode_box(const anchor_t* anchor, const delta_t*
 inline void check_decode_boxes_args(const at::Tensor& anchors, const at::Tensor& deltas,
                                     const c10::optional<at::Tensor>& image_sizes, c10::DeviceType device) {
   TORCH_CHECK(anchors.device().type() == device && deltas.device().type() == device,
-              "decode_boxes: anchors and deltas must be on ", device);
-  TORCH_CHECK(anchors.dim() == 2 && anchors.size(1) == 4, "decode_boxes: anchors must be (A, 4), got ",
+              "fastbb.decode_boxes: anchors and deltas must be on ", device);
+  TORCH_CHECK(anchors.dim() == 2 && anchors.size(1) == 4, "fastbb.decode_boxes: anchors must be (A, 4), got ",
               anchors.sizes());
   TORCH_CHECK(deltas.dim() == 3 && deltas.size(1) == anchors.size(0) && deltas.size(2) % 4 == 0,
-              "decode_boxes: deltas must be (R, A, 4 * K) with A = ", anchors.size(0), ", got ",
+              "fastbb.decode_boxes: deltas must be (R, A, 4 * K) with A = ", anchors.size(0), ", got ",
               deltas.sizes());
-  TORCH_CHECK(anchors.scalar_type() == deltas.scalar_type(), "decode_boxes: anchors and deltas must have "
+  TORCH_CHECK(anchors.scalar_type() == deltas.scalar_type(), "fastbb.decode_boxes: anchors and deltas must have "
               "one dtype, got ", anchors.scalar_type(), " and ", deltas.scalar_type());
   if (image_sizes.has_value()) {
     const at::Tensor& sizes = *image_sizes;
@@ -223,7 +223,7 @@ inline void check_decode_boxes_args(const at::Tensor& anchors, const at::Tensor&
     TORCH_CHECK(sizes.device() == deltas.device() && sizes.scalar_type() == acc && sizes.dim() == 2 &&
                     sizes.size(1) == 2 && sizes.size(0) > 0 &&
                     (deltas.size(0) * deltas.size(1)) % sizes.size(0) == 0,
-                "decode_boxes: image_sizes must be a (B, 2) ", acc, " tensor on ", deltas.device(),
+                "fastbb.decode_boxes: image_sizes must be a (B, 2) ", acc, " tensor on ", deltas.device(),
                 " with B dividing R * A = ", deltas.size(0) * deltas.size(1), ", got ", sizes.sizes(), " ",
                 sizes.scalar_type());
   }
@@ -234,12 +234,12 @@ inline BoxDecodeParams make_decode_params(int64_t style, at::ArrayRef<double> we
                                           double dwh_min, double dwh_max, double dxy_max,
                                           at::ArrayRef<double> image_size,
                                           const c10::optional<at::Tensor>& image_sizes) {
-  TORCH_CHECK(style == kTorchvision || style == kMmdet, "decode_boxes: unknown style ", style);
+  TORCH_CHECK(style == kTorchvision || style == kMmdet, "fastbb.decode_boxes: unknown style ", style);
   TORCH_CHECK(weights.size() == 4 && means.size() == 4 && stds.size() == 4,
-              "decode_boxes: weights, means and stds must have 4 values each");
-  TORCH_CHECK(image_size.empty() || image_size.size() == 2, "decode_boxes: image_size must be [] or [h, w]");
+              "fastbb.decode_boxes: weights, means and stds must have 4 values each");
+  TORCH_CHECK(image_size.empty() || image_size.size() == 2, "fastbb.decode_boxes: image_size must be [] or [h, w]");
   TORCH_CHECK(image_size.empty() || !image_sizes.has_value(),
-              "decode_boxes: pass image_size or image_sizes, not both");
+              "fastbb.decode_boxes: pass image_size or image_sizes, not both");
   BoxDecodeParams p{};
   p.style = static_cast<int>(style);
   for (int i = 0; i < 4; ++i) {

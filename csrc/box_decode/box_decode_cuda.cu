@@ -74,7 +74,7 @@ at::Tensor decode_boxes_cuda(const at::Tensor& anchors, const at::Tensor& deltas
                              at::ArrayRef<double> stds, double dwh_min, double dwh_max, double dxy_max,
                              at::ArrayRef<double> image_size) {
   check_decode_boxes_args(anchors, deltas, image_sizes, c10::DeviceType::CUDA);
-  TORCH_CHECK(anchors.device() == deltas.device(), "decode_boxes: anchors and deltas must be on one device");
+  TORCH_CHECK(anchors.device() == deltas.device(), "fastbb.decode_boxes: anchors and deltas must be on one device");
   const BoxDecodeParams params =
       make_decode_params(style, weights, means, stds, dwh_min, dwh_max, dxy_max, image_size, image_sizes);
   const c10::cuda::CUDAGuard guard(deltas.device());
@@ -89,7 +89,7 @@ at::Tensor decode_boxes_cuda(const at::Tensor& anchors, const at::Tensor& deltas
   const int64_t num_images = sizes_c.has_value() ? sizes_c->size(0) : 1;
   constexpr int kThreads = 256;
   const int64_t blocks = (num_boxes + kThreads - 1) / kThreads;
-  TORCH_CHECK(blocks <= 0x7fffffff, "decode_boxes: too many boxes for one launch: ", num_boxes);
+  TORCH_CHECK(blocks <= 0x7fffffff, "fastbb.decode_boxes: too many boxes for one launch: ", num_boxes);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, deltas.scalar_type(), "decode_boxes_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -339,7 +339,7 @@ std::vector<int64_t> rank_by_score(const at::Tensor& scores) {
 
 void check_threshold(double iou_threshold) {
   TORCH_CHECK(iou_threshold >= 0.0 && iou_threshold <= 1.0,
-              "fastbb nms: iou_threshold must be in [0, 1], got ", iou_threshold);
+              "fastbb.nms: iou_threshold must be in [0, 1], got ", iou_threshold);
 }
 
 template <typename scalar_t>
@@ -381,7 +381,7 @@ at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, const c10:
 // Boxes (B, M, 4) -> compute-type contiguous copy (or the input itself) and its per-image valid counts.
 std::vector<int64_t> clamped_counts(const at::Tensor& valid_counts, int64_t batch, int64_t rows) {
   TORCH_CHECK(valid_counts.dim() == 1 && valid_counts.size(0) == batch,
-              "fastbb nms: valid_counts must have shape (B,) = (", batch, ",), got ", valid_counts.sizes());
+              "fastbb.nms: valid_counts must have shape (B,) = (", batch, ",), got ", valid_counts.sizes());
   const at::Tensor vc = valid_counts.to(at::kLong).contiguous();
   const int64_t* data = vc.const_data_ptr<int64_t>();
   std::vector<int64_t> counts(batch);
@@ -390,13 +390,13 @@ std::vector<int64_t> clamped_counts(const at::Tensor& valid_counts, int64_t batc
 }
 
 void check_padded(const at::Tensor& boxes, const c10::optional<at::Tensor>& labels) {
-  TORCH_CHECK(boxes.dim() == 3 && boxes.size(2) == 4, "fastbb nms: boxes must have shape (B, M, 4), got ",
+  TORCH_CHECK(boxes.dim() == 3 && boxes.size(2) == 4, "fastbb.nms: boxes must have shape (B, M, 4), got ",
               boxes.sizes());
-  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), "fastbb nms: boxes must be floating point");
+  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), "fastbb.nms: boxes must be floating point");
   if (labels.has_value()) {
     TORCH_CHECK(labels->dim() == 2 && labels->size(0) == boxes.size(0) && labels->size(1) == boxes.size(1),
-                "fastbb nms: labels must have shape (B, M), got ", labels->sizes());
-    TORCH_CHECK(labels->scalar_type() == at::kLong, "fastbb nms: labels must be int64");
+                "fastbb.nms: labels must have shape (B, M), got ", labels->sizes());
+    TORCH_CHECK(labels->scalar_type() == at::kLong, "fastbb.nms: labels must be int64");
   }
 }
 
@@ -489,7 +489,7 @@ at::Tensor nms_iou_mask_cpu(const at::Tensor& boxes, const c10::optional<at::Ten
 
 at::Tensor nms_reduce_mask_cpu(const at::Tensor& mask, const at::Tensor& valid_counts) {
   TORCH_CHECK(mask.dim() == 3 && mask.scalar_type() == at::kLong && mask.size(2) == (mask.size(1) + 63) / 64,
-              "fastbb nms: mask must be int64 of shape (B, M, ceil(M / 64)), got ", mask.sizes());
+              "fastbb.nms: mask must be int64 of shape (B, M, ceil(M / 64)), got ", mask.sizes());
   const int64_t batch = mask.size(0), rows = mask.size(1), words = mask.size(2);
   const std::vector<int64_t> counts = clamped_counts(valid_counts, batch, rows);
   at::Tensor keep = at::zeros({batch, rows}, mask.options().dtype(at::kBool));
@@ -515,21 +515,21 @@ at::Tensor nms_reduce_mask_cpu(const at::Tensor& mask, const at::Tensor& valid_c
 
 at::Tensor nms_cpu_kernel(const at::Tensor& boxes, const at::Tensor& scores,
                           const c10::optional<at::Tensor>& idxs, double iou_threshold) {
-  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "fastbb nms: boxes must have shape (N, 4), got ",
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "fastbb.nms: boxes must have shape (N, 4), got ",
               boxes.sizes());
-  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), "fastbb nms: boxes must be floating point, got ",
+  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), "fastbb.nms: boxes must be floating point, got ",
               boxes.scalar_type());
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0),
-              "fastbb nms: scores must have shape (N,) = (", boxes.size(0), ",), got ", scores.sizes());
-  TORCH_CHECK(at::isFloatingType(scores.scalar_type()), "fastbb nms: scores must be floating point");
-  TORCH_CHECK(!boxes.is_cuda() && !scores.is_cuda(), "fastbb nms: nms_cpu_kernel takes CPU tensors");
+              "fastbb.nms: scores must have shape (N,) = (", boxes.size(0), ",), got ", scores.sizes());
+  TORCH_CHECK(at::isFloatingType(scores.scalar_type()), "fastbb.nms: scores must be floating point");
+  TORCH_CHECK(!boxes.is_cuda() && !scores.is_cuda(), "fastbb.nms: nms_cpu_kernel takes CPU tensors");
   check_threshold(iou_threshold);
   at::Tensor labels;
   if (idxs.has_value()) {
-    TORCH_CHECK(idxs->dim() == 1 && idxs->size(0) == boxes.size(0), "fastbb nms: idxs must have shape (N,) = (",
+    TORCH_CHECK(idxs->dim() == 1 && idxs->size(0) == boxes.size(0), "fastbb.nms: idxs must have shape (N,) = (",
                 boxes.size(0), ",), got ", idxs->sizes());
     TORCH_CHECK(at::isIntegralType(idxs->scalar_type(), /*includeBool=*/false),
-                "fastbb nms: idxs must be an integer tensor");
+                "fastbb.nms: idxs must be an integer tensor");
     labels = idxs->to(at::kLong).contiguous();
   }
   if (boxes.size(0) == 0) return at::empty({0}, boxes.options().dtype(at::kLong));

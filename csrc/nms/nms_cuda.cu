@@ -187,32 +187,32 @@ int64_t reduce_shared_bytes(int device) {
 
 void check_threshold(double iou_threshold) {
   TORCH_CHECK(iou_threshold >= 0.0 && iou_threshold <= 1.0,
-              "fastbb nms: iou_threshold must be in [0, 1], got ", iou_threshold);
+              "fastbb.nms: iou_threshold must be in [0, 1], got ", iou_threshold);
 }
 
 void check_counts(const at::Tensor& valid_counts, int64_t batch) {
   TORCH_CHECK(valid_counts.dim() == 1 && valid_counts.size(0) == batch,
-              "fastbb nms: valid_counts must have shape (B,) = (", batch, ",), got ", valid_counts.sizes());
+              "fastbb.nms: valid_counts must have shape (B,) = (", batch, ",), got ", valid_counts.sizes());
 }
 
 at::Tensor nms_iou_mask_cuda(const at::Tensor& boxes, const c10::optional<at::Tensor>& labels,
                              const at::Tensor& valid_counts, double iou_threshold) {
   TORCH_CHECK(boxes.is_cuda() && boxes.dim() == 3 && boxes.size(2) == 4,
-              "fastbb nms: boxes must be a CUDA tensor of shape (B, M, 4), got ", boxes.sizes());
-  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), "fastbb nms: boxes must be floating point");
+              "fastbb.nms: boxes must be a CUDA tensor of shape (B, M, 4), got ", boxes.sizes());
+  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), "fastbb.nms: boxes must be floating point");
   check_threshold(iou_threshold);
   const int64_t batch = boxes.size(0), rows = boxes.size(1), words = (rows + kTile - 1) / kTile;
   check_counts(valid_counts, batch);
   if (labels.has_value()) {
     TORCH_CHECK(labels->dim() == 2 && labels->size(0) == batch && labels->size(1) == rows &&
                     labels->scalar_type() == at::kLong,
-                "fastbb nms: labels must be int64 of shape (B, M), got ", labels->sizes());
+                "fastbb.nms: labels must be int64 of shape (B, M), got ", labels->sizes());
   }
   c10::cuda::CUDAGuard guard(boxes.device());
   at::Tensor mask = at::empty({batch, rows, words}, boxes.options().dtype(at::kLong));
   if (mask.numel() == 0) return mask;
   const int64_t tiles_per_image = words * (words + 1) / 2;
-  TORCH_CHECK_VALUE(tiles_per_image <= kMaxGridX / batch, "nms_iou_mask: boxes of shape ", boxes.sizes(),
+  TORCH_CHECK_VALUE(tiles_per_image <= kMaxGridX / batch, "fastbb.nms_iou_mask: boxes of shape ", boxes.sizes(),
                     " need ", tiles_per_image, " tiles per image for ", batch, " images, over CUDA's grid limit of ",
                     kMaxGridX, " blocks; split the input");
   const at::Tensor box_data = boxes.contiguous();
@@ -234,13 +234,13 @@ at::Tensor nms_iou_mask_cuda(const at::Tensor& boxes, const c10::optional<at::Te
 at::Tensor nms_reduce_mask_cuda(const at::Tensor& mask, const at::Tensor& valid_counts) {
   TORCH_CHECK(mask.is_cuda() && mask.dim() == 3 && mask.scalar_type() == at::kLong &&
                   mask.size(2) == (mask.size(1) + kTile - 1) / kTile,
-              "fastbb nms: mask must be a CUDA int64 tensor of shape (B, M, ceil(M / 64)), got ", mask.sizes());
+              "fastbb.nms: mask must be a CUDA int64 tensor of shape (B, M, ceil(M / 64)), got ", mask.sizes());
   const int64_t batch = mask.size(0), rows = mask.size(1), words = mask.size(2);
   check_counts(valid_counts, batch);
   c10::cuda::CUDAGuard guard(mask.device());
   at::Tensor keep = at::empty({batch, rows}, mask.options().dtype(at::kBool));
   if (keep.numel() == 0) return keep;
-  TORCH_CHECK_VALUE(batch <= kMaxGridX, "nms_reduce_mask: mask of shape ", mask.sizes(), " needs ", batch,
+  TORCH_CHECK_VALUE(batch <= kMaxGridX, "fastbb.nms_reduce_mask: mask of shape ", mask.sizes(), " needs ", batch,
                     " blocks, over CUDA's grid limit of ", kMaxGridX, "; split the input");
   const at::Tensor mask_data = mask.contiguous();
   const at::Tensor counts = valid_counts.to(at::kLong).contiguous();
@@ -266,9 +266,9 @@ at::Tensor nms_sorted_padded_cuda(const at::Tensor& boxes, const at::Tensor& lab
 at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, const c10::optional<at::Tensor>& idxs,
                     double iou_threshold) {
   TORCH_CHECK(boxes.is_cuda() && boxes.dim() == 2 && boxes.size(1) == 4,
-              "fastbb nms: boxes must be a CUDA tensor of shape (N, 4), got ", boxes.sizes());
+              "fastbb.nms: boxes must be a CUDA tensor of shape (N, 4), got ", boxes.sizes());
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0),
-              "fastbb nms: scores must have shape (N,) = (", boxes.size(0), ",), got ", scores.sizes());
+              "fastbb.nms: scores must have shape (N,) = (", boxes.size(0), ",), got ", scores.sizes());
   check_threshold(iou_threshold);
   c10::cuda::CUDAGuard guard(boxes.device());
   const int64_t n = boxes.size(0);
@@ -277,7 +277,7 @@ at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, const c10
   at::Tensor order = ranked;
   c10::optional<at::Tensor> labels;
   if (idxs.has_value()) {
-    TORCH_CHECK(idxs->dim() == 1 && idxs->size(0) == n, "fastbb nms: idxs must have shape (N,) = (", n,
+    TORCH_CHECK(idxs->dim() == 1 && idxs->size(0) == n, "fastbb.nms: idxs must have shape (N,) = (", n,
                 ",), got ", idxs->sizes());
     // Classes made contiguous (rank order kept within each): per-class greedy results do not depend on
     // how classes interleave, and tiles of two different classes then hold no work.

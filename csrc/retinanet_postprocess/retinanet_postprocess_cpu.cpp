@@ -216,46 +216,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retinanet_postprocess
     const at::Tensor& cls_logits, const at::Tensor& bbox_regression, at::TensorList anchors,
     at::IntArrayRef num_anchors_per_level, const at::Tensor& image_sizes, double score_thresh, double nms_thresh,
     int64_t detections_per_img, int64_t topk_candidates, at::ArrayRef<double> box_coder_weights) {
-  TORCH_CHECK(cls_logits.dim() == 3, "retinanet_postprocess: cls_logits must be (N, A, K), got ", cls_logits.sizes());
+  TORCH_CHECK(cls_logits.dim() == 3, "fastbb.retinanet_postprocess: cls_logits must be (N, A, K), got ", cls_logits.sizes());
   const int64_t num_images = cls_logits.size(0), num_anchors = cls_logits.size(1);
   TORCH_CHECK(bbox_regression.dim() == 3 && bbox_regression.size(0) == num_images &&
                   bbox_regression.size(1) == num_anchors && bbox_regression.size(2) == 4,
-              "retinanet_postprocess: bbox_regression must be (N, A, 4) = (", num_images, ", ", num_anchors,
+              "fastbb.retinanet_postprocess: bbox_regression must be (N, A, 4) = (", num_images, ", ", num_anchors,
               ", 4), got ", bbox_regression.sizes());
   TORCH_CHECK(at::isFloatingType(cls_logits.scalar_type()) && bbox_regression.scalar_type() == cls_logits.scalar_type(),
-              "retinanet_postprocess: cls_logits and bbox_regression must share one floating dtype, got ",
+              "fastbb.retinanet_postprocess: cls_logits and bbox_regression must share one floating dtype, got ",
               cls_logits.scalar_type(), " and ", bbox_regression.scalar_type());
-  TORCH_CHECK(static_cast<int64_t>(anchors.size()) == num_images, "retinanet_postprocess: expected ", num_images,
+  TORCH_CHECK(static_cast<int64_t>(anchors.size()) == num_images, "fastbb.retinanet_postprocess: expected ", num_images,
               " anchor tensors, got ", anchors.size());
   std::vector<at::Tensor> anchor_data;
   for (const auto& a : anchors) {
     TORCH_CHECK(a.dim() == 2 && a.size(0) == num_anchors && a.size(1) == 4,
-                "retinanet_postprocess: anchors must be (A, 4) = (", num_anchors, ", 4), got ", a.sizes());
-    TORCH_CHECK(a.device().is_cpu(), "retinanet_postprocess: anchors must be CPU tensors");
+                "fastbb.retinanet_postprocess: anchors must be (A, 4) = (", num_anchors, ", 4), got ", a.sizes());
+    TORCH_CHECK(a.device().is_cpu(), "fastbb.retinanet_postprocess: anchors must be CPU tensors");
     anchor_data.push_back(a.to(cls_logits.scalar_type()).contiguous());
   }
   TORCH_CHECK(image_sizes.dim() == 2 && image_sizes.size(0) == num_images && image_sizes.size(1) == 2,
-              "retinanet_postprocess: image_sizes must be (N, 2) = (", num_images, ", 2), got ", image_sizes.sizes());
+              "fastbb.retinanet_postprocess: image_sizes must be (N, 2) = (", num_images, ", 2), got ", image_sizes.sizes());
   TORCH_CHECK(cls_logits.device().is_cpu() && bbox_regression.device().is_cpu() && image_sizes.device().is_cpu(),
-              "retinanet_postprocess: the CPU kernel takes CPU tensors");
-  TORCH_CHECK(score_thresh >= 0.0 && score_thresh <= 1.0, "retinanet_postprocess: score_thresh must be in [0, 1], got ",
+              "fastbb.retinanet_postprocess: the CPU kernel takes CPU tensors");
+  TORCH_CHECK(score_thresh >= 0.0 && score_thresh <= 1.0, "fastbb.retinanet_postprocess: score_thresh must be in [0, 1], got ",
               score_thresh);
-  TORCH_CHECK(nms_thresh >= 0.0 && nms_thresh <= 1.0, "retinanet_postprocess: nms_thresh must be in [0, 1], got ",
+  TORCH_CHECK(nms_thresh >= 0.0 && nms_thresh <= 1.0, "fastbb.retinanet_postprocess: nms_thresh must be in [0, 1], got ",
               nms_thresh);
   TORCH_CHECK(detections_per_img >= 1 && topk_candidates >= 1,
-              "retinanet_postprocess: detections_per_img and topk_candidates must be >= 1");
-  TORCH_CHECK(box_coder_weights.size() == 4, "retinanet_postprocess: box_coder_weights must hold 4 numbers");
+              "fastbb.retinanet_postprocess: detections_per_img and topk_candidates must be >= 1");
+  TORCH_CHECK(box_coder_weights.size() == 4, "fastbb.retinanet_postprocess: box_coder_weights must hold 4 numbers");
 
   Options o;
   o.num_classes = cls_logits.size(2);
   int64_t start = 0;
   for (const int64_t count : num_anchors_per_level) {
-    TORCH_CHECK(count >= 0, "retinanet_postprocess: num_anchors_per_level must be >= 0");
+    TORCH_CHECK(count >= 0, "fastbb.retinanet_postprocess: num_anchors_per_level must be >= 0");
     o.level_start.push_back(start);
     o.level_count.push_back(count);
     start += count;
   }
-  TORCH_CHECK(start == num_anchors, "retinanet_postprocess: num_anchors_per_level must sum to A = ", num_anchors,
+  TORCH_CHECK(start == num_anchors, "fastbb.retinanet_postprocess: num_anchors_per_level must sum to A = ", num_anchors,
               ", got ", start);
   o.score_thresh = score_thresh;
   o.nms_thresh = nms_thresh;

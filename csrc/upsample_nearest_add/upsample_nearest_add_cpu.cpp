@@ -313,7 +313,7 @@ bool all_channels_last(std::initializer_list<const at::Tensor*> tensors, const c
 }
 
 void upsample_nearest_add_out_cpu(const at::Tensor& top, const at::Tensor& lateral, const at::Tensor& out) {
-  constexpr const char* kOp = "upsample_nearest_add_out";
+  constexpr const char* kOp = "fastbb.upsample_nearest_add";
   TORCH_CHECK(top.dim() == 4, kOp, ": top must be 4-D (N, C, h, w), got ", top.sizes());
   TORCH_CHECK(lateral.dim() == 4, kOp, ": lateral must be 4-D (N, C, H, W), got ", lateral.sizes());
   TORCH_CHECK(out.sizes() == lateral.sizes(), kOp, ": out must have lateral's shape ", lateral.sizes(), ", got ",
@@ -398,7 +398,7 @@ void backward_rows(const scalar_t* grad_out, scalar_t* grad_top, const RowLayout
 }
 
 at::Tensor upsample_nearest_backward_cpu(const at::Tensor& grad_out, int64_t top_height, int64_t top_width) {
-  constexpr const char* kOp = "upsample_nearest_backward";
+  constexpr const char* kOp = "fastbb.upsample_nearest_add_backward";
   TORCH_CHECK(grad_out.dim() == 4, kOp, ": grad_out must be 4-D (N, C, H, W), got ", grad_out.sizes());
   TORCH_CHECK(grad_out.device().is_cpu(), kOp, ": grad_out must be a CPU tensor");
   const int64_t N = grad_out.size(0), C = grad_out.size(1), H = grad_out.size(2), W = grad_out.size(3);

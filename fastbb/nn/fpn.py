@@ -8,7 +8,6 @@ state_dict keys and outputs are those of the originals.
 from collections import OrderedDict
 from collections.abc import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

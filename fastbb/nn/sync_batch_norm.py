@@ -7,6 +7,8 @@ backend has (gloo on the CPU, NCCL on CUDA).
 import torch
 import torch.distributed as dist
 
+from fastbb.ops._common import compute_dtype
+
 
 class _AllReduceSum(torch.autograd.Function):
     """Differentiable sum all-reduce: every rank's output is the sum of all inputs, so the gradient of each
@@ -36,7 +38,7 @@ def _sync_batch_norm_train(y, weight, bias, running_mean, running_var, momentum,
     the unbiased variance of the global count, as nn.SyncBatchNorm does. Statistics are computed in float32
     (float64 for float64 y); the output has y's dtype. Every rank must call this the same number of times.
     """
-    compute = torch.float64 if y.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(y.dtype)
     values = y.to(compute)
     channels = y.shape[1]
     local_count = y.numel() // channels if channels else 0

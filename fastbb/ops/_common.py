@@ -19,8 +19,9 @@ def compute_dtype(dtype):
 
 def memory_format(t):
     """channels_last when the 4-D tensor t is laid out so (and not also plain contiguous), else
-    contiguous_format: the format of outputs made to follow t, in the real kernels and the fake functions
-    alike (kernels/_common.py output_format is the same rule for the Triton launchers)."""
+    contiguous_format: the format of outputs made to follow t, in the real kernels, the Triton launchers
+    (as kernels/_common.output_format) and the fake functions alike, so real and fake outputs get the same
+    strides."""
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
