@@ -4,6 +4,7 @@ Without a GPU, Triton kernels run on CPU tensors under the Triton interpreter, w
 before triton is first imported; fastbb imports triton lazily, so setting it here is early enough.
 """
 import dataclasses
+import json
 import os
 import random
 import re
@@ -64,6 +65,35 @@ def check_forced_backends(monkeypatch, op, call, device="cpu"):
     message = re.escape(f"fastbb.{op} has no '{lacking}'")
     with fastbb.use_backend(lacking), pytest.raises(RuntimeError, match=message):
         call()
+
+
+def error_norm(value, exact):
+    """Norm of value - exact, in float64 (a max over a few elements is too noisy to bound)."""
+    if exact.numel() == 0:
+        return 0.0
+    return float((value.detach().double() - exact.detach().double()).norm())
+
+
+def assert_error_within(got, original, exact, factor=2.0, *, slack=0.0, name=""):
+    """got's error against `exact` (a float64 run) is at most `factor` times the original's own error
+    (torchvision's / PyTorch's result in the same dtype), plus slack * |exact|.
+
+    With FASTBB_RECORD_ERROR_RATIOS=PATH set, each check appends a JSON line (test id, name, the ratio of
+    got's error to the original's, and the share of the bound used) to PATH: tests/seed_sweep.py runs
+    the tests over many seeds with it to set each factor above the worst ratio seen."""
+    exact = exact.detach().double()
+    original_error = error_norm(original, exact)
+    error = error_norm(got, exact)
+    bound = factor * original_error + slack * (float(exact.norm()) if exact.numel() else 0.0)
+    record = os.environ.get("FASTBB_RECORD_ERROR_RATIOS")
+    if record:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+        with open(record, "a") as f:
+            f.write(json.dumps({"test": test, "name": name, "factor": factor,
+                                "ratio": error / original_error if original_error else None,
+                                "share_of_bound": error / bound if bound else None}) + "\n")
+    assert error <= bound, (f"{name}: error {error:.3g} > bound {bound:.3g} = {factor} x the original's error "
+                            f"{original_error:.3g} + slack")
 
 
 def randomize_bn(model):
