@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from fastbb.benchmarks import gpu_check, runner
+from fastbb.benchmarks import compare_runs, gpu_check, runner
 
 
 def _case(name, calls, compile_estimate_s=None, fail=False):
@@ -124,3 +124,24 @@ def test_busy_processes_run_beside_the_block_and_stop(monkeypatch):
     with runner.busy_processes(2):
         assert len(started) == 2 and all(p.poll() is None for p in started)  # running
     assert all(p.poll() is not None for p in started)  # stopped
+
+
+def test_compare_runs_takes_medians_over_runs(tmp_path, capsys):
+    """Per row and provider, the median over a side's runs; new/old and busy/quiet from those medians."""
+    def write(path, eager_s, fastbb_s):
+        row = {"name": "row", "baseline": "eager",
+               "providers": {"eager": {"median_s": eager_s}, "fastbb": {"median_s": fastbb_s}}}
+        path.write_text(json.dumps({"results": [row]}))
+
+    for i, fastbb_s in enumerate([1.0, 3.0, 2.0]):
+        write(tmp_path / f"old-{i}.json", 4.0, fastbb_s)
+    for i, fastbb_s in enumerate([2.2, 9.0, 1.0]):
+        write(tmp_path / f"new-{i}.json", 8.0, fastbb_s)
+    compare_runs.compare_times(str(tmp_path / "old-*.json"), str(tmp_path / "new-*.json"))
+    out = capsys.readouterr().out
+    assert "new/old  1.10" in out and "slowest new/old: 1.100 (row, fastbb)" in out
+    compare_runs.compare_speedups(str(tmp_path / "old-*.json"), str(tmp_path / "new-*.json"))
+    # quiet speedups 4, 1.33, 2 -> median 2; busy 3.64, 0.89, 8 -> median 3.64
+    assert "quiet   2.00x (1.33-4.00)  busy   3.64x (0.89-8.00)  busy/quiet 1.82" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no file matches"):
+        compare_runs.load(str(tmp_path / "missing-*.json"))
