@@ -113,7 +113,7 @@ def test_box_decode_onnx_matches_torchvision():
     xy = torch.rand(20, 2) * 50
     boxes = torch.cat([xy, xy + torch.rand(20, 2) * 30 + 1], dim=1)
     deltas = torch.randn(20, 8)
-    (got,), onnx_model = _onnx_run(Decode(), (deltas, boxes))
+    (got,), onnx_model = _onnx_run(Decode().eval(), (deltas, boxes))
     _assert_standard_operators(onnx_model)
     expected = TorchvisionBoxCoder((10.0, 10.0, 5.0, 5.0)).decode_single(deltas, boxes)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
