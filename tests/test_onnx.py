@@ -79,6 +79,21 @@ def test_feature_pyramid_network_onnx_matches_torchvision():
         assert_error_within(a, b, c, factor=2.0, name=f"level {level}")
 
 
+def test_exported_program_converts_to_onnx():
+    """A program exported first (torch.export, which keeps the custom ops) converts too: the decompositions
+    are registered with torch, not tied to torch.onnx.export's own capture."""
+    fpn = _FPN(fastbb.nn.FeaturePyramidNetwork([8, 16, 32], 12)).eval()
+    inputs = (torch.randn(1, 8, 17, 15), torch.randn(1, 16, 9, 8), torch.randn(1, 32, 5, 4))
+    exported = torch.export.export(fpn, inputs)
+    assert any(node.target == torch.ops.fastbb.fpn_merge.default for node in exported.graph.nodes)
+    got, onnx_model = _onnx_run(exported, inputs)
+    _assert_standard_operators(onnx_model)
+    with torch.no_grad():
+        expected = fpn(*inputs)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_mmdet_fpn_with_norm_onnx_matches_eager():
     """mmdet's FPN with BN on the laterals merges with upsample_nearest_add; exported, it computes what the
     eager module computes."""
