@@ -9,10 +9,12 @@ What it swaps (state_dict keys, parameters and outputs stay the same; only forwa
   Conv2dNormActivation, stems, downsample pairs outside ResNet blocks): replaced by a ConvBNReLU2d holding
   the same modules under the same names.
 """
+import functools
 import types
 
 from torch import nn
 
+from fastbb._tracing import not_scriptable_error
 from fastbb.models.resnet import _basic_block_forward, _bottleneck_forward, _resnet_forward
 from fastbb.nn.conv_bn_relu import ConvBNReLU2d, _fusable
 
@@ -51,11 +53,26 @@ def _sequential_chain(module):
     return children[0], children[1], children[2] if len(children) == 3 else None
 
 
+def _refuse_scripting(module, name):
+    """torch.jit.script of the module (or of a model holding it) raises an error that says why and what to use,
+    rather than failing inside the fused forward it was given. (A partial of a module-level function, so the
+    model still pickles.)"""
+    module.__prepare_scriptable__ = functools.partial(_raise_not_scriptable, type(module).__name__, name)
+
+
+def _raise_not_scriptable(kind, name):
+    raise not_scriptable_error(f"fastbb.convert: {kind} {name or '(the model)'}",
+                               "its forward was replaced by fastbb's fused forward, which runs Python TorchScript "
+                               "cannot compile (script the model before converting it to keep it unfused)")
+
+
 def convert(model: nn.Module) -> list[str]:
     """
     Fuses, in place, the conv -> BN [-> ReLU] chains of a torchvision or OpenMMLab model (see the module
     docstring for what is swapped). The model keeps its parameters, buffers and state_dict keys and
-    computes the same outputs; only forwards change.
+    computes the same outputs; only forwards change. The converted model works under torch.export,
+    torch.compile and torch.fx (which traces the root module's class forward: a converted ResNet traced as
+    the root keeps its stem unfused); torch.jit.script of it raises fastbb's NotScriptableError, which says so.
 
     Args:
         model (nn.Module): the model to convert.
@@ -73,12 +90,14 @@ def convert(model: nn.Module) -> list[str]:
         if kind is not None:
             forward = _bottleneck_forward if kind == "Bottleneck" else _basic_block_forward
             module.forward = types.MethodType(forward, module)
+            _refuse_scripting(module, name)
             blocks.add(id(module))
             report.append(f"{name}: {kind} (conv + BN + ReLU fused, residual in the last)")
         elif type(module).__name__ == "ResNet" and _has(module, "conv1", "bn1", "maxpool", "layer1", "layer2", "layer3",
                                                          "layer4", "avgpool", "fc") \
                 and _fusable(module.conv1, module.bn1):
             module.forward = types.MethodType(_resnet_forward, module)
+            _refuse_scripting(module, name)
             report.append(f"{name or '(model)'}: ResNet stem conv1 + bn1 + relu")
     for parent_name, parent in list(model.named_modules()):
         if id(parent) in blocks:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils import checkpoint
 
 from fastbb._registry import register
+from fastbb._tracing import not_scriptable
 from fastbb.models.resnet import _basic_block_forward, _bottleneck_forward
 from fastbb.nn.conv_bn_relu import _fused_conv_bn
 
@@ -68,6 +69,7 @@ def _conv(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=
                      bias=False)
 
 
+@not_scriptable
 class _MMBlock(nn.Module):
     """What mmdet's BasicBlock and Bottleneck share: their arguments and checks, the attributes mmdet sets,
     and with_cp, mmdet's checkpointing: the block recomputed in backward instead of keeping its
@@ -203,6 +205,7 @@ def _load_pretrained(name, model, checkpoint_path):
 
 
 @register("ResNet")
+@not_scriptable
 class MMResNet(nn.Module):
     """
     mmdet / mmseg ``ResNet`` backbone, fused (see the module docstring). ``fastbb.models.MMResNet`` avoids a

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastbb._tracing import not_scriptable, traced
 from fastbb.nn.conv_bn_relu import _fused_conv_bn
 
 
@@ -90,6 +91,7 @@ def _bottleneck_forward(self, x: Tensor) -> Tensor:
     return _fused_conv_bn(self.conv3, self.bn3, out, residual=_shortcut(self, x))
 
 
+@not_scriptable
 class BasicBlock(nn.Module):
     """
     torchvision's ResNet BasicBlock (two 3x3 convs), its conv -> BN -> ReLU chains and residual add fused.
@@ -126,6 +128,7 @@ class BasicBlock(nn.Module):
     forward = _basic_block_forward
 
 
+@not_scriptable
 class Bottleneck(nn.Module):
     """
     torchvision's ResNet Bottleneck (1x1, 3x3, 1x1 convs, the stride on the 3x3: ResNet V1.5), its
@@ -196,13 +199,14 @@ def _resnet_forward(self, x: Tensor) -> Tensor:
     Returns:
         Tensor[N, num_classes]: the logits.
     """
-    if (not self.training and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+    if (not traced(x) and not self.training and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
             and x.dim() == 4 and x.is_contiguous() and not torch.compiler.is_compiling()):
         x = x.contiguous(memory_format=torch.channels_last)
     x = _resnet_forward_features(self, x)[-1]
     return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+@not_scriptable
 class ResNet(nn.Module):
     """
     torchvision.models.ResNet with every conv -> BN [-> ReLU] (and the residual add) fused: same module

@@ -6,10 +6,12 @@ import torch
 from torch import Tensor
 
 from fastbb._registry import register
+from fastbb._tracing import not_scriptable, traced
 from fastbb.ops.box_decode import decode_boxes
 
 
 @register("BoxCoder")
+@not_scriptable
 class BoxCoder:
     """
     torchvision.models.detection._utils.BoxCoder, decoding with the fused :func:`fastbb.ops.decode_boxes`.
@@ -108,6 +110,7 @@ class BoxCoder:
 
 
 @register("DeltaXYWHBBoxCoder")
+@not_scriptable
 class DeltaXYWHBBoxCoder:
     """
     mmdet 3.x ``DeltaXYWHBBoxCoder``, decoding with the fused :func:`fastbb.ops.decode_boxes`: deltas
@@ -187,8 +190,9 @@ class DeltaXYWHBBoxCoder:
         Returns:
             Tensor: Decoded boxes, of pred_bboxes' shape and dtype.
         """
-        if (pred_bboxes.size(0) != bboxes.size(0)
-                or (pred_bboxes.ndim == 3 and pred_bboxes.size(1) != bboxes.size(1))):
+        # Under torch.fx symbolic tracing the shapes are unknown: decode_boxes checks them when the graph runs.
+        if not traced(bboxes, pred_bboxes) and (pred_bboxes.size(0) != bboxes.size(0) or (
+                pred_bboxes.ndim == 3 and pred_bboxes.size(1) != bboxes.size(1))):
             raise ValueError(f"fastbb.nn.DeltaXYWHBBoxCoder.decode: pred_bboxes {tuple(pred_bboxes.shape)} do not "
                              f"match bboxes {tuple(bboxes.shape)}")
         max_ratio = abs(math.log(wh_ratio_clip))

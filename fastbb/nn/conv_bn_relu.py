@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastbb._tracing import not_scriptable, traced
 from fastbb.nn.sync_batch_norm import _sync_batch_norm_train
 from fastbb.ops.conv_bn_relu import conv_bn_relu
 
@@ -59,6 +60,7 @@ def _is_frozen(bn):
     return type(bn).__name__ == "FrozenBatchNorm2d"  # fastbb's or torchvision's
 
 
+@not_scriptable
 class ConvBNReLU2d(nn.Module):
     """
     ``relu(bn(conv(x)) [+ residual])`` in one :func:`fastbb.ops.conv_bn_relu` call: what
@@ -164,6 +166,21 @@ def _synchronizes(bn):
             and torch.distributed.is_initialized() and torch.distributed.get_world_size(bn.process_group) > 1)
 
 
+def _count_batch_traced(tracer, bn, momentum):
+    """Under torch.fx symbolic tracing, bn.num_batches_tracked's increment as a node of the graph (run at every
+    call of the traced module, as nn.BatchNorm2d's is; an in-place aten op, so dead-code elimination keeps it),
+    and the momentum: with momentum None, 1 / num_batches_tracked as a traced value too."""
+    count = tracer.create_proxy("call_function", torch.ops.aten.add_.Scalar, (bn.num_batches_tracked, 1), {})
+    if momentum is None:
+        return tracer.create_proxy("call_function", _cumulative_momentum, (count,), {})
+    return momentum
+
+
+def _cumulative_momentum(num_batches_tracked):
+    """nn.BatchNorm2d's momentum=None: the cumulative moving average's 1 / num_batches_tracked."""
+    return 1.0 / float(num_batches_tracked)
+
+
 def _fused_conv_bn(conv, bn, x, relu=True, residual=None):
     """relu(bn(conv(x)) [+ residual]) with the BN module's mode (training, eval, frozen), as one fused call;
     the modules' own forward when the pair is not fusable (e.g. GroupNorm). A SyncBatchNorm training across
@@ -179,9 +196,12 @@ def _fused_conv_bn(conv, bn, x, relu=True, residual=None):
     batch_statistics = bn.training or bn.running_mean is None
     momentum = bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)  # the one increment per forward, on every path below
-        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
-            momentum = 1.0 / float(bn.num_batches_tracked)
+        if traced(x):
+            momentum = _count_batch_traced(x.tracer, bn, momentum)
+        else:
+            bn.num_batches_tracked.add_(1)  # the one increment per forward, on every path below
+            if momentum is None:
+                momentum = _cumulative_momentum(bn.num_batches_tracked)
     use_running = not batch_statistics or (bn.training and bn.track_running_stats)
     running_mean = bn.running_mean if use_running else None
     running_var = bn.running_var if use_running else None

@@ -2,11 +2,13 @@
 from torch import Tensor, nn
 
 from fastbb._registry import register
+from fastbb._tracing import fx_leaf, not_scriptable
 from fastbb.ops.focal_loss import _sigmoid_focal_loss_labels, _sigmoid_focal_loss_weighted, sigmoid_focal_loss
 
 _FOCAL_LOSS = "fastbb.nn.FocalLoss"  # how FocalLoss's error messages name it
 
 
+@not_scriptable
 class SigmoidFocalLoss(nn.Module):
     """
     torchvision.ops.sigmoid_focal_loss as a module (:func:`fastbb.ops.sigmoid_focal_loss`), with dense
@@ -41,7 +43,18 @@ class SigmoidFocalLoss(nn.Module):
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
 
 
+@fx_leaf(_FOCAL_LOSS)
+def _focal_loss(pred, target, weight, gamma, alpha, reduction, avg_factor):
+    """FocalLoss's loss before loss_weight: dense targets of pred's shape, or class labels. One leaf call under
+    torch.fx symbolic tracing (which form it is depends on the shapes)."""
+    if pred.dim() == target.dim():
+        return _sigmoid_focal_loss_weighted(_FOCAL_LOSS, pred, target, weight, gamma, alpha, reduction, avg_factor)
+    return _sigmoid_focal_loss_labels(_FOCAL_LOSS, ("pred", "target"), pred, target, gamma, alpha, weight, reduction,
+                                      avg_factor, -100)
+
+
 @register("FocalLoss")
+@not_scriptable
 class FocalLoss(nn.Module):
     """
     mmdet's ``FocalLoss`` (sigmoid form), on the fused focal loss.
@@ -91,13 +104,7 @@ class FocalLoss(nn.Module):
             raise ValueError(f"{_FOCAL_LOSS}: reduction_override must be None, 'none', 'mean' or 'sum', "
                              f"got {reduction_override!r}")
         reduction = reduction_override if reduction_override else self.reduction
-        if pred.dim() == target.dim():
-            loss = _sigmoid_focal_loss_weighted(_FOCAL_LOSS, pred, target, weight, self.gamma, self.alpha, reduction,
-                                                avg_factor)
-        else:
-            loss = _sigmoid_focal_loss_labels(_FOCAL_LOSS, ("pred", "target"), pred, target, self.gamma, self.alpha,
-                                              weight, reduction, avg_factor, -100)
-        return self.loss_weight * loss
+        return self.loss_weight * _focal_loss(pred, target, weight, self.gamma, self.alpha, reduction, avg_factor)
 
     def extra_repr(self) -> str:
         return (f"gamma={self.gamma}, alpha={self.alpha}, reduction={self.reduction!r}, "

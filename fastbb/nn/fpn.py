@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastbb._registry import register
+from fastbb._tracing import not_scriptable
 from fastbb.ops.fpn_merge import fpn_merge
 from fastbb.ops.upsample_nearest_add import upsample_nearest_add
 
@@ -133,6 +134,7 @@ class LastLevelP6P7(ExtraFPNBlock):
         return p, names
 
 
+@not_scriptable
 class FeaturePyramidNetwork(nn.Module):
     """
     torchvision.ops.FeaturePyramidNetwork with fused top-down merges: a FPN on top of a set of feature
@@ -307,6 +309,7 @@ class ConvModule(nn.Module):
 
 
 @register("FPN")
+@not_scriptable
 class FPN(nn.Module):
     """
     mmdet.models.necks.FPN with fused top-down merges: same arguments, state_dict keys and outputs (a

@@ -12,3 +12,4 @@ from fastbb.ops.upsample_nearest_add import upsample_nearest_add
 
 __all__ = ["batched_nms", "conv_bn_relu", "decode_boxes", "fpn_merge", "nms", "nms_sorted_padded",
            "retinanet_postprocess", "sigmoid_focal_loss", "sigmoid_focal_loss_labels", "upsample_nearest_add"]
+from fastbb.ops import _decompositions  # noqa: E402,F401  (the custom ops' decompositions, for the ONNX exporter)

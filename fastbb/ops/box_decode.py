@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fastbb._tracing import fx_leaf
 from fastbb import _backend
 from fastbb.ops._common import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype, kernel_lib
 
@@ -263,6 +264,7 @@ def _anchor_layout(anchors, lead):
     return anchors.expand(*lead, 4).reshape(num_anchors, 4), 1, num_anchors
 
 
+@fx_leaf("fastbb.ops.decode_boxes")
 def decode_boxes(anchors: torch.Tensor, deltas: torch.Tensor, *, style: str = "torchvision",
                  weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), means: Sequence[float] = (0.0,) * 4,
                  stds: Sequence[float] = (1.0,) * 4, dwh_min: float | None = None,

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastbb._tracing import fx_leaf
 from fastbb import _backend
 from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, compute_dtype, kernel_lib
 
@@ -270,6 +271,7 @@ def _check_dense(op, inputs, targets, reduction, gamma, alpha, names=("inputs", 
     return _check_common(op, gamma, alpha, reduction)
 
 
+@fx_leaf("fastbb.ops.sigmoid_focal_loss")
 def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2,
                        reduction: str = "none") -> torch.Tensor:
     """
@@ -343,6 +345,7 @@ def _sigmoid_focal_loss_labels(op, names, logits, labels, gamma, alpha, weight, 
     return _run(logits, None, labels, weight, alpha, gamma, ignore_index, reduction, avg_factor)
 
 
+@fx_leaf("fastbb.ops.sigmoid_focal_loss_labels")
 def sigmoid_focal_loss_labels(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25,
                               weight: torch.Tensor | None = None, reduction: str = "mean",
                               avg_factor: float | torch.Tensor | None = None,

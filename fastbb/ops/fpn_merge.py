@@ -15,6 +15,7 @@ float32 precision (no TF32).
 import torch
 import torch.nn.functional as F
 
+from fastbb._tracing import fx_leaf
 from fastbb import _backend
 from fastbb.ops._common import FLOAT_DTYPES, check_same_device, check_tensor, check_top_shape, memory_format
 from fastbb.ops._pointwise_gemm import pointwise_conv_gemm, pointwise_gemm_applies
@@ -115,6 +116,13 @@ def _check(x, lateral_weight, lateral_bias, top):
     check_top_shape(_OP, top, (x.shape[0], out_channels, *x.shape[2:]), "the lateral conv's output")
 
 
+def _fpn_merge_scripted(x: torch.Tensor, lateral_weight: torch.Tensor, lateral_bias: torch.Tensor | None,
+                       top: torch.Tensor) -> torch.Tensor:
+    """fpn_merge under TorchScript: the custom op, without the Python input checks TorchScript cannot compile."""
+    return torch.ops.fastbb.fpn_merge(x, lateral_weight, lateral_bias, top)
+
+
+@fx_leaf("fastbb.ops.fpn_merge", scripted=_fpn_merge_scripted)
 def fpn_merge(x: torch.Tensor, lateral_weight: torch.Tensor, lateral_bias: torch.Tensor | None,
               top: torch.Tensor) -> torch.Tensor:
     """

@@ -28,6 +28,7 @@ the compiled CUDA reduction instead when it is built); "reference" everywhere.
 """
 import torch
 
+from fastbb._tracing import fx_leaf
 from fastbb import _backend
 from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, compute_dtype, kernel_lib
 
@@ -353,6 +354,12 @@ def _check_padded_inputs(op, boxes, labels, valid_counts, iou_threshold):
     return check_float(op, "iou_threshold", iou_threshold, 0.0, 1.0)
 
 
+def _nms_scripted(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """nms under TorchScript: the custom op, without the Python input checks TorchScript cannot compile."""
+    return torch.ops.fastbb.nms(boxes, scores, iou_threshold)
+
+
+@fx_leaf("fastbb.ops.nms", scripted=_nms_scripted)
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """
     Performs non-maximum suppression (NMS) on the boxes according to their intersection-over-union (IoU),
@@ -376,6 +383,13 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     return torch.ops.fastbb.nms(boxes, scores, iou_threshold)
 
 
+def _batched_nms_scripted(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
+                          iou_threshold: float) -> torch.Tensor:
+    """batched_nms under TorchScript: the custom op, without the Python input checks."""
+    return torch.ops.fastbb.batched_nms(boxes, scores, idxs.to(torch.int64), iou_threshold)
+
+
+@fx_leaf("fastbb.ops.batched_nms", scripted=_batched_nms_scripted)
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """
     Performs non-maximum suppression in a batched fashion, as torchvision.ops.batched_nms.
@@ -399,6 +413,7 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
     return torch.ops.fastbb.batched_nms(boxes, scores, idxs.to(torch.int64), iou_threshold)
 
 
+@fx_leaf("fastbb.ops.nms_sorted_padded")
 def nms_sorted_padded(boxes: torch.Tensor, labels: torch.Tensor, valid_counts: torch.Tensor,
                       iou_threshold: float) -> torch.Tensor:
     """

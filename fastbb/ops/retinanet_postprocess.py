@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fastbb._tracing import fx_leaf
 from fastbb import _backend
 from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, kernel_lib
 from fastbb.ops.box_decode import decode_boxes, decode_boxes_reference
@@ -364,6 +365,7 @@ def _as_list(boxes, scores, labels, counts):
             for i, n in enumerate(counts.tolist())]
 
 
+@fx_leaf("fastbb.ops.retinanet_postprocess")
 def retinanet_postprocess(
         cls_logits: torch.Tensor, bbox_regression: torch.Tensor, anchors: Sequence[torch.Tensor] | torch.Tensor,
         num_anchors_per_level: Sequence[int] | torch.Tensor,

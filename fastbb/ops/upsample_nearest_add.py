@@ -15,6 +15,7 @@ and channels_last); cuda "triton"; "reference".
 import torch
 import torch.nn.functional as F
 
+from fastbb._tracing import fx_leaf
 from fastbb import _backend
 from fastbb.ops._common import FLOAT_DTYPES, check_same_device, check_tensor, check_top_shape, kernel_lib, memory_format
 
@@ -166,6 +167,12 @@ def _check(top, lateral):
     check_top_shape(_OP, top, lateral.shape)
 
 
+def _upsample_nearest_add_scripted(top: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
+    """upsample_nearest_add under TorchScript: the custom op, without the Python input checks."""
+    return torch.ops.fastbb.upsample_nearest_add(top, lateral)
+
+
+@fx_leaf("fastbb.ops.upsample_nearest_add", scripted=_upsample_nearest_add_scripted)
 def upsample_nearest_add(top: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
     """
     The FPN top-down merge in one pass: ``lateral + F.interpolate(top, size=lateral.shape[-2:],

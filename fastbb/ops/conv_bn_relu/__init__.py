@@ -33,6 +33,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from fastbb._tracing import fx_leaf
 from fastbb import _backend
 from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor
 from fastbb.ops.conv_bn_relu import cpu_conv, cuda_conv
@@ -195,6 +196,7 @@ def _check(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, strid
     return stride, padding, dilation, eps, momentum
 
 
+@fx_leaf("fastbb.ops.conv_bn_relu")
 def conv_bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  bn_weight: torch.Tensor | None = None, bn_bias: torch.Tensor | None = None,
                  running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None, *,
