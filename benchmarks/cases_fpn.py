@@ -8,6 +8,8 @@
 - the two top-down merges of the FPN alone (eager vs fastbb) and the whole torchvision
   FeaturePyramidNetwork with LastLevelP6P7 (as RetinaNet) vs fastbb.nn.FeaturePyramidNetwork with the same
   weights, forward and forward + backward: the merges' share of the FPN and what fastbb removes of it.
+- the same FPNs (float32 weights and inputs) forward + backward under torch.autocast in bfloat16, as mixed
+  precision training runs them.
 On a GPU the same cases run in bfloat16 channels_last as well.
 """
 from collections import OrderedDict
@@ -117,11 +119,12 @@ def _fpn_cases(device, tag, dtype, layout):
                 return model(features)
         return run
 
-    def forward_backward(model):
+    def forward_backward(model, autocast_dtype=None):
         params = list(model.parameters())
 
         def run():
-            outputs = list(model(features).values())
+            with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                outputs = list(model(features).values())
             return torch.autograd.grad(outputs, params, [torch.ones_like(o) for o in outputs])
         return run
 
@@ -143,7 +146,12 @@ def _fpn_cases(device, tag, dtype, layout):
         {"name": f"FeaturePyramidNetwork fwd+bwd {shape}",
          "providers": {"torchvision": forward_backward(theirs), "fastbb": forward_backward(ours)},
          "baseline": "torchvision"},
-    ]
+    ] + ([] if tag else [  # autocast takes the float32 models and inputs
+        {"name": f"FeaturePyramidNetwork fwd+bwd bf16 autocast {shape}",
+         "providers": {"torchvision": forward_backward(theirs, torch.bfloat16),
+                       "fastbb": forward_backward(ours, torch.bfloat16)},
+         "baseline": "torchvision"},
+    ])
 
 
 def cases(device):
