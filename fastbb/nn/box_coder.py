@@ -101,7 +101,8 @@ class BoxCoder:
             boxes (Tensor[N, 4]): reference boxes.
 
         Returns:
-            Tensor[N, 4K]: the decoded boxes ``(x1, y1, x2, y2)``.
+            Tensor[N, 4K]: the decoded boxes ``(x1, y1, x2, y2)``, in rel_codes' dtype (float32 under CUDA
+            autocast, as torchvision's).
         """
         return decode_boxes(boxes, rel_codes, style="torchvision", weights=tuple(self.weights),
                             dwh_max=self.bbox_xform_clip)
