@@ -20,11 +20,17 @@ import fastbb
 from fastbb.nn import (BoxCoder, DeltaXYWHBBoxCoder, FeaturePyramidNetwork, FocalLoss, LastLevelMaxPool, LastLevelP6P7,
                        SigmoidFocalLoss)
 from fastbb.ops import batched_nms, decode_boxes, fpn_merge, nms, sigmoid_focal_loss, upsample_nearest_add
+from fastbb.ops import retinanet_postprocess
 from fastbb.ops._common import autocast_runs_in_float32
+from fastbb.ops.retinanet_postprocess import _check_inputs as _check_postprocess_inputs
+from fastbb.ops.retinanet_postprocess import _postprocess_batched, _postprocess_reference
 
 from conftest import TOLERANCES, assert_error_within, usable_backends
 from test_box_coder import mmdet_onnx_delta2bbox
 from test_fpn import _mmdet_forward
+from test_retinanet_postprocess import _kwargs, assert_same_detections
+from test_retinanet_postprocess import _problem as _retinanet_problem
+from test_retinanet_postprocess import _torchvision as _torchvision_postprocess
 
 IN_CHANNELS = [6, 10, 14]
 SIZES = [(13, 21), (7, 11), (4, 6)]  # ResNet's odd sizes: ceil(L / 2)
@@ -362,6 +368,7 @@ def _integer_boxes(n, dtype):
     return torch.cat([xy, xy + wh], 1).to(dtype)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's numpy
 @pytest.mark.parametrize("backend", usable_backends("cpu", "batched_nms"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_nms_under_autocast_equals_torchvision(backend, dtype):
@@ -433,6 +440,40 @@ def test_box_coders_under_autocast(backend, coder):
     exact, exact_grad = _run_decode(theirs, _double_copy(head), features, anchors, None, torch.float64)
     assert got_grad.dtype == torch.float32
     _assert_like_original([got, got_grad], [want, want_grad], [exact, exact_grad], name="boxes, weight gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_retinanet_postprocess_under_autocast(dtype):
+    """Under CPU autocast the post-processing casts nothing (torchvision's decode keeps its dtype there):
+    torchvision's dtypes, and for float32 head outputs its detections. (In bfloat16 torchvision's
+    batched_nms offsets the boxes in bfloat16, which moves them by whole pixels: dtypes only.)"""
+    problem = _retinanet_problem(2, (120, 30), 5, dtype)
+    with _autocast():
+        want = _torchvision_postprocess(*problem)
+        got = retinanet_postprocess(*problem)
+    without_autocast = retinanet_postprocess(*problem)
+    for g, w, plain in zip(got, want, without_autocast):
+        assert {k: v.dtype for k, v in g.items()} == {k: v.dtype for k, v in w.items()}
+        assert all(torch.equal(g[k], plain[k]) for k in g)
+    if dtype == torch.float32:
+        assert_same_detections(got, want, dtype)
+
+
+def test_retinanet_postprocess_takes_the_cuda_autocast_dtypes():
+    """On CUDA the rule hands the op float32 regression and anchors (decode_boxes' rule: exp runs in float32
+    there) with 16-bit logits; the batched path CUDA runs and the reference agree on such inputs, boxes in
+    float32 and scores in the logits' dtype, as torchvision's are under CUDA autocast."""
+    args = list(_check_postprocess_inputs(*_retinanet_problem(2, (120, 30), 5, torch.bfloat16), **_kwargs()))
+    args[1], args[2] = args[1].float(), [a.float() for a in args[2]]
+    got = _postprocess_batched(*args)
+    want = _postprocess_reference(*args)
+    assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.float32, torch.bfloat16, torch.int64,
+                                                                   torch.int64]
+
+    def as_list(boxes, scores, labels, counts):
+        return [{"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
+                for i, n in enumerate(counts.tolist())]
+    assert_same_detections(as_list(*got), as_list(*want), torch.bfloat16)
 
 
 def test_decode_and_nms_compile_under_autocast():
