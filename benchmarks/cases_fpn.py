@@ -8,6 +8,8 @@
 - the two top-down merges of the FPN alone (eager vs fastbb) and the whole torchvision
   FeaturePyramidNetwork with LastLevelP6P7 (as RetinaNet) vs fastbb.nn.FeaturePyramidNetwork with the same
   weights, forward and forward + backward: the merges' share of the FPN and what fastbb removes of it.
+- the same FPNs (float32 weights and inputs) forward + backward under torch.autocast in bfloat16, as mixed
+  precision training runs them.
 On a GPU the same cases run in bfloat16 channels_last as well.
 """
 from collections import OrderedDict
@@ -117,11 +119,12 @@ def _fpn_cases(device, tag, dtype, layout):
                 return model(features)
         return run
 
-    def forward_backward(model):
+    def forward_backward(model, autocast_dtype=None, inputs=features):
         params = list(model.parameters())
 
         def run():
-            outputs = list(model(features).values())
+            with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                outputs = list(model(inputs).values())
             return torch.autograd.grad(outputs, params, [torch.ones_like(o) for o in outputs])
         return run
 
@@ -133,6 +136,9 @@ def _fpn_cases(device, tag, dtype, layout):
         return lambda: [merge(tops[i + 1], tops[i]) for i in (1, 0)]
 
     shape = f"C3-C5 {BATCH}x800x1344{tag}"
+    # Under autocast on the CPU one image (a call of the batch takes about 3 s on 2 cores).
+    autocast_batch = 1 if device == "cpu" else BATCH
+    autocast_features = OrderedDict((name, f[:autocast_batch]) for name, f in features.items())
     return [
         {"name": f"FPN top-down merges {shape}", "providers": {"eager": merges(_eager_merge),
                                                               "fastbb": merges(upsample_nearest_add)},
@@ -143,7 +149,12 @@ def _fpn_cases(device, tag, dtype, layout):
         {"name": f"FeaturePyramidNetwork fwd+bwd {shape}",
          "providers": {"torchvision": forward_backward(theirs), "fastbb": forward_backward(ours)},
          "baseline": "torchvision"},
-    ]
+    ] + ([] if tag else [  # autocast takes the float32 models and inputs
+        {"name": f"FeaturePyramidNetwork fwd+bwd bf16 autocast C3-C5 {autocast_batch}x800x1344",
+         "providers": {"torchvision": forward_backward(theirs, torch.bfloat16, autocast_features),
+                       "fastbb": forward_backward(ours, torch.bfloat16, autocast_features)},
+         "baseline": "torchvision"},
+    ])
 
 
 def cases(device):

@@ -49,6 +49,7 @@ TEST_PLAN = [
     ("FPN", "tests/test_upsample_nearest_add.py", 40, 4),
     ("FPN", "tests/test_fpn_merge.py", 45, 4),
     ("FPN", "tests/test_fpn.py", 25, 0),
+    ("FPN", "tests/test_autocast_fpn_detection.py", 30, 0),
     ("conv/BN", "tests/test_conv_bn_relu.py", 50, 4),
     ("conv/BN", "tests/test_conv_eval_dispatch.py", 60, 6),
     ("ResNet", "tests/test_resnet.py", 40, 0),

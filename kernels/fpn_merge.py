@@ -117,13 +117,15 @@ def fpn_merge(x, weight, bias, top, *, block_m=None, block_n=None, block_k=None)
 
     x (N, Cin, H, W) and top (N, Cout, h, w) with any strides, weight (Cout, Cin, 1, 1), bias (Cout,) or
     None. Accumulates in float32 (float64 for float64); float32 products are full precision, not TF32.
-    Returns (N, Cout, H, W) in x's dtype and memory format. block_m/n/k (all three, each a power of two
+    Returns (N, Cout, H, W) in x's memory format and the dtype of add's promotion of x's and top's (top of
+    another dtype than x: autocast on CUDA upsamples in float32). block_m/n/k (all three, each a power of two
     >= 16) fix the tile instead of the autotuned (GPU) or default (interpreter) one.
     """
     N, Cin, H, W = x.shape
     Cout = weight.shape[0]
     h, w = top.shape[-2:]
-    out = torch.empty((N, Cout, H, W), dtype=x.dtype, device=x.device, memory_format=output_format(x))
+    out_dtype = torch.promote_types(x.dtype, top.dtype)
+    out = torch.empty((N, Cout, H, W), dtype=out_dtype, device=x.device, memory_format=output_format(x))
     if out.numel() == 0:
         return out
     if h == 0 or w == 0:
@@ -144,7 +146,7 @@ def fpn_merge(x, weight, bias, top, *, block_m=None, block_n=None, block_k=None)
             bias.stride(0) if bias is not None else 0, *top.stride(), out.stride(0), out.stride(1), out.stride(3))
     kwargs = dict(HAS_BIAS=bias is not None, X_PIXELS_FLAT=x_pixels_flat,
                   DOT_IN_FP32=x.dtype in (torch.float32, torch.float64) or INTERPRET,
-                  ACC=compute_dtype(x.dtype), ROUND_BF16=round_bf16(x.dtype),
+                  ACC=compute_dtype(x.dtype), ROUND_BF16=round_bf16(out_dtype),
                   OFFSET=tl.int64 if max(span(x, 1), span(w2d), span(top, 1), span(out, 1)) > INT32_MAX
                   else tl.int32)
     kernel, blocks = gemm_launch(_OP, _fpn_merge_kernel, x.dtype, _FPN_MERGE, _FPN_MERGE_FP64,

@@ -156,7 +156,8 @@ def test_inputs_unmodified():
     (lambda a: a.update(lateral_bias=a["lateral_bias"][:3]), "lateral_bias must be"),
     (lambda a: a.update(top=a["top"][:, :3]), "batch and channels"),
     (lambda a: a.update(top=torch.randn(2, 5, 10, 4)), "must not be larger"),
-    (lambda a: a.update(top=a["top"].double()), "top must have x's dtype"),
+    (lambda a: a.update(lateral_weight=a["lateral_weight"].double()), "lateral_weight must have x's dtype"),
+    (lambda a: a.update(top=a["top"].to(torch.int32)), "top must have dtype"),
     (lambda a: a.update(x=a["x"].to(torch.int32)), "x must have dtype"),
     (lambda a: a.update(top=a["top"].to("meta")), "one device"),
 ])

@@ -113,6 +113,12 @@ def _fpn_merge_cases():
                 label = (f"{SHORT[dtype]} {layout(channels_last)} {'i64' if big else 'i32'}"
                          f"{' bias' if bias is not None else ''}")
                 yield label, all_configs, lambda x=x, w=weight, b=bias, t=top: fpn_merge.fpn_merge(x, w, b, t)
+    # Under CUDA autocast a 16-bit conv meets a float32 top (autocast upsamples in float32): a float32 output.
+    for dtype in (torch.float16, torch.bfloat16):
+        x, top = meta((2, 512, 100, 152), dtype), meta((2, 256, 50, 76), torch.float32)
+        weight, bias = meta((256, 512, 1, 1), dtype), meta((256,), dtype)
+        yield f"{SHORT[dtype]} x, f32 top NCHW i32 bias", False, \
+            lambda x=x, w=weight, b=bias, t=top: fpn_merge.fpn_merge(x, w, b, t)
 
 
 def _conv_cases():

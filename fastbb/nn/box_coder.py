@@ -103,7 +103,8 @@ class BoxCoder:
             boxes (Tensor[N, 4]): reference boxes.
 
         Returns:
-            Tensor[N, 4K]: the decoded boxes ``(x1, y1, x2, y2)``.
+            Tensor[N, 4K]: the decoded boxes ``(x1, y1, x2, y2)``, in rel_codes' dtype (float32 under CUDA
+            autocast, as torchvision's).
         """
         return decode_boxes(boxes, rel_codes, style="torchvision", weights=tuple(self.weights),
                             dwh_max=self.bbox_xform_clip)
@@ -188,13 +189,18 @@ class DeltaXYWHBBoxCoder:
             wh_ratio_clip (float): The allowed ratio between width and height. Default: 16 / 1000.
 
         Returns:
-            Tensor: Decoded boxes, of pred_bboxes' shape and dtype.
+            Tensor: Decoded boxes, of pred_bboxes' shape, in the dtype of add's promotion of bboxes' and
+            pred_bboxes' dtypes, as mmdet's (under ``torch.autocast`` on CUDA, float32, as mmdet's too).
         """
         # Under torch.fx symbolic tracing the shapes are unknown: decode_boxes checks them when the graph runs.
         if not traced(bboxes, pred_bboxes) and (pred_bboxes.size(0) != bboxes.size(0) or (
                 pred_bboxes.ndim == 3 and pred_bboxes.size(1) != bboxes.size(1))):
             raise ValueError(f"fastbb.nn.DeltaXYWHBBoxCoder.decode: pred_bboxes {tuple(pred_bboxes.shape)} do not "
                              f"match bboxes {tuple(bboxes.shape)}")
+        if bboxes.is_floating_point() and pred_bboxes.is_floating_point():
+            # mmdet's delta2bbox computes with both tensors, so its boxes have add's promotion of their dtypes
+            # (float32 for bfloat16 deltas on float32 anchors); decode_boxes gives deltas' dtype.
+            pred_bboxes = pred_bboxes.to(torch.promote_types(bboxes.dtype, pred_bboxes.dtype))
         max_ratio = abs(math.log(wh_ratio_clip))
         return decode_boxes(
             bboxes, pred_bboxes, style="mmdet", means=tuple(self.means), stds=tuple(self.stds),

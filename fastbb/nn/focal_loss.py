@@ -35,7 +35,8 @@ class SigmoidFocalLoss(nn.Module):
             targets (Tensor): the binary (or soft) targets, of inputs' shape.
 
         Returns:
-            Tensor: the loss with the reduction applied, in inputs' dtype.
+            Tensor: the loss with the reduction applied, in inputs' dtype (float32 under
+            ``torch.autocast``, as torchvision's).
         """
         return sigmoid_focal_loss(inputs, targets, self.alpha, self.gamma, self.reduction)
 
@@ -98,7 +99,8 @@ class FocalLoss(nn.Module):
                 ``reduction``.
 
         Returns:
-            Tensor: ``loss_weight`` times the loss with the reduction applied, in pred's dtype.
+            Tensor: ``loss_weight`` times the loss with the reduction applied, in pred's dtype (float32
+            under ``torch.autocast``, as binary_cross_entropy_with_logits gives there).
         """
         if reduction_override not in (None, "none", "mean", "sum"):
             raise ValueError(f"{_FOCAL_LOSS}: reduction_override must be None, 'none', 'mean' or 'sum', "

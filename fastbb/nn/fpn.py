@@ -142,7 +142,9 @@ class FeaturePyramidNetwork(nn.Module):
 
     The feature maps are supposed to be in increasing depth order (highest resolution first). state_dict
     keys are torchvision's, ``inner_blocks.i.0.*`` and ``layer_blocks.i.0.*`` (older
-    ``inner_blocks.i.weight`` checkpoints are upgraded on load, as torchvision does).
+    ``inner_blocks.i.weight`` checkpoints are upgraded on load, as torchvision does). Under
+    ``torch.autocast`` every intermediate and output map has the dtype torchvision's has under the same
+    autocast (the fused merges follow :func:`fastbb.ops.fpn_merge`'s autocast rule).
 
     Args:
         in_channels_list (List[int]): number of channels for each feature map that is passed to the module.
@@ -314,7 +316,8 @@ class FPN(nn.Module):
     """
     mmdet.models.necks.FPN with fused top-down merges: same arguments, state_dict keys and outputs (a
     tuple), the Feature Pyramid Network of `"Feature Pyramid Networks for Object Detection"
-    <https://arxiv.org/abs/1612.03144>`_.
+    <https://arxiv.org/abs/1612.03144>`_. Under ``torch.autocast`` its maps have the dtypes mmdet's have
+    under the same autocast.
 
     Args:
         in_channels (List[int]): Number of input channels per scale.

@@ -1,4 +1,5 @@
-"""What every op file shares: the private kernel namespace and the input checks."""
+"""What every op file shares: the private kernel namespace, the input checks and the autocast rules' helpers."""
+import functools
 import math
 
 import torch
@@ -78,3 +79,59 @@ def check_top_shape(op, top, lateral_shape, lateral_name="lateral"):
                          f"the merge upsamples the coarser map")
     if (h == 0 or w == 0) and height * width > 0:
         raise ValueError(f"{op}: top has an empty spatial size {h}x{w}; nothing to upsample to {height}x{width}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autocast. Each op declares its rule under torch.autocast next to its table (the table's `autocast=` text)
+# and registers it here: a kernel at the AutocastCPU / AutocastCUDA dispatch keys that casts the op's
+# arguments as the composite of aten ops it replaces would be cast, then runs the op with autocast off for
+# that device, as aten's own autocast kernels do. torch.library.register_autocast casts every floating input
+# to one fixed dtype, which fits neither "the autocast dtype, whichever it is" nor ops that cast only some
+# of their inputs.
+
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+_autocast_lib = torch.library.Library("fastbb", "FRAGMENT")
+
+
+def autocast_eligible(t, device_type):
+    """Whether aten's autocast casts t as an op's input: a floating tensor of that device type, not float64."""
+    return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == device_type
+            and t.dtype != torch.float64)
+
+
+def autocast_cast(t, device_type, dtype):
+    """t cast to dtype where aten's autocast would cast it, else t itself (None, integer tensors, float64)."""
+    return t.to(dtype) if autocast_eligible(t, device_type) else t
+
+
+@functools.cache
+def autocast_runs_in_float32(aten_op, device_type):
+    """Whether torch's autocast runs `aten_op` (e.g. "aten::upsample_nearest2d", "aten::exp") in float32 on
+    device_type in this torch. aten registers an autocast kernel only for the ops of its cast lists, and these
+    ops are on no list but the float32 one; the lists differ by device and by torch version (CUDA runs the
+    nearest upsample and exp in float32, the CPU in the input's dtype), so they are read, not assumed."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(aten_op, _AUTOCAST_KEYS[device_type])
+    except RuntimeError:
+        return False
+
+
+def register_autocast_rule(op_name, cast_args):
+    """Registers the rule of op fastbb::<op_name> under torch.autocast on CPU and CUDA: cast_args(device_type,
+    args) returns the op's positional arguments cast as the rule says, and the op runs on them with autocast
+    off for that device. An op whose rule casts nothing registers `keep_arguments`, so that its kernels
+    never run under autocast (the aten ops inside a kernel would otherwise cast on their own)."""
+    op = getattr(torch.ops.fastbb, op_name).default
+    for device_type, key in _AUTOCAST_KEYS.items():
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(keyset, *args, device_type=device_type, excluded=excluded):
+            cast = cast_args(device_type, args)
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                return op(*cast)
+        _autocast_lib.impl(op_name, kernel, key, with_keyset=True)
+
+
+def keep_arguments(device_type, args):
+    """The rule of an op that autocast does not cast (dtype-preserving ops such as indexing and add)."""
+    return args

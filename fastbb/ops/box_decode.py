@@ -9,6 +9,10 @@ Both optionally clip x to [0, w] and y to [0, h] of the image (max_shape).
 
 The operation order is the libraries', so float32 results match theirs to the bit (up to an ulp of exp).
 float16 / bfloat16 inputs are computed in float32 and stored in their own dtype.
+
+Under torch.autocast (the table's rule) the result has the dtype the libraries' decode has there: their exp
+runs in float32 where autocast lists exp as a float32 op (CUDA), which makes their boxes float32, so the op
+then casts anchors and deltas to float32; elsewhere (CPU) nothing is cast and the boxes keep deltas' dtype.
 """
 import math
 from collections.abc import Sequence
@@ -17,7 +21,8 @@ import torch
 
 from fastbb._tracing import fx_leaf
 from fastbb import _backend
-from fastbb.ops._common import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype, kernel_lib
+from fastbb.ops._common import (FLOAT_DTYPES, autocast_cast, autocast_runs_in_float32, check_same_device, check_tensor,
+                                compute_dtype, kernel_lib, register_autocast_rule)
 
 _OP = "fastbb.decode_boxes"  # how error messages name the op
 _STYLES = {"torchvision": 0, "mmdet": 1}
@@ -100,7 +105,16 @@ TABLE = _backend.OpTable("decode_boxes", [
                             what="one C++ pass over the boxes (OpenMP)"),
     _backend.Implementation("reference", _decode_rows,
                             what="plain PyTorch, in torchvision's and mmdet's operation order"),
-], autocast="computed in float32, like torchvision's autocast kernels for box ops (float64 stays float64)")
+], autocast="computed in float32 (float64 for float64); anchors and deltas cast to float32 where autocast runs exp in "
+            "float32 (CUDA), so the boxes have the dtype torchvision's / mmdet's decode has there, else deltas' dtype")
+
+
+def decode_autocast_args(device_type, anchors, deltas):
+    """anchors and deltas as the decode's autocast rule casts them on device_type (for this op and the
+    post-processing that decodes)."""
+    if autocast_runs_in_float32("aten::exp", device_type):
+        return autocast_cast(anchors, device_type, torch.float32), autocast_cast(deltas, device_type, torch.float32)
+    return anchors, deltas
 
 
 @torch.library.custom_op("fastbb::decode_boxes", mutates_args=())
@@ -176,6 +190,8 @@ def _backward(ctx, grad_boxes):
 
 
 _decode_boxes_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast_rule("decode_boxes", lambda device_type, args: (*decode_autocast_args(device_type, *args[:2]),
+                                                                  *args[2:]))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,7 +311,8 @@ def decode_boxes(anchors: torch.Tensor, deltas: torch.Tensor, *, style: str = "t
             shapes for deltas (B, ..., 4K): clips x to [0, w] and y to [0, h].
 
     Returns:
-        Tensor[..., 4K]: the decoded boxes, of deltas' shape and dtype.
+        Tensor[..., 4K]: the decoded boxes, of deltas' shape and dtype (under ``torch.autocast`` on CUDA,
+        float32, as torchvision's decode gives there).
     """
     check_tensor(_OP, "deltas", deltas, dtypes=FLOAT_DTYPES)
     check_tensor(_OP, "anchors", anchors, last_dim=4)

@@ -15,6 +15,10 @@ not yet scaled by the reduction), so backward is a single multiplication by the 
 (measured faster on the CPU than computing it again in backward; benchmarks/study_focal_loss_backward.py).
 A double backward (create_graph=True) computes the gradient again in differentiable PyTorch ops.
 float16 / bfloat16 are computed in float32; sums accumulate in float32 (float64 for float64).
+Under torch.autocast the floating inputs (logits, dense targets, weight) are cast to float32, as autocast
+casts binary_cross_entropy_with_logits' (float64 stays float64), so the loss is float32 as torchvision's and
+mmdet's are there: by the op's autocast rule, and by the public functions before their own normalisation
+(so that soft targets are not first rounded to the logits' dtype).
 """
 import math
 
@@ -23,7 +27,8 @@ import torch.nn.functional as F
 
 from fastbb._tracing import fx_leaf
 from fastbb import _backend
-from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, compute_dtype, kernel_lib
+from fastbb.ops._common import (FLOAT_DTYPES, autocast_cast, check_float, check_same_device, check_tensor,
+                                compute_dtype, kernel_lib, register_autocast_rule)
 
 _OP = "fastbb.sigmoid_focal_loss"  # how error messages name the op
 _LABELS_OP = "fastbb.sigmoid_focal_loss_labels"
@@ -113,8 +118,16 @@ TABLE = _backend.OpTable("sigmoid_focal_loss", [
     _backend.Implementation("cpp", _compiled, devices=("cpu",), kernel="fastbb_C::sigmoid_focal_loss",
                             what="one vectorised C++ pass (OpenMP)"),
     _backend.Implementation("reference", _focal_rows, what="plain PyTorch: softplus, pow, the analytic gradient"),
-], autocast="computes in float32 (float64 for float64) and returns float32 under autocast, as "
-            "binary_cross_entropy_with_logits does")
+], autocast="logits, targets and weight cast to float32 (float64 stays float64): computes and returns float32, as "
+            "binary_cross_entropy_with_logits does under autocast")
+
+
+def _autocast_float32(device_type, *tensors):
+    """The loss's inputs as autocast casts binary_cross_entropy_with_logits' when it is on for device_type:
+    floating tensors to float32 (float64, integer labels and None as they are)."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    return tuple(autocast_cast(t, device_type, torch.float32) for t in tensors)
 
 
 @torch.library.custom_op("fastbb::sigmoid_focal_loss", mutates_args=())
@@ -160,6 +173,15 @@ def _backward(ctx, grad_loss, _):
 
 
 _focal_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_args(device_type, args):
+    logits, targets, labels, weight, *options = args
+    logits, targets, weight = (autocast_cast(t, device_type, torch.float32) for t in (logits, targets, weight))
+    return (logits, targets, labels, weight, *options)
+
+
+register_autocast_rule("sigmoid_focal_loss", _autocast_args)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,10 +316,12 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
             ``'sum'``: The output will be summed. Default: ``'none'``.
 
     Returns:
-        Tensor: Loss tensor with the reduction option applied, in inputs' dtype. Differentiable in inputs
-        (and in targets, which then take the plain PyTorch formula).
+        Tensor: Loss tensor with the reduction option applied, in inputs' dtype (float32 under
+        ``torch.autocast``, as torchvision's). Differentiable in inputs (and in targets, which then take the
+        plain PyTorch formula).
     """
     gamma, alpha = _check_dense(_OP, inputs, targets, reduction, gamma, alpha)
+    inputs, targets = _autocast_float32(inputs.device.type, inputs, targets)
     if targets.requires_grad and torch.is_grad_enabled():
         return _reduce(_focal_loss_reference(inputs, targets, alpha, gamma), reduction, inputs.dtype)
     return _run(inputs, targets, None, None, alpha, gamma, -100, reduction, None)
@@ -307,6 +331,7 @@ def sigmoid_focal_loss_reference(inputs: torch.Tensor, targets: torch.Tensor, al
                                  gamma: float = 2, reduction: str = "none") -> torch.Tensor:
     """:func:`sigmoid_focal_loss` in plain PyTorch (the ground truth): same arguments, checks and results."""
     gamma, alpha = _check_dense(_OP, inputs, targets, reduction, gamma, alpha)
+    inputs, targets = _autocast_float32(inputs.device.type, inputs, targets)
     return _reduce(_focal_loss_reference(inputs, targets, alpha, gamma), reduction, inputs.dtype)
 
 
@@ -342,6 +367,7 @@ def _sigmoid_focal_loss_labels(op, names, logits, labels, gamma, alpha, weight, 
                                ignore_index):
     gamma, alpha, avg_factor = _check_labels(op, logits, labels, weight, reduction, gamma, alpha, avg_factor,
                                              ignore_index, names)
+    logits, weight = _autocast_float32(logits.device.type, logits, weight)
     return _run(logits, None, labels, weight, alpha, gamma, ignore_index, reduction, avg_factor)
 
 
@@ -377,8 +403,8 @@ def sigmoid_focal_loss_labels(logits: torch.Tensor, labels: torch.Tensor, gamma:
         ignore_index (int): rows with this label add nothing to the loss or its gradient. Default: ``-100``.
 
     Returns:
-        Tensor: Loss tensor with the reduction option applied, in logits' dtype (of logits' shape for
-        ``'none'``). Differentiable in logits.
+        Tensor: Loss tensor with the reduction option applied, in logits' dtype (float32 under
+        ``torch.autocast``), of logits' shape for ``'none'``. Differentiable in logits.
     """
     return _sigmoid_focal_loss_labels(_LABELS_OP, ("logits", "labels"), logits, labels, gamma, alpha, weight,
                                       reduction, avg_factor, ignore_index)
@@ -393,6 +419,7 @@ def sigmoid_focal_loss_labels_reference(logits: torch.Tensor, labels: torch.Tens
                                              ignore_index)
     if labels.device.type == "cpu":
         _check_label_range(labels, logits.shape[-1], ignore_index)
+    logits, weight = _autocast_float32(logits.device.type, logits, weight)
     compute = compute_dtype(logits.dtype)
     targets, keep = _label_targets(labels.long(), logits.shape[-1], ignore_index, compute)
     if weight is not None:
@@ -409,6 +436,8 @@ def _sigmoid_focal_loss_weighted(op, pred, target, weight, gamma, alpha, reducti
     if weight is not None:
         check_tensor(op, "weight", weight)
         check_same_device(op, pred=pred, weight=weight)
+    pred, target, weight = _autocast_float32(pred.device.type, pred, target, weight)
+    if weight is not None:
         if weight.shape != pred.shape and pred.dim() == 2 and weight.numel() == pred.shape[0]:
             weight = weight.reshape(-1, 1)  # per anchor, as mmdet
         if not _broadcasts_to(weight.shape, pred.shape):

@@ -30,7 +30,8 @@ import torch
 
 from fastbb._tracing import fx_leaf
 from fastbb import _backend
-from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, compute_dtype, kernel_lib
+from fastbb.ops._common import (FLOAT_DTYPES, autocast_cast, check_float, check_same_device, check_tensor,
+                                compute_dtype, kernel_lib, register_autocast_rule)
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -267,8 +268,8 @@ def _nms_implementations():
     ]
 
 
-_AUTOCAST = ("computed in float32, like torchvision's autocast kernel for nms: boxes (and scores) cast to float32, "
-             "IoU in float32")
+_AUTOCAST = ("boxes and scores cast to float32 (float64 stays float64), as torchvision's autocast kernel for nms "
+             "casts them: IoU in float32; the int64 / bool result as without autocast")
 NMS_TABLE = _backend.OpTable("nms", _nms_implementations(), autocast=_AUTOCAST)
 BATCHED_NMS_TABLE = _backend.OpTable("batched_nms", _nms_implementations(), autocast=_AUTOCAST)
 
@@ -318,6 +319,16 @@ def _nms_sorted_padded_op(boxes: torch.Tensor, labels: torch.Tensor, valid_count
 @_nms_sorted_padded_op.register_fake
 def _(boxes, labels, valid_counts, iou_threshold):
     return boxes.new_empty(labels.shape, dtype=torch.bool)
+
+
+def _boxes_and_scores_to_float32(device_type, args):
+    """The autocast rule of the three ops: their floating inputs (boxes, and scores) to float32."""
+    return tuple(autocast_cast(a, device_type, torch.float32) for a in args)
+
+
+register_autocast_rule("nms", _boxes_and_scores_to_float32)
+register_autocast_rule("batched_nms", _boxes_and_scores_to_float32)
+register_autocast_rule("nms_sorted_padded", _boxes_and_scores_to_float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -407,8 +418,12 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
 
     Returns:
         Tensor: int64 tensor with the indices of the elements that have been kept by NMS, sorted in
-        decreasing order of scores (equal scores: lower index first).
+        decreasing order of scores (equal scores: lower index first). Boxes with no elements, of any
+        dtype, give an empty int64 tensor on their device without further checks, as torchvision's.
     """
+    if isinstance(boxes, torch.Tensor) and boxes.numel() == 0:
+        # As torchvision's batched_nms: no boxes, no checks of the rest, an empty int64 result.
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     iou_threshold = _check_nms_inputs("fastbb.batched_nms", boxes, scores, idxs, iou_threshold)
     return torch.ops.fastbb.batched_nms(boxes, scores, idxs.to(torch.int64), iou_threshold)
 

@@ -30,8 +30,9 @@ import torch
 
 from fastbb._tracing import fx_leaf
 from fastbb import _backend
-from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor, kernel_lib
-from fastbb.ops.box_decode import decode_boxes, decode_boxes_reference
+from fastbb.ops._common import (FLOAT_DTYPES, check_float, check_same_device, check_tensor, kernel_lib,
+                                register_autocast_rule)
+from fastbb.ops.box_decode import decode_autocast_args, decode_boxes, decode_boxes_reference
 from fastbb.ops.nms import batched_nms_reference, nms_sorted_padded
 
 _OP = "fastbb.retinanet_postprocess"  # how error messages name the op
@@ -261,8 +262,8 @@ TABLE = _backend.OpTable("retinanet_postprocess", [
                                  "their sigmoid, partial sort for the top-k, decode, NMS per label"),
     _backend.Implementation("reference", _postprocess_reference,
                             what="plain PyTorch, torchvision's loops over images and levels"),
-], autocast="computed in float32, like torchvision's autocast kernels for box ops (scores, decode and IoU in "
-            "float32)")
+], autocast="as torchvision's postprocess_detections under autocast: scores in the logits' dtype, boxes decoded by "
+            "decode_boxes' rule (float32 on CUDA), IoU in float32 as torchvision's autocast kernel for nms")
 
 
 @torch.library.custom_op("fastbb::retinanet_postprocess_padded", mutates_args=())
@@ -279,6 +280,16 @@ def _retinanet_postprocess_padded_op(
 def _(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes, score_thresh, nms_thresh,
       detections_per_img, topk_candidates, box_coder_weights):
     return _padded_outputs(bbox_regression, cls_logits, cls_logits.shape[0], detections_per_img)
+
+
+def _autocast_args(device_type, args):
+    cls_logits, bbox_regression, anchors, *rest = args
+    _, bbox_regression = decode_autocast_args(device_type, None, bbox_regression)
+    anchors = [decode_autocast_args(device_type, a, None)[0] for a in anchors]
+    return (cls_logits, bbox_regression, anchors, *rest)
+
+
+register_autocast_rule("retinanet_postprocess_padded", _autocast_args)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,13 +11,19 @@ fastbb::upsample_nearest_backward.
 
 Backends (TABLE, and BACKWARD_TABLE for the top's gradient): cpu "cpp" (OpenMP over planes or rows, NCHW
 and channels_last); cuda "triton"; "reference".
+
+Dtypes, as `lateral + F.interpolate(top)`: top and lateral may differ, and the sum has add's promoted
+dtype (the kernels, which take one dtype, then run on promoted copies; the promotion is exact, so the sum
+is eager's bit for bit). Under torch.autocast (AUTOCAST): top is cast to float32 where torch's autocast runs
+the nearest upsample in float32 (CUDA), as F.interpolate's input would be, and nothing else is cast.
 """
 import torch
 import torch.nn.functional as F
 
 from fastbb._tracing import fx_leaf
 from fastbb import _backend
-from fastbb.ops._common import FLOAT_DTYPES, check_same_device, check_tensor, check_top_shape, kernel_lib, memory_format
+from fastbb.ops._common import (FLOAT_DTYPES, autocast_cast, autocast_runs_in_float32, check_same_device, check_tensor,
+                                check_top_shape, kernel_lib, memory_format, register_autocast_rule)
 
 _OP = "fastbb.upsample_nearest_add"  # how error messages name the op
 
@@ -60,8 +66,9 @@ def _add_reference(top, lateral, out):
         torch.add(lateral, F.interpolate(top, size=lateral.shape[-2:], mode="nearest"), out=out)
 
 
-# Add-like: no autocast cast of its own, as `lateral + F.interpolate(top)` (the backward follows the forward).
-_AUTOCAST = "follows add's type promotion, as lateral + F.interpolate(top, mode=\"nearest\") does (no autocast cast)"
+# Add-like, as `lateral + F.interpolate(top)` under autocast (the backward follows the forward).
+_AUTOCAST = ("as lateral + F.interpolate(top, mode=\"nearest\"): top in float32 where autocast runs the nearest "
+             "upsample in float32 (CUDA), else as it is; the sum in add's promoted dtype")
 TABLE = _backend.OpTable("upsample_nearest_add", [
     _backend.Implementation("triton", _add_triton, devices=("cuda",),
                             what="one Triton pass: reads lateral and top, writes the sum (NCHW or channels_last "
@@ -107,15 +114,27 @@ BACKWARD_TABLE = _backend.OpTable("upsample_nearest_add.backward", [
 @torch.library.custom_op("fastbb::upsample_nearest_add", mutates_args=())
 def _upsample_nearest_add_op(top: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
     layout = memory_format(lateral)
-    lateral = lateral.contiguous(memory_format=layout)
+    dtype = torch.promote_types(top.dtype, lateral.dtype)
+    lateral = lateral.to(dtype).contiguous(memory_format=layout)
     out = torch.empty_like(lateral)
-    TABLE(lateral.device.type, top.contiguous(memory_format=layout), lateral, out)
+    TABLE(lateral.device.type, top.to(dtype).contiguous(memory_format=layout), lateral, out)
     return out
 
 
 @_upsample_nearest_add_op.register_fake
 def _(top, lateral):
-    return torch.empty_like(lateral.contiguous(memory_format=memory_format(lateral)))
+    dtype = torch.promote_types(top.dtype, lateral.dtype)
+    return torch.empty_like(lateral.contiguous(memory_format=memory_format(lateral)), dtype=dtype)
+
+
+def _autocast_args(device_type, args):
+    top, lateral = args
+    if autocast_runs_in_float32("aten::upsample_nearest2d", device_type):
+        top = autocast_cast(top, device_type, torch.float32)
+    return top, lateral
+
+
+register_autocast_rule("upsample_nearest_add", _autocast_args)
 
 
 @torch.library.custom_op("fastbb::upsample_nearest_backward", mutates_args=())
@@ -130,15 +149,18 @@ def _(grad_out, top_height, top_width):
 
 
 def _setup_context(ctx, inputs, output):
-    top, _ = inputs
+    top, lateral = inputs
     ctx.top_size = tuple(top.shape[-2:])
+    ctx.dtypes = top.dtype, lateral.dtype
 
 
 def _backward(ctx, grad_out):
+    # Each input's gradient in its own dtype (grad_out has the promoted one): no copy when they agree.
+    top_dtype, lateral_dtype = ctx.dtypes
     grad_top = None
     if ctx.needs_input_grad[0]:
-        grad_top = torch.ops.fastbb.upsample_nearest_backward(grad_out, *ctx.top_size)
-    return grad_top, grad_out if ctx.needs_input_grad[1] else None
+        grad_top = torch.ops.fastbb.upsample_nearest_backward(grad_out, *ctx.top_size).to(top_dtype)
+    return grad_top, grad_out.to(lateral_dtype) if ctx.needs_input_grad[1] else None
 
 
 _upsample_nearest_add_op.register_autograd(_backward, setup_context=_setup_context)
@@ -162,8 +184,6 @@ def _check(top, lateral):
     if lateral.dim() != 4:
         raise ValueError(f"{_OP}: lateral must be 4-D (N, C, H, W), got shape {tuple(lateral.shape)}")
     check_same_device(_OP, top=top, lateral=lateral)
-    if top.dtype != lateral.dtype:
-        raise TypeError(f"{_OP}: top and lateral must have one dtype, got {top.dtype} and {lateral.dtype}")
     check_top_shape(_OP, top, lateral.shape)
 
 
@@ -179,12 +199,14 @@ def upsample_nearest_add(top: torch.Tensor, lateral: torch.Tensor) -> torch.Tens
     mode="nearest")``, bit for bit (PyTorch's legacy nearest index). Differentiable in both inputs.
 
     Args:
-        top (Tensor[N, C, h, w]): the coarser map, with h <= H and w <= W; lateral's dtype and device.
+        top (Tensor[N, C, h, w]): the coarser map, with h <= H and w <= W; lateral's device, any floating
+            dtype.
         lateral (Tensor[N, C, H, W]): the finer map; float16, bfloat16, float32 or float64, NCHW or
             channels_last.
 
     Returns:
-        Tensor[N, C, H, W]: the sum, in lateral's dtype and memory format.
+        Tensor[N, C, H, W]: the sum, in lateral's memory format and add's promoted dtype of the two (under
+        ``torch.autocast``, the dtype eager's sum has there: on CUDA the upsample runs in float32).
     """
     _check(top, lateral)
     return torch.ops.fastbb.upsample_nearest_add(top, lateral)
