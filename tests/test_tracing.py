@@ -116,7 +116,7 @@ CASES = {
                          lambda: (torch.randn(6, 5), (torch.rand(6, 5) > 0.7).float()), {"sigmoid_focal_loss"}),
     "FocalLoss": (_MMDetLoss, lambda: (torch.randn(6, 5), torch.randint(0, 6, (6,))), {"_focal_loss"}),
     "BoxCoder": (_TorchvisionDecode, lambda: (torch.randn(7, 8), _boxes(7)), {"decode_boxes"}),
-    "DeltaXYWHBBoxCoder": (_MMDetDecode, lambda: (_boxes(7), torch.randn(7, 4)), {"decode_boxes"}),
+    "DeltaXYWHBBoxCoder": (_MMDetDecode, lambda: (_boxes(7), torch.randn(7, 4)), {"_promote_deltas", "decode_boxes"}),
     "resnet18": (lambda: _bn_model(fastbb.models.resnet18(num_classes=10)), lambda: (torch.randn(1, 3, 64, 64),),
                  {"conv_bn_relu"}),
     "ResNet": (lambda: _mm_resnet("ResNet"), lambda: (torch.randn(1, 3, 64, 64),), {"conv_bn_relu"}),

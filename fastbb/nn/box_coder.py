@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fastbb._registry import register
-from fastbb._tracing import not_scriptable, traced
+from fastbb._tracing import fx_leaf, not_scriptable, traced
 from fastbb.ops.box_decode import decode_boxes
 
 
@@ -110,6 +110,16 @@ class BoxCoder:
                             dwh_max=self.bbox_xform_clip)
 
 
+@fx_leaf("fastbb.nn.box_coder._promote_deltas")
+def _promote_deltas(bboxes: Tensor, pred_bboxes: Tensor) -> Tensor:
+    """pred_bboxes in add's promotion of both dtypes: mmdet's delta2bbox computes with both tensors, so its
+    boxes have that dtype (float32 for bfloat16 deltas on float32 anchors), while decode_boxes gives the
+    deltas' dtype. (A leaf under torch.fx, where the dtypes are unknown until the graph runs.)"""
+    if bboxes.is_floating_point() and pred_bboxes.is_floating_point():
+        return pred_bboxes.to(torch.promote_types(bboxes.dtype, pred_bboxes.dtype))
+    return pred_bboxes
+
+
 @register("DeltaXYWHBBoxCoder")
 @not_scriptable
 class DeltaXYWHBBoxCoder:
@@ -197,10 +207,7 @@ class DeltaXYWHBBoxCoder:
                 pred_bboxes.ndim == 3 and pred_bboxes.size(1) != bboxes.size(1))):
             raise ValueError(f"fastbb.nn.DeltaXYWHBBoxCoder.decode: pred_bboxes {tuple(pred_bboxes.shape)} do not "
                              f"match bboxes {tuple(bboxes.shape)}")
-        if bboxes.is_floating_point() and pred_bboxes.is_floating_point():
-            # mmdet's delta2bbox computes with both tensors, so its boxes have add's promotion of their dtypes
-            # (float32 for bfloat16 deltas on float32 anchors); decode_boxes gives deltas' dtype.
-            pred_bboxes = pred_bboxes.to(torch.promote_types(bboxes.dtype, pred_bboxes.dtype))
+        pred_bboxes = _promote_deltas(bboxes, pred_bboxes)
         max_ratio = abs(math.log(wh_ratio_clip))
         return decode_boxes(
             bboxes, pred_bboxes, style="mmdet", means=tuple(self.means), stds=tuple(self.stds),
