@@ -135,13 +135,14 @@ def test_op_under_autocast_casts_as_conv2d_and_keeps_bn_in_float32(training):
     bfloat16, the BN's parameters and running statistics left in float32 (and updated there), float32
     gradients for the float32 inputs, a float32 residual added as `out += residual` adds it (the output stays
     bfloat16); values, gradients and running statistics within twice the modules' error against float64."""
-    conv, bn = _conv_bn()
+    # Enough elements and channels that each gradient's error, made mostly by ReLU masks flipped where the
+    # output is near 0, averages over many flips: with 8 channels and a few hundred elements, one flip more
+    # or less decided a ratio (up to 4 on 20 draws for the BN weight's gradient).
+    conv, bn = _conv_bn(6, 64)
     bn.train(training)
-    # Enough elements that the gradients' error, made mostly by ReLU masks flipped where the output is near 0,
-    # averages over many flips (with a few hundred elements, one flip more or less decides a ratio).
     x = torch.randn(4, 6, 32, 32)
-    residual = torch.randn(4, 8, 32, 32)
-    grad = torch.randn(4, 8, 32, 32, dtype=torch.float64)
+    residual = torch.randn(4, 64, 32, 32)
+    grad = torch.randn(4, 64, 32, 32, dtype=torch.float64)
     initial_mean = bn.running_mean.clone()
 
     def run(conv, bn, x, residual, fused, autocast):
@@ -168,7 +169,10 @@ def test_op_under_autocast_casts_as_conv2d_and_keeps_bn_in_float32(training):
     for name, g, w, e in zip(["x", "residual", "weight", "bias", "bn_weight", "bn_bias"], got_grads, want_grads,
                              exact_grads):
         assert g.dtype == w.dtype == torch.float32, name
-        assert_error_within(g, w, e, name=f"gradient of {name}")
+        # The BN weight's gradient in eval runs through the folded weight rounded to bfloat16: over 20 draws its
+        # ratio had a median of 1.24 and a maximum of 1.91 (the other gradients: at most 1.35).
+        factor = 2.5 if (name, training) == ("bn_weight", False) else 2.0
+        assert_error_within(g, w, e, factor, name=f"gradient of {name}")
     if training:
         assert not torch.equal(bn.running_mean, initial_mean)
         for stat in ("running_mean", "running_var"):
