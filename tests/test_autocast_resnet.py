@@ -263,13 +263,13 @@ _COPIES = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
 
 
 def _activation_copies(forward, x):
-    """The copy ops (names and input shapes) a forward runs on activations: tensors whose first dimension is
-    the batch size (no weight of these models has that many output channels)."""
+    """forward(x), and the copy ops (names and input shapes) it runs on activations: tensors whose first
+    dimension is the batch size (no weight of these models has that many output channels)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        forward(x)
-    return sorted((e.name, str(e.input_shapes[0])) for e in prof.events()
-                  if e.name in _COPIES and e.input_shapes and len(e.input_shapes[0]) == 4
-                  and e.input_shapes[0][0] == x.shape[0])
+        out = forward(x)
+    return out, sorted((e.name, str(e.input_shapes[0])) for e in prof.events()
+                       if e.name in _COPIES and e.input_shapes and len(e.input_shapes[0]) == 4
+                       and e.input_shapes[0][0] == x.shape[0])
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
@@ -290,13 +290,11 @@ def test_channels_last_keeps_the_layout_without_copies(mode, autocast):
             return forward(x)
 
     want, got = run(lambda x: list(features(x).values())), list(run(ours.forward_features))
-    want.append(run(theirs))
-    got.append(run(ours))
-    for g, w in zip(got, want):
+    want_logits, theirs_copies = _activation_copies(lambda x: run(theirs), x)
+    got_logits, our_copies = _activation_copies(lambda x: run(ours), x)
+    for g, w in zip(got + [got_logits], want + [want_logits]):
         assert g.dtype == w.dtype and g.shape == w.shape
         assert g.stride() == w.stride()
-    theirs_copies = _activation_copies(lambda x: run(theirs), x)
-    our_copies = _activation_copies(lambda x: run(ours), x)
     # Under autocast both cast the float32 input (a dtype copy, not a layout one), and nothing else.
     assert bool(theirs_copies) == autocast
     assert our_copies == theirs_copies
