@@ -53,6 +53,7 @@ TEST_PLAN = [
     ("conv/BN", "tests/test_conv_bn_relu.py", 50, 4),
     ("conv/BN", "tests/test_conv_eval_dispatch.py", 60, 6),
     ("ResNet", "tests/test_resnet.py", 40, 0),
+    ("ResNet", "tests/test_autocast_resnet.py", 45, 0),
 ]
 # All test files together get at most this share of the overall limit, so the benchmarks always run.
 TESTS_SHARE = 0.45

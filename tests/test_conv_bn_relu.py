@@ -307,7 +307,7 @@ def test_conv_bn_relu_module_keeps_sequential_keys():
     (lambda a: a.update(padding=(1,)), ValueError, "padding"),
     (lambda a: a.update(stride=0), ValueError, "stride"),
     (lambda a: a.update(eps=float("nan")), ValueError, "eps must be finite"),
-    (lambda a: a.update(weight=a["weight"].double()), TypeError, "x's dtype"),
+    (lambda a: a.update(weight=a["weight"].double()), RuntimeError, "x's dtype"),  # as conv2d
     (lambda a: a.update(residual=torch.randn(2, 8, 3, 3)), ValueError, "residual"),
     (lambda a: a.update(bn_bias=a["bn_bias"].to("meta")), ValueError, "one device"),
 ])

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from fastbb._tracing import not_scriptable, traced
 from fastbb.nn.sync_batch_norm import _sync_batch_norm_train
+from fastbb.ops._common import autocast_dtype
 from fastbb.ops.conv_bn_relu import conv_bn_relu
 
 
@@ -181,13 +182,24 @@ def _cumulative_momentum(num_batches_tracked):
     return 1.0 / float(num_batches_tracked)
 
 
+def _frozen_promotes(x, bn):
+    """Whether a FrozenBatchNorm2d returns another dtype than the conv before it: under autocast its
+    ``x * scale + shift`` promotes the conv's autocast-dtype output to its buffers' float32 (torchvision's
+    does the same), so a ResNet with frozen BNs keeps its residual stream in float32 between the convs.
+    The fused op returns the conv's dtype, so such a pair runs as the modules themselves."""
+    amp_dtype = autocast_dtype(x)
+    return amp_dtype is not None and torch.promote_types(amp_dtype, bn.weight.dtype) != amp_dtype
+
+
 def _fused_conv_bn(conv, bn, x, relu=True, residual=None):
     """relu(bn(conv(x)) [+ residual]) with the BN module's mode (training, eval, frozen), as one fused call;
-    the modules' own forward when the pair is not fusable (e.g. GroupNorm). A SyncBatchNorm training across
+    the modules' own forward when the pair is not fusable (e.g. GroupNorm) or, under autocast, is a
+    FrozenBatchNorm2d that returns float32 (see _frozen_promotes). A SyncBatchNorm training across
     processes runs the conv, then fastbb's synchronized BN (torch's SyncBatchNorm is GPU-only)."""
-    if not _fusable(conv, bn):
+    if not _fusable(conv, bn) or (_is_frozen(bn) and _frozen_promotes(x, bn)):
         out = bn(conv(x))
-        out = out + residual if residual is not None else out
+        if residual is not None:
+            out += residual  # in place, as torchvision's blocks add it: the sum keeps out's dtype
         return torch.relu(out) if relu else out
     conv_args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
     if _is_frozen(bn):

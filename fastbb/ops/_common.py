@@ -18,6 +18,18 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def autocast_dtype(x):
+    """The dtype torch.autocast, enabled now for x's device type, casts a conv's floating inputs to (what
+    torch.get_autocast_dtype says); None outside autocast or when x is not a tensor. Under torch.compile
+    these questions are folded to constants (dynamo guards on the autocast state)."""
+    if not isinstance(x, torch.Tensor) or not torch._C._is_any_autocast_enabled():
+        return None
+    device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def memory_format(t):
     """channels_last when the 4-D tensor t is laid out so (and not also plain contiguous), else
     contiguous_format: the format of outputs made to follow t, in the real kernels, the Triton launchers

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from fastbb._tracing import fx_leaf
 from fastbb import _backend
-from fastbb.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_tensor
+from fastbb.ops._common import FLOAT_DTYPES, autocast_dtype, check_float, check_same_device, check_tensor
 from fastbb.ops.conv_bn_relu import cpu_conv, cuda_conv
 from fastbb.ops.conv_bn_relu.bn_relu_train import (bn_relu_backward_reference, bn_relu_forward_reference,
                                                    bn_relu_train)
@@ -46,8 +46,10 @@ __all__ = ["conv_bn_relu", "eval_conv_reference", "bn_relu_forward_reference", "
 
 _OP = "fastbb.conv_bn_relu"
 
-_AUTOCAST = ("conv-like, as conv2d then batch_norm under autocast: the conv (in eval with the BN folded into it) runs "
-             "in the autocast dtype, the BN's statistics and affine in float32 (float64 for float64 inputs)")
+_AUTOCAST = ("as conv2d then batch_norm under autocast: x, the conv weight and bias (in eval the weight and shift "
+             "with the BN folded into them in float32) cast to the autocast dtype, float64 left as it is; the BN's "
+             "statistics, running statistics and affine in float32; the output, and a residual added to it, in the "
+             "conv's dtype")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,7 +133,52 @@ TRAIN_CONV_TABLE = _backend.OpTable("conv_bn_relu.train_conv", [
                             what="a 1x1 stride-1 float32 NCHW conv over 196+ pixels as one batched MKL GEMM, "
                                  "with autograd"),
     _backend.Implementation("reference", F.conv2d, what="F.conv2d"),
-], autocast="the conv in the autocast dtype, as conv2d", stage_of="conv_bn_relu")
+], autocast="the conv in the autocast dtype, as conv2d (conv_bn_relu casts its inputs before this stage)",
+   stage_of="conv_bn_relu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The autocast policy
+#
+# Under torch.autocast conv2d casts its floating inputs (float64 excepted) to the autocast dtype, and
+# batch_norm runs on that output with its parameters and running statistics as they are (float32): its
+# statistics and affine in float32, its output in the input's dtype. conv_bn_relu casts the same way, here,
+# before anything runs: x and, in training, the conv's weight and bias; in eval the BN is first folded into
+# the weight and shift in float32 (float64 by the inference cache) and the folded pair is then cast, once
+# per folded weight where the cache keeps it. The BN's own tensors are never cast.
+# Why here and not torch.library.register_autocast or an Autocast-key kernel: register_autocast casts
+# every floating input, BN parameters and running statistics included (the running statistics would then
+# be updated in a copy); and conv_bn_relu is a composition (the fold, the conv's table, the fused
+# fastbb::bn_relu_train), not one dispatcher op that could carry an Autocast kernel. Plain Python before the
+# composition is what torch.compile and torch.export trace: dynamo folds torch.is_autocast_enabled and
+# torch.get_autocast_dtype to constants and guards on the autocast state, and export runs it as written.
+
+def _autocast_eligible(t, dtype):
+    """Whether autocast casts t (autocast's own rule: a floating tensor that is not float64)."""
+    return (dtype is not None and isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            and t.dtype != dtype)
+
+
+def _autocast_cast(t, dtype):
+    return t.to(dtype) if _autocast_eligible(t, dtype) else t
+
+
+def _conv_dtype(t, dtype):
+    """The dtype t enters the conv in: the autocast dtype where autocast casts it, else its own."""
+    return dtype if _autocast_eligible(t, dtype) else t.dtype
+
+
+def _autocast_folded(folded_weight, shift, packed_weights, dtype):
+    """The folded weight and shift cast to the autocast dtype, with the packed-weights dict that goes with
+    the cast weight; cast once and kept with a folded weight the inference cache keeps."""
+    if not _autocast_eligible(folded_weight, dtype):
+        return folded_weight, shift, packed_weights
+    if packed_weights is None:
+        return folded_weight.to(dtype), shift.to(dtype), None
+    key = ("autocast", dtype)
+    if key not in packed_weights:
+        packed_weights[key] = (folded_weight.to(dtype), shift.to(dtype), {})
+    return packed_weights[key]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,7 +194,7 @@ def _pair(name, value):
 
 
 def _check(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups,
-           training, momentum, eps, residual):
+           training, momentum, eps, residual, amp_dtype):
     check_tensor(_OP, "x", x, dtypes=FLOAT_DTYPES)
     check_tensor(_OP, "weight", weight, dtypes=FLOAT_DTYPES)
     if x.dim() != 4:
@@ -190,9 +237,13 @@ def _check(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, strid
                              f"got {tuple(residual.shape)}")
         tensors["residual"] = residual
     check_same_device(_OP, **tensors)
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"{_OP}: weight and bias must have x's dtype {x.dtype}, got {weight.dtype}"
-                        f"{'' if bias is None else f' and {bias.dtype}'}")
+    # As conv2d: the dtypes the conv sees (after autocast's casts) must agree, else a RuntimeError.
+    x_dtype = _conv_dtype(x, amp_dtype)
+    if _conv_dtype(weight, amp_dtype) != x_dtype or (bias is not None and _conv_dtype(bias, amp_dtype)
+                                                           != x_dtype):
+        raise RuntimeError(f"{_OP}: weight and bias must have x's dtype {x_dtype}, got "
+                           f"{_conv_dtype(weight, amp_dtype)}"
+                           f"{'' if bias is None else f' and {_conv_dtype(bias, amp_dtype)}'}")
     return stride, padding, dilation, eps, momentum
 
 
@@ -209,8 +260,8 @@ def conv_bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     Args:
         x (Tensor[N, C_in, H, W]): the input, NCHW or channels_last; float16, bfloat16, float32 or float64.
-        weight (Tensor[C_out, C_in / groups, kH, kW]): the conv's weight, of x's dtype.
-        bias (Tensor[C_out], optional): the conv's bias, of x's dtype.
+        weight (Tensor[C_out, C_in / groups, kH, kW]): the conv's weight, of x's dtype (outside autocast).
+        bias (Tensor[C_out], optional): the conv's bias, of x's dtype (outside autocast).
         bn_weight (Tensor[C_out], optional): the BN's scale (gamma); None means 1 (``affine=False``).
         bn_bias (Tensor[C_out], optional): the BN's shift (beta); None means 0.
         running_mean (Tensor[C_out], optional): the BN's running mean: used in eval, updated in place in
@@ -232,15 +283,27 @@ def conv_bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     Returns:
         Tensor[N, C_out, H_out, W_out]: the result, in x's dtype and, like ``F.conv2d``'s, in channels_last
         when x or the weight is. Differentiable in x, weight, bias, bn_weight, bn_bias and residual.
+
+    Under ``torch.autocast`` it runs as ``conv2d`` then ``batch_norm`` do: x, the conv's weight and bias (in
+    eval, the weight and shift with the BN folded into them in float32) are cast to the autocast dtype
+    (float64 tensors are not), while the BN's statistics, running statistics and affine stay in float32; the
+    result is in the autocast dtype. Outside autocast, x, weight and bias of different dtypes raise a
+    RuntimeError, as ``conv2d`` does. A residual of another dtype is added as ``out += residual`` adds
+    it: the result keeps the conv's dtype.
     """
+    amp_dtype = autocast_dtype(x)
     stride, padding, dilation, eps, momentum = _check(x, weight, bias, bn_weight, bn_bias, running_mean,
                                                       running_var, stride, padding, dilation, groups, training,
-                                                      momentum, eps, residual)
+                                                      momentum, eps, residual, amp_dtype)
+    x = _autocast_cast(x, amp_dtype)
+    if residual is not None and residual.dtype != x.dtype:
+        residual = residual.to(x.dtype)  # as `out += residual`: the sum is kept in the output's dtype
     if not training:
-        folded_weight, shift, packed_weights = folded(weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                                      eps)
+        folded_weight, shift, packed_weights = _autocast_folded(
+            *folded(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps), amp_dtype)
         return TABLE(x.device.type, x, folded_weight, shift, residual, stride, padding, dilation, groups, relu,
                      packed_weights)
+    weight, bias = _autocast_cast(weight, amp_dtype), _autocast_cast(bias, amp_dtype)
     y = TRAIN_CONV_TABLE(x.device.type, x, weight, bias, stride, padding, dilation, groups)
     count = y.numel() // max(y.shape[1], 1)
     if count <= 1:
