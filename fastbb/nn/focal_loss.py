@@ -2,6 +2,7 @@
 from torch import Tensor, nn
 
 from fastbb._registry import register
+from fastbb.ops._common import ValueAssertionError
 from fastbb.ops.focal_loss import _sigmoid_focal_loss_labels, _sigmoid_focal_loss_weighted, sigmoid_focal_loss
 
 _FOCAL_LOSS = "fastbb.nn.FocalLoss"  # how FocalLoss's error messages name it
@@ -88,8 +89,8 @@ class FocalLoss(nn.Module):
             Tensor: ``loss_weight`` times the loss with the reduction applied, in pred's dtype.
         """
         if reduction_override not in (None, "none", "mean", "sum"):
-            raise ValueError(f"{_FOCAL_LOSS}: reduction_override must be None, 'none', 'mean' or 'sum', "
-                             f"got {reduction_override!r}")
+            raise ValueAssertionError(f"{_FOCAL_LOSS}: reduction_override must be None, 'none', 'mean' or 'sum', "
+                                      f"got {reduction_override!r}")
         reduction = reduction_override if reduction_override else self.reduction
         if pred.dim() == target.dim():
             loss = _sigmoid_focal_loss_weighted(_FOCAL_LOSS, pred, target, weight, self.gamma, self.alpha, reduction,
