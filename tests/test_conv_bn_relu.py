@@ -18,7 +18,7 @@ from fastbb.ops.conv_bn_relu import (TABLE, TRAIN_CONV_TABLE, bn_relu_backward_r
 from fastbb.ops.conv_bn_relu import fold as fold_module
 from fastbb.ops.conv_bn_relu.bn_relu_train import BACKWARD_TABLE, FORWARD_TABLE
 
-from conftest import TOLERANCES, record_choices, usable_backends
+from conftest import TOLERANCES, assert_error_within, record_choices, usable_backends
 
 # The training BN's backends (the eval conv's are in test_conv_cpu.py and test_conv_eval_dispatch.py).
 BACKENDS = usable_backends("cpu", "conv_bn_relu.bn_relu_train")
@@ -54,14 +54,8 @@ def _call(conv, bn, x, residual=None, relu=True, training=False, running=True, m
 def _assert_within_twice_pytorch_error(got, eager, exact, name=""):
     """got's error against the float64 result is at most twice eager PyTorch's own error in that dtype, plus
     the dtype's relative tolerance of the result (a folded conv and a fused BN round in other places, and
-    in bfloat16 a value rounding to either side of 0 flips a ReLU mask element in one and not the other).
-    Errors are measured as the norm of the difference: a max over a few elements is too noisy."""
-    exact = exact.detach()
-    exact_norm = float(exact.norm()) if exact.numel() else 0.0
-    eager_error = float((eager.detach().double() - exact).norm()) if exact.numel() else 0.0
-    bound = 2 * eager_error + TOLERANCES[got.dtype]["rtol"] * exact_norm
-    error = float((got.detach().double() - exact).norm()) if exact.numel() else 0.0
-    assert error <= bound, f"{name}: error {error:.3g} > bound {bound:.3g} (eager's error {eager_error:.3g})"
+    in bfloat16 a value rounding to either side of 0 flips a ReLU mask element in one and not the other)."""
+    assert_error_within(got, eager, exact, 2.0, slack=TOLERANCES[got.dtype]["rtol"], name=name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
