@@ -223,8 +223,9 @@ def test_convert_sequential_chains_and_frozen_bn():
 @pytest.mark.parametrize("grad", [False, True])
 def test_cpu_inference_runs_channels_last_inside(grad):
     """An eval forward without autograd of NCHW float32 images runs channels_last inside (oneDNN's packed
-    weights); the logits are the same 2-D tensor, within twice torchvision's error of the float64 run.
-    With autograd the caller's layout is kept."""
+    weights); the logits are the same 2-D tensor, within 2.5x torchvision's error of the float64 run (the
+    ResNet-18 factor of test_matches_torchvision, for the same reason; tests/seed_sweep.py saw up to 2.16),
+    twice it with autograd, where the caller's layout is kept."""
     theirs = randomize_bn(torchvision.models.resnet18()).eval()
     ours = resnet18(weights=theirs.state_dict()).eval()
     layouts = []
@@ -236,7 +237,7 @@ def test_cpu_inference_runs_channels_last_inside(grad):
     with torch.no_grad():
         want, exact = theirs(x), copy.deepcopy(theirs).double()(x.double())
     assert layouts == [not grad] and got.shape == want.shape and got.is_contiguous()
-    assert_error_within(got, want, exact, 2.0, name="logits")
+    assert_error_within(got, want, exact, 2.0 if grad else 2.5, name="logits")
 
 
 @pytest.mark.cuda
