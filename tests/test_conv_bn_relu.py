@@ -18,7 +18,7 @@ from fastbb.ops.conv_bn_relu import (TABLE, TRAIN_CONV_TABLE, bn_relu_backward_r
 from fastbb.ops.conv_bn_relu import fold as fold_module
 from fastbb.ops.conv_bn_relu.bn_relu_train import BACKWARD_TABLE, FORWARD_TABLE
 
-from conftest import TOLERANCES, record_choices, usable_backends
+from conftest import TOLERANCES, assert_error_within, record_choices, usable_backends
 
 # The training BN's backends (the eval conv's are in test_conv_cpu.py and test_conv_eval_dispatch.py).
 BACKENDS = usable_backends("cpu", "conv_bn_relu.bn_relu_train")
@@ -51,17 +51,11 @@ def _call(conv, bn, x, residual=None, relu=True, training=False, running=True, m
                         training=training, momentum=momentum, eps=bn.eps, relu=relu, residual=residual)
 
 
-def _assert_within_twice_pytorch_error(got, eager, exact, name=""):
-    """got's error against the float64 result is at most twice eager PyTorch's own error in that dtype, plus
+def _assert_within_pytorch_error(got, eager, exact, name="", factor=2.0):
+    """got's error against the float64 result is at most `factor` times eager PyTorch's own error in that dtype, plus
     the dtype's relative tolerance of the result (a folded conv and a fused BN round in other places, and
-    in bfloat16 a value rounding to either side of 0 flips a ReLU mask element in one and not the other).
-    Errors are measured as the norm of the difference: a max over a few elements is too noisy."""
-    exact = exact.detach()
-    exact_norm = float(exact.norm()) if exact.numel() else 0.0
-    eager_error = float((eager.detach().double() - exact).norm()) if exact.numel() else 0.0
-    bound = 2 * eager_error + TOLERANCES[got.dtype]["rtol"] * exact_norm
-    error = float((got.detach().double() - exact).norm()) if exact.numel() else 0.0
-    assert error <= bound, f"{name}: error {error:.3g} > bound {bound:.3g} (eager's error {eager_error:.3g})"
+    in bfloat16 a value rounding to either side of 0 flips a ReLU mask element in one and not the other)."""
+    assert_error_within(got, eager, exact, factor, slack=TOLERANCES[got.dtype]["rtol"], name=name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -83,7 +77,7 @@ def test_eval_matches_pytorch(dtype, dilation, stride, groups, residual):
         eager = _eager(conv_d, bn_d, *args)
         got = _call(conv_d, bn_d, *args)
     assert got.dtype == dtype and got.shape == exact.shape
-    _assert_within_twice_pytorch_error(got, eager, exact)
+    _assert_within_pytorch_error(got, eager, exact)
 
 
 def test_eval_channels_last_and_gradients():
@@ -216,7 +210,7 @@ def test_training_matches_pytorch(backend, dtype, residual, relu, channels_last)
         names = names[:3]
     for name, g, e, w in zip(names, got, eager, exact):
         assert g.dtype == e.dtype and g.shape == w.shape, name
-        _assert_within_twice_pytorch_error(g, e, w, name)
+        _assert_within_pytorch_error(g, e, w, name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -390,7 +384,7 @@ def test_forced_backend_runs_what_it_says_in_eval(monkeypatch, forced, kernel, c
 def test_forced_backend_runs_what_it_says_in_training(monkeypatch, forced, kernel, conv_chosen, bn_chosen):
     """Training: the conv stage and the fused BN (forward and backward) each run the forced backend where
     they have it and it applies, their reference elsewhere; the output and every gradient within twice
-    eager's float32 error of the float64 run."""
+    eager's float32 error of the float64 run (4x for the 1x1 convs: see below)."""
     channels = 128 if kernel == 3 else 8  # the training Winograd conv: 128+ channels, 4096+ output positions
     conv, bn = _modules(c_in=channels, c_out=channels, kernel=kernel, dtype=torch.float32)
     x = torch.randn(1, channels, 64, 64)
@@ -409,9 +403,13 @@ def test_forced_backend_runs_what_it_says_in_training(monkeypatch, forced, kerne
         results[name] = (out, *grads)
     assert chosen == {"conv_bn_relu.train_conv": [conv_chosen], "conv_bn_relu.bn_relu_train": [bn_chosen],
                       "conv_bn_relu.bn_relu_train_backward": [bn_chosen]}
+    # The 1x1 convs' input and weight gradients (8 channels, sums over 4096 positions) round in another order
+    # than eager's, whose own error is by chance far below its typical size in some draws: over 198 seeds
+    # their ratio to it reached 3.30 (the 3x3 convs': 1.6), so their bound is 4x.
+    factor = 4.0 if kernel == 1 else 2.0
     for what, got, eager, exact in zip(("out", "x", "conv.weight", "bn.weight"), results["fastbb"], results["eager"],
                                        results["exact"]):
-        _assert_within_twice_pytorch_error(got, eager, exact, what)
+        _assert_within_pytorch_error(got, eager, exact, what, factor)
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -520,7 +518,7 @@ def test_cuda_triton_bn_relu_forward_and_backward(dtype, channels_last):
     exact_out, exact_mean, exact_invstd = bn_relu_forward_reference(y64, weight64, bias64, residual64, eps, True)
     eager = F.relu(F.batch_norm(y.detach(), None, None, weight.detach(), bias.detach(), training=True, eps=eps)
                    + residual.detach())
-    _assert_within_twice_pytorch_error(out, eager, exact_out, "out")
+    _assert_within_pytorch_error(out, eager, exact_out, "out")
     stat_tolerance = TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
     torch.testing.assert_close(mean.double(), exact_mean, **stat_tolerance)
     torch.testing.assert_close(invstd.double(), exact_invstd, **stat_tolerance)
@@ -559,4 +557,4 @@ def test_cuda_triton_conv_epilogue_other_dtypes(monkeypatch, dtype, channels_las
                                        shift.to(epilogue_dtype), residual, True, padding=2, dilation=2,
                                        block_m=64, block_n=32, block_k=32)
     assert got.dtype == dtype and got.shape == exact.shape
-    _assert_within_twice_pytorch_error(got, eager, exact, "conv2d_epilogue")
+    _assert_within_pytorch_error(got, eager, exact, "conv2d_epilogue")

@@ -14,16 +14,13 @@ from fastbb.ops.conv_bn_relu import TABLE, TRAIN_CONV_TABLE, conv_bn_relu, cpu_c
 from fastbb.ops.conv_bn_relu.cpu_conv import (winograd_weight, winograd_weight_backward,
                                               winograd_weight_of_input_gradient, winograd_weight_reference)
 
-from conftest import TOLERANCES, record_choices
+from conftest import TOLERANCES, assert_error_within, record_choices
 
 
-def _within_twice_eager_error(got, eager, exact, name=""):
-    """got's error against the float64 result is at most twice eager PyTorch's float32 error, plus float32's
-    relative tolerance of the result (norms of the differences: a max over a few elements is too noisy)."""
-    eager_error = float((eager.double() - exact).norm())
-    error = float((got.double() - exact).norm())
-    bound = 2 * eager_error + TOLERANCES[torch.float32]["rtol"] * float(exact.norm())
-    assert error <= bound, f"{name} error {error:.3g} > bound {bound:.3g} (eager's error {eager_error:.3g})"
+# The error bound of these convs against a float64 run: twice eager PyTorch's own float32 error, plus
+# float32's relative tolerance of the result (errors are norms of the differences: a max over a few elements
+# is too noisy).
+_SLACK = TOLERANCES[torch.float32]["rtol"]
 
 
 def _winograd(x, weight, shift, residual=None, relu=True, padding=(1, 1), dilation=(1, 1)):
@@ -55,7 +52,7 @@ def test_kernel_matches_conv2d(n, c, k, h, w, padding, dilation, residual, relu)
     inputs = [t.clone() for t in (x, weight, shift)] + ([res.clone()] if residual else [])
     got = _winograd(x, weight, shift, res, relu, padding, dilation)
     assert got.shape == exact.shape and got.dtype == torch.float32 and got.is_contiguous()
-    _within_twice_eager_error(got, eager, exact)
+    assert_error_within(got, eager, exact, 2.0, slack=_SLACK)
     torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4)
     for before, after in zip(inputs, (x, weight, shift, res)):
         assert torch.equal(before, after)  # inputs are left as they were
@@ -191,7 +188,7 @@ def test_conv_bn_relu_eval_runs_winograd(winograd_calls, dilation, padding, resi
             got = conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                padding=padding, dilation=dilation, eps=bn.eps, relu=relu, residual=res)
             assert got.shape == eager.shape and got.stride() == eager.stride()
-            _within_twice_eager_error(got, eager, exact)
+            assert_error_within(got, eager, exact, 2.0, slack=_SLACK)
     assert len(winograd_calls) == 2
 
 
@@ -281,7 +278,7 @@ def test_pointwise_conv_runs_as_gemm(gemm_calls, shape, residual, relu, bias):
         got = conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                            eps=bn.eps, relu=relu, residual=res)
     assert got.shape == eager.shape and got.is_contiguous()
-    _within_twice_eager_error(got, eager, exact)
+    assert_error_within(got, eager, exact, 2.0, slack=_SLACK)
     for before, after in zip(inputs, (x, res)):
         assert torch.equal(before, after)
     assert len(gemm_calls) == 1
@@ -325,27 +322,27 @@ def test_training_runs_winograd(winograd_train_calls, padding, dilation, bias, r
     not another, and its whole gradient with it (the fused ReLU backward is tested in test_conv_bn_relu)."""
     conv, bn = _train_modules(128, 136, padding, dilation, bias)
     x = torch.randn(2, 128, 48, 48)
+    out_size = 48 + 2 * padding - 2 * dilation
+    residual_input = torch.randn(2, 136, out_size, out_size) if residual else None
+    grad_out = torch.randn(2, 136, out_size, out_size)
     results = {}
     for name, dtype in (("exact", torch.float64), ("eager", torch.float32), ("fastbb", torch.float32)):
         c, b = copy.deepcopy(conv).to(dtype), copy.deepcopy(bn).to(dtype)
         xi = x.to(dtype).requires_grad_()
-        torch.manual_seed(3)
-        res = torch.randn(2, 136, 48 + 2 * padding - 2 * dilation, 48 + 2 * padding - 2 * dilation).to(dtype) \
-            if residual else None
+        res = residual_input.to(dtype) if residual else None
         if name == "fastbb":
             out = conv_bn_relu(xi, c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var,
                                padding=padding, dilation=dilation, training=True, residual=res, relu=False)
         else:
             out = b(c(xi))
             out = out if res is None else out + res
-        torch.manual_seed(4)
         grads = torch.autograd.grad(out, [xi, c.weight, b.weight, b.bias] + ([c.bias] if bias else []),
-                                    torch.randn(out.shape).to(dtype))
+                                    grad_out.to(dtype))
         results[name] = (out, *grads, b.running_mean, b.running_var)
     names = ["out", "grad x", "grad conv weight", "grad bn weight", "grad bn bias"] + (["grad conv bias"] if bias
                                                                                       else []) + ["mean", "var"]
     for name, got, eager, exact in zip(names, results["fastbb"], results["eager"], results["exact"]):
-        _within_twice_eager_error(got.detach(), eager.detach(), exact.detach(), name)
+        assert_error_within(got, eager, exact, 2.0, slack=_SLACK, name=name)
     assert len(winograd_train_calls) == 1
 
 
@@ -385,18 +382,19 @@ def test_training_pointwise_conv_as_gemm(monkeypatch, shape, gemm, bias):
     and every gradient within twice eager's float32 error of the float64 run."""
     calls = _runs(monkeypatch, TRAIN_CONV_TABLE, "mkl")
     conv, bn = nn.Conv2d(24, 40, 1, bias=bias), _bn(40).train()
+    x = torch.randn(shape)
+    grad_out = torch.randn(shape[0], 40, *shape[2:])
     results = {}
     for name, dtype in (("exact", torch.float64), ("eager", torch.float32), ("fastbb", torch.float32)):
         c, b = copy.deepcopy(conv).to(dtype), copy.deepcopy(bn).to(dtype)
-        xi = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(dtype).requires_grad_()
+        xi = x.to(dtype).requires_grad_()
         out = conv_bn_relu(xi, c.weight, c.bias, b.weight, b.bias, training=True, relu=False) \
             if name == "fastbb" else b(c(xi))
         params = [xi, c.weight, b.weight, b.bias] + ([c.bias] if bias else [])
-        grads = torch.autograd.grad(out, params, torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
-                                    .to(dtype))
+        grads = torch.autograd.grad(out, params, grad_out.to(dtype))
         results[name] = (out, *grads)
     for got, eager, exact in zip(results["fastbb"], results["eager"], results["exact"]):
-        _within_twice_eager_error(got.detach(), eager.detach(), exact.detach())
+        assert_error_within(got, eager, exact, 2.0, slack=_SLACK)
     assert len(calls) == (1 if gemm else 0)
 
 
@@ -415,5 +413,5 @@ def test_channels_last_residual_joins_the_onednn_conv(monkeypatch, residual_layo
         got = conv_bn_relu(x, conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, padding=1,
                            eps=bn.eps, relu=relu, residual=res)
     assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(res, kept)
-    _within_twice_eager_error(got, eager, exact)
+    assert_error_within(got, eager, exact, 2.0, slack=_SLACK)
     assert len(plain_calls) == (0 if fused else 1)

@@ -17,7 +17,7 @@ from fastbb.ops.conv_bn_relu import TABLE, cuda_conv, eval_conv_reference
 from fastbb.ops.conv_bn_relu.bn_relu_train import FORWARD_TABLE
 from fastbb.ops.conv_bn_relu.fold import fold
 
-from conftest import TOLERANCES
+from conftest import TOLERANCES, assert_error_within
 
 
 @pytest.fixture
@@ -320,11 +320,10 @@ def test_cuda_implementations_match_pytorch(dtype, channels_last, dilation, resi
     assert _cuda_fast_paths(args) == (["cudnn", "triton"] if relu else ["triton"])
     implementations = [i for i in TABLE.implementations if i.backend in _cuda_fast_paths(args)]
     eager = TABLE.reference.run(*args)
-    eager_error = _relative_error(eager, exact)
     for implementation in implementations:
         got = implementation.run(*args)
         assert got.dtype == dtype and cuda_conv._same_layout(got, eager), implementation.backend
-        assert _relative_error(got, exact) <= 2 * eager_error + _GPU_TOLERANCE[dtype], implementation.backend
+        assert_error_within(got, eager, exact, 2.0, slack=_GPU_TOLERANCE[dtype], name=implementation.backend)
 
 
 @pytest.mark.cuda

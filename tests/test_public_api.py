@@ -81,7 +81,9 @@ TORCHVISION = [
      torchvision.ops.FeaturePyramidNetwork.get_result_from_inner_blocks),
     (fastbb.nn.FeaturePyramidNetwork.get_result_from_layer_blocks,
      torchvision.ops.FeaturePyramidNetwork.get_result_from_layer_blocks),
+    (fastbb.nn.ExtraFPNBlock, tv_fpn.ExtraFPNBlock),
     (fastbb.nn.ExtraFPNBlock.forward, tv_fpn.ExtraFPNBlock.forward),
+    (fastbb.nn.LastLevelMaxPool, tv_fpn.LastLevelMaxPool),
     (fastbb.nn.LastLevelMaxPool.forward, tv_fpn.LastLevelMaxPool.forward),
     (fastbb.nn.LastLevelP6P7, tv_fpn.LastLevelP6P7),
     (fastbb.nn.LastLevelP6P7.forward, tv_fpn.LastLevelP6P7.forward),
@@ -170,7 +172,6 @@ def test_signature_is_mmdets(name):
 
 
 def test_feature_pyramid_network_block_accessors_are_torchvisions():
-    torch.manual_seed(0)
     ours = fastbb.nn.FeaturePyramidNetwork([4, 8], 6)
     theirs = torchvision.ops.FeaturePyramidNetwork([4, 8], 6)
     theirs.load_state_dict(ours.state_dict())
@@ -246,3 +247,96 @@ def test_errors_start_with_the_name_called(source, name, error, call):
 def test_builders_accept_progress():
     assert isinstance(fastbb.models.resnet18(progress=False, num_classes=3), fastbb.models.ResNet)
     assert math.isclose(fastbb.nn.BoxCoder((1.0, 1.0, 1.0, 1.0)).bbox_xform_clip, math.log(1000.0 / 16))
+
+
+def test_every_torchvision_counterpart_is_compared():
+    """Every public fastbb class or function named as one of torchvision's has its signature compared above."""
+    compared = {ours for ours, _ in TORCHVISION}
+    places = (torchvision.ops, tv_fpn, tv_resnet, tv_det_utils, torchvision.models)
+    for obj in PUBLIC:
+        name = getattr(obj, "__name__", "")
+        if any(hasattr(place, name) for place in places):
+            assert obj in compared, f"{_name(obj)} has a torchvision counterpart whose signature is not compared"
+
+
+# Bad inputs to the ops that replace torchvision's, and the argument fastbb's message names. torchvision's
+# ops check their inputs in C++ (RuntimeError); fastbb raises the type torchvision raises, here, for each.
+_BOXES, _SCORES = torch.rand(3, 4) + torch.tensor([0.0, 0.0, 1.0, 1.0]), torch.rand(3)
+TORCHVISION_BAD_CALLS = {
+    "nms boxes (3, 5)": ("nms", (torch.zeros(3, 5), _SCORES, 0.5), "boxes"),
+    "nms boxes 1-D": ("nms", (torch.zeros(12), _SCORES, 0.5), "boxes"),
+    "nms integer boxes": ("nms", (_BOXES.long(), _SCORES, 0.5), "boxes"),
+    "nms scores 2-D": ("nms", (_BOXES, _SCORES[:, None], 0.5), "scores"),
+    "nms scores of another length": ("nms", (_BOXES, torch.rand(4), 0.5), "scores"),
+    "nms iou_threshold a str": ("nms", (_BOXES, _SCORES, "0.5"), "iou_threshold"),
+    "batched_nms boxes (3, 5)": ("batched_nms", (torch.zeros(3, 5), _SCORES, torch.zeros(3, dtype=torch.int64), 0.5),
+                                 "boxes"),
+    "batched_nms integer boxes": ("batched_nms", (_BOXES.long(), _SCORES, torch.zeros(3, dtype=torch.int64), 0.5),
+                                  "boxes"),
+    "batched_nms idxs of another length": ("batched_nms", (_BOXES, _SCORES, torch.zeros(4, dtype=torch.int64), 0.5),
+                                           "idxs"),
+}
+
+
+@pytest.mark.parametrize("case", list(TORCHVISION_BAD_CALLS))
+def test_op_errors_have_torchvisions_type(case):
+    op, args, argument = TORCHVISION_BAD_CALLS[case]
+    with pytest.raises(Exception) as theirs:
+        getattr(torchvision.ops, op)(*args)
+    assert type(theirs.value) in (RuntimeError, TypeError), theirs.value  # what this test is about
+    with pytest.raises(type(theirs.value), match=rf"^fastbb\.{op}: {argument} ") as ours:
+        getattr(fastbb.ops, op)(*args)
+    assert isinstance(ours.value, (ValueError, TypeError))  # and still what it was before
+
+
+def test_box_coder_errors_have_torchvisions_type():
+    """torchvision's BoxCoder.decode asserts (torch._assert) that boxes is a list and rel_codes a tensor."""
+    for args in ((torch.zeros(2, 4), torch.zeros(2, 4)), ([torch.zeros(2, 4)], [torch.zeros(2, 4)])):
+        with pytest.raises(AssertionError):
+            tv_det_utils.BoxCoder((1.0, 1.0, 1.0, 1.0)).decode(*args)
+        argument = "boxes" if isinstance(args[1], torch.Tensor) else "rel_codes"
+        with pytest.raises(AssertionError, match=rf"^fastbb\.nn\.BoxCoder\.decode: {argument} ") as ours:
+            fastbb.nn.BoxCoder((1.0, 1.0, 1.0, 1.0)).decode(*args)
+        assert isinstance(ours.value, TypeError)
+
+
+# mmdet's configuration and argument checks are asserts (mmdet is not installed here: the cases follow its
+# source, see CONTRACT.md): fastbb raises an AssertionError that is also the ValueError (or TypeError) it
+# raised before, naming the argument.
+_ROIS, _DELTAS = torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 2), torch.zeros(2, 4)
+MMDET_BAD_CALLS = {
+    "FPN num_outs below the inputs": (lambda: fastbb.nn.FPN([4, 8, 16], 4, 2), ValueError, "num_outs"),
+    "FPN end_level out of range": (lambda: fastbb.nn.FPN([4, 8, 16], 4, 3, end_level=3), ValueError, "end_level"),
+    "FPN num_outs with end_level": (lambda: fastbb.nn.FPN([4, 8, 16], 4, 3, end_level=1), ValueError,
+                                    "with end_level 1, num_outs"),
+    "FPN add_extra_convs unknown": (lambda: fastbb.nn.FPN([4, 8], 4, 3, add_extra_convs="on_top"), ValueError,
+                                    "add_extra_convs"),
+    "FPN add_extra_convs not a bool or str": (lambda: fastbb.nn.FPN([4, 8], 4, 3, add_extra_convs=1), TypeError,
+                                              "add_extra_convs"),
+    "FPN inputs count": (lambda: fastbb.nn.FPN([4, 8], 4, 2)((torch.zeros(1, 4, 4, 4),)), ValueError,
+                         "expected 2 inputs"),
+    "ResNet num_stages": (lambda: fastbb.models.MMResNet(50, num_stages=5, strides=(1,) * 5, dilations=(1,) * 5),
+                          ValueError, "num_stages"),
+    "ResNet strides": (lambda: fastbb.models.MMResNet(50, strides=(1, 2, 2)), ValueError, "strides"),
+    "ResNet out_indices": (lambda: fastbb.models.MMResNet(50, out_indices=(4,)), ValueError, "out_indices"),
+    "ResNet style": (lambda: fastbb.models.MMResNet(18, style="tf"), ValueError, "style"),
+    "coder per-image max_shape vs batch": (
+        lambda: fastbb.nn.DeltaXYWHBBoxCoder().decode(_ROIS[None], _DELTAS[None], max_shape=[(8, 8), (8, 8)]),
+        ValueError, "max_shape"),
+    "coder decode shapes": (lambda: fastbb.nn.DeltaXYWHBBoxCoder().decode(_ROIS, torch.zeros(3, 4)), ValueError,
+                            "pred_bboxes"),
+    "coder encode shapes": (lambda: fastbb.nn.DeltaXYWHBBoxCoder().encode(_ROIS, torch.zeros(3, 4)), ValueError,
+                            "bboxes and gt_bboxes"),
+    "FocalLoss reduction_override": (
+        lambda: fastbb.nn.FocalLoss()(torch.zeros(2, 3), torch.tensor([0, 3]), reduction_override="avg"), ValueError,
+        "reduction_override"),
+}
+
+
+@pytest.mark.parametrize("case", list(MMDET_BAD_CALLS))
+def test_config_errors_are_assertion_errors_as_mmdets(case):
+    call, previous_type, argument = MMDET_BAD_CALLS[case]
+    with pytest.raises(AssertionError, match=re.escape(argument)) as error:
+        call()
+    assert isinstance(error.value, previous_type)
+    assert str(error.value).startswith("fastbb.")

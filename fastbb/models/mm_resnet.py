@@ -22,6 +22,7 @@ from fastbb._registry import register
 from fastbb._tracing import not_scriptable
 from fastbb.models.resnet import _basic_block_forward, _bottleneck_forward
 from fastbb.nn.conv_bn_relu import _fused_conv_bn
+from fastbb.ops._common import ValueAssertionError
 
 _NORM_TYPES = {"BN": nn.BatchNorm2d, "BN2d": nn.BatchNorm2d, "SyncBN": nn.SyncBatchNorm}
 _NORM_KEYS = {"type", "requires_grad", "eps", "momentum", "affine", "track_running_stats"}
@@ -270,18 +271,19 @@ class MMResNet(nn.Module):
         if depth not in self.arch_settings:
             raise KeyError(f"{name}: invalid depth {depth} for resnet; expected one of {sorted(self.arch_settings)}")
         if not 1 <= num_stages <= 4:
-            raise ValueError(f"{name}: num_stages must be in [1, 4], got {num_stages}")
+            raise ValueAssertionError(f"{name}: num_stages must be in [1, 4], got {num_stages}")
         if len(strides) != num_stages or len(dilations) != num_stages:
-            raise ValueError(f"{name}: strides and dilations must have num_stages ({num_stages}) entries, got "
-                             f"strides={tuple(strides)}, dilations={tuple(dilations)}")
+            raise ValueAssertionError(f"{name}: strides and dilations must have num_stages ({num_stages}) entries, got "
+                                      f"strides={tuple(strides)}, dilations={tuple(dilations)}")
         out_indices = tuple(out_indices)
         if not out_indices or max(out_indices) >= num_stages or min(out_indices) < 0:
-            raise ValueError(f"{name}: out_indices must be stage indices in [0, {num_stages}), got {out_indices}")
+            raise ValueAssertionError(f"{name}: out_indices must be stage indices in [0, {num_stages}), "
+                                      f"got {out_indices}")
         if style not in ("pytorch", "caffe"):
-            raise ValueError(f"{name}: style must be 'pytorch' or 'caffe', got {style!r}")
+            raise ValueAssertionError(f"{name}: style must be 'pytorch' or 'caffe', got {style!r}")
         _check_supported(name, conv_cfg, dcn is not None or any(stage_with_dcn[:num_stages]), plugins)
         if init_cfg is not None and pretrained is not None:
-            raise ValueError(f"{name}: init_cfg and pretrained cannot be set at the same time")
+            raise ValueAssertionError(f"{name}: init_cfg and pretrained cannot be set at the same time")
         _check_norm_cfg(name, norm_cfg)
         self.depth = depth
         self.stem_channels = base_channels if stem_channels is None else stem_channels

@@ -1,11 +1,13 @@
 """torchvision's ResNet with every conv -> BN [-> ReLU] (and the residual add) run as one conv_bn_relu call.
 
 Same constructor arguments (incl. replace_stride_with_dilation and norm_layer), same module tree and
-state_dict keys, same outputs with the same weights, in train and eval mode. No weights are downloaded:
-`weights=` takes a state_dict or a local file path.
+state_dict keys, same outputs with the same weights, in train and eval mode. The builders take torchvision's
+`weights=` (its enum members and their names, loaded through torchvision's weights API) and also a state_dict
+or a local file path.
 """
+import enum
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -289,29 +291,81 @@ class ResNet(nn.Module):
     forward = _resnet_forward
 
 
-_Weights = dict[str, Tensor] | str | os.PathLike | None
+# What `weights=` takes: a member of torchvision's weights enum (ResNet50_Weights.IMAGENET1K_V2) or its name
+# ("DEFAULT", "IMAGENET1K_V1"), a state_dict, the path of a file holding one, or None.
+_Weights = enum.Enum | str | Mapping[str, Tensor] | os.PathLike | None
+
+# The torchvision weights enum of each builder.
+_WEIGHTS_ENUMS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights",
+                  "resnet101": "ResNet101_Weights", "resnet152": "ResNet152_Weights"}
+
+
+def _weights_enum(builder: str) -> type[enum.Enum] | None:
+    """torchvision's weights enum of `builder`, or None without torchvision (weights are then a state_dict
+    or a file)."""
+    try:
+        from torchvision import models
+    except ImportError:
+        return None
+    return getattr(models, _WEIGHTS_ENUMS[builder])
+
+
+def _names_enum_member(weights_enum: type[enum.Enum] | None, name: str) -> bool:
+    """Whether `name` is a member's name in torchvision's spelling ("DEFAULT" or "ResNet50_Weights.DEFAULT")."""
+    return weights_enum is not None and name.removeprefix(f"{weights_enum.__name__}.") in weights_enum.__members__
+
+
+def _state_dict(builder: str, weights: _Weights, progress: bool, kwargs: dict[str, Any]) -> Mapping[str, Tensor] | None:
+    """The state_dict `weights` stands for (None for none). torchvision's weights are resolved by its enum's
+    ``verify`` (raising what torchvision's builder raises: KeyError for a name the enum lacks, TypeError for
+    another enum's member), loaded through its weights API (torch.hub's cache under
+    $TORCH_HOME/hub/checkpoints, downloaded there when missing), and set ``num_classes`` in kwargs to their
+    categories' count, as torchvision's builders do. A str that names no member but a file is that file."""
+    if weights is None or isinstance(weights, Mapping):
+        return weights
+    weights_enum = _weights_enum(builder)
+    names_a_member = isinstance(weights, str) and _names_enum_member(weights_enum, weights)
+    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and not names_a_member
+                                            and os.path.isfile(weights)):
+        return torch.load(weights, map_location="cpu", weights_only=True)
+    enum_name = _WEIGHTS_ENUMS[builder]
+    if not isinstance(weights, (str, enum.Enum)):
+        raise TypeError(f"fastbb.models.{builder}: weights must be a {enum_name} member or name, a state_dict or "
+                        f"the path of one, got {type(weights).__name__}")
+    if weights_enum is None:
+        raise KeyError(f"fastbb.models.{builder}: weights {weights!r} is not a file, and torchvision, whose "
+                       f"{enum_name} it may name, is not installed")
+    try:
+        weights = weights_enum.verify(weights)
+    except (KeyError, TypeError, ValueError) as error:
+        detail = (f"weights {weights!r} is neither a {enum_name} name ({', '.join(weights_enum.__members__)}) "
+                  f"nor a file" if isinstance(weights, str) else f"weights: {error}")
+        raise type(error)(f"fastbb.models.{builder}: {detail}") from None
+    categories = len(weights.meta["categories"])
+    if kwargs.setdefault("num_classes", categories) != categories:
+        raise ValueError(f"fastbb.models.{builder}: the parameter 'num_classes' expected value {categories} "
+                         f"(the categories of {weights}) but got {kwargs['num_classes']} instead")
+    return weights.get_state_dict(progress=progress, check_hash=True)
 
 
 def _resnet(builder: str, block: type[BasicBlock | Bottleneck], layers: list[int], weights: _Weights,
             progress: bool, **kwargs: Any) -> ResNet:
+    state_dict = _state_dict(builder, weights, progress, kwargs)
     model = ResNet(block, layers, **kwargs)
-    if weights is not None:
-        if isinstance(weights, (str, os.PathLike)):
-            weights = torch.load(weights, map_location="cpu", weights_only=True)
-        if not isinstance(weights, dict):
-            raise TypeError(f"fastbb.models.{builder}: weights must be a state_dict or a path to one, "
-                            f"got {type(weights).__name__}")
-        model.load_state_dict(weights)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     return model
 
 
 _BUILDER_ARGS = """
     Args:
-        weights (dict[str, Tensor] or str or os.PathLike, optional): a state_dict (torchvision's keys),
-            or the path of a file holding one; None leaves the model randomly initialized. Nothing is
-            downloaded: torchvision's ``Weights`` enums are not accepted. Default: None.
-        progress (bool): accepted for torchvision's signature and not read (nothing is downloaded).
-            Default: True.
+        weights ({enum} or str or dict[str, Tensor] or os.PathLike, optional): the pretrained weights:
+            a member of torchvision's ``{enum}`` or its name (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...),
+            loaded through torchvision's weights API as torchvision's builder loads it (from torch.hub's
+            cache under ``$TORCH_HOME/hub/checkpoints``, downloaded there when missing; ``num_classes``
+            then follows the weights' categories); or a state_dict (torchvision's keys) or the path of a file
+            holding one. None leaves the model randomly initialized. Default: None.
+        progress (bool): whether a download shows a progress bar. Default: True.
         **kwargs: passed to :class:`ResNet` (``num_classes``, ``norm_layer``,
             ``replace_stride_with_dilation``, ...).
 
@@ -357,4 +411,4 @@ def resnet152(*, weights: _Weights = None, progress: bool = True, **kwargs: Any)
 
 for _builder in (resnet18, resnet34, resnet50, resnet101, resnet152):
     if _builder.__doc__ is not None:  # None under python -OO
-        _builder.__doc__ += _BUILDER_ARGS
+        _builder.__doc__ += _BUILDER_ARGS.format(enum=_WEIGHTS_ENUMS[_builder.__name__])

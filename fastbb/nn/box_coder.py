@@ -7,6 +7,7 @@ from torch import Tensor
 
 from fastbb._registry import register
 from fastbb._tracing import fx_leaf, not_scriptable, traced
+from fastbb.ops._common import TypeAssertionError, ValueAssertionError
 from fastbb.ops.box_decode import decode_boxes
 
 
@@ -80,11 +81,11 @@ class BoxCoder:
             Tensor[sum N_i, K, 4]: the decoded boxes.
         """
         if not isinstance(boxes, (list, tuple)):
-            raise TypeError(f"fastbb.nn.BoxCoder.decode: boxes must be a list or tuple of tensors, "
-                            f"got {type(boxes).__name__}")
+            raise TypeAssertionError(f"fastbb.nn.BoxCoder.decode: boxes must be a list or tuple of tensors, "
+                                     f"got {type(boxes).__name__}")
         if not isinstance(rel_codes, torch.Tensor):
-            raise TypeError(f"fastbb.nn.BoxCoder.decode: rel_codes must be a torch.Tensor, "
-                            f"got {type(rel_codes).__name__}")
+            raise TypeAssertionError(f"fastbb.nn.BoxCoder.decode: rel_codes must be a torch.Tensor, "
+                                     f"got {type(rel_codes).__name__}")
         num_boxes = sum(b.size(0) for b in boxes)
         concat_boxes = torch.cat(boxes, dim=0)
         if num_boxes > 0:
@@ -171,8 +172,9 @@ class DeltaXYWHBBoxCoder:
             Tensor[N, ..., 4]: Box transformation deltas, in float32.
         """
         if bboxes.size(0) != gt_bboxes.size(0) or bboxes.size(-1) != 4 or gt_bboxes.size(-1) != 4:
-            raise ValueError(f"fastbb.nn.DeltaXYWHBBoxCoder.encode: bboxes and gt_bboxes must be (N, ..., 4) with "
-                             f"one N, got {tuple(bboxes.shape)} and {tuple(gt_bboxes.shape)}")
+            raise ValueAssertionError(f"fastbb.nn.DeltaXYWHBBoxCoder.encode: bboxes and gt_bboxes must be "
+                                      f"(N, ..., 4) with one N, got {tuple(bboxes.shape)} and "
+                                      f"{tuple(gt_bboxes.shape)}")
         if bboxes.shape != gt_bboxes.shape:
             raise ValueError(f"fastbb.nn.DeltaXYWHBBoxCoder.encode: bboxes and gt_bboxes must have one shape, "
                              f"got {tuple(bboxes.shape)} and {tuple(gt_bboxes.shape)}")
@@ -205,8 +207,8 @@ class DeltaXYWHBBoxCoder:
         # Under torch.fx symbolic tracing the shapes are unknown: decode_boxes checks them when the graph runs.
         if not traced(bboxes, pred_bboxes) and (pred_bboxes.size(0) != bboxes.size(0) or (
                 pred_bboxes.ndim == 3 and pred_bboxes.size(1) != bboxes.size(1))):
-            raise ValueError(f"fastbb.nn.DeltaXYWHBBoxCoder.decode: pred_bboxes {tuple(pred_bboxes.shape)} do not "
-                             f"match bboxes {tuple(bboxes.shape)}")
+            raise ValueAssertionError(f"fastbb.nn.DeltaXYWHBBoxCoder.decode: pred_bboxes "
+                                      f"{tuple(pred_bboxes.shape)} do not match bboxes {tuple(bboxes.shape)}")
         pred_bboxes = _promote_deltas(bboxes, pred_bboxes)
         max_ratio = abs(math.log(wh_ratio_clip))
         return decode_boxes(

@@ -3,6 +3,7 @@ from torch import Tensor, nn
 
 from fastbb._registry import register
 from fastbb._tracing import fx_leaf, not_scriptable
+from fastbb.ops._common import ValueAssertionError
 from fastbb.ops.focal_loss import _sigmoid_focal_loss_labels, _sigmoid_focal_loss_weighted, sigmoid_focal_loss
 
 _FOCAL_LOSS = "fastbb.nn.FocalLoss"  # how FocalLoss's error messages name it
@@ -103,8 +104,8 @@ class FocalLoss(nn.Module):
             under ``torch.autocast``, as binary_cross_entropy_with_logits gives there).
         """
         if reduction_override not in (None, "none", "mean", "sum"):
-            raise ValueError(f"{_FOCAL_LOSS}: reduction_override must be None, 'none', 'mean' or 'sum', "
-                             f"got {reduction_override!r}")
+            raise ValueAssertionError(f"{_FOCAL_LOSS}: reduction_override must be None, 'none', 'mean' or 'sum', "
+                                      f"got {reduction_override!r}")
         reduction = reduction_override if reduction_override else self.reduction
         return self.loss_weight * _focal_loss(pred, target, weight, self.gamma, self.alpha, reduction, avg_factor)
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from fastbb._registry import register
 from fastbb._tracing import not_scriptable
+from fastbb.ops._common import TypeAssertionError, ValueAssertionError
 from fastbb.ops.fpn_merge import fpn_merge
 from fastbb.ops.upsample_nearest_add import upsample_nearest_add
 
@@ -353,8 +354,8 @@ class FPN(nn.Module):
                  init_cfg: dict | list[dict] | None = None) -> None:
         super().__init__()
         if not isinstance(in_channels, (list, tuple)) or not in_channels:
-            raise ValueError(f"fastbb.nn.FPN: in_channels must be a non-empty list of channel counts, "
-                             f"got {in_channels!r}")
+            raise ValueAssertionError(f"fastbb.nn.FPN: in_channels must be a non-empty list of channel counts, "
+                                      f"got {in_channels!r}")
         self.in_channels = list(in_channels)
         self.out_channels = out_channels
         self.num_ins = len(in_channels)
@@ -363,29 +364,30 @@ class FPN(nn.Module):
         self.no_norm_on_lateral = no_norm_on_lateral
         self.upsample_cfg = dict(upsample_cfg)
         if not 0 <= start_level < self.num_ins:
-            raise ValueError(f"fastbb.nn.FPN: start_level must be in [0, {self.num_ins}), got {start_level}")
+            raise ValueAssertionError(f"fastbb.nn.FPN: start_level must be in [0, {self.num_ins}), got {start_level}")
         if end_level == -1 or end_level == self.num_ins - 1:
             self.backbone_end_level = self.num_ins
             if num_outs < self.num_ins - start_level:
-                raise ValueError(f"fastbb.nn.FPN: num_outs must be >= len(in_channels) - start_level = "
-                                 f"{self.num_ins - start_level}, got {num_outs}")
+                raise ValueAssertionError(f"fastbb.nn.FPN: num_outs must be >= len(in_channels) - start_level = "
+                                          f"{self.num_ins - start_level}, got {num_outs}")
         else:
             if not start_level <= end_level < self.num_ins:
-                raise ValueError(f"fastbb.nn.FPN: end_level must be -1 or in [start_level, {self.num_ins}), "
-                                 f"got {end_level}")
+                raise ValueAssertionError(f"fastbb.nn.FPN: end_level must be -1 or in [start_level, {self.num_ins}), "
+                                          f"got {end_level}")
             if num_outs != end_level - start_level + 1:
-                raise ValueError(f"fastbb.nn.FPN: with end_level {end_level}, num_outs must be end_level - "
-                                 f"start_level + 1 = {end_level - start_level + 1} (no extra levels), got {num_outs}")
+                raise ValueAssertionError(f"fastbb.nn.FPN: with end_level {end_level}, num_outs must be end_level - "
+                                          f"start_level + 1 = {end_level - start_level + 1} (no extra levels), "
+                                          f"got {num_outs}")
             self.backbone_end_level = end_level + 1
         self.start_level = start_level
         self.end_level = end_level
         if isinstance(add_extra_convs, str):
             if add_extra_convs not in ("on_input", "on_lateral", "on_output"):
-                raise ValueError(f"fastbb.nn.FPN: add_extra_convs must be a bool or one of 'on_input', 'on_lateral', "
-                                 f"'on_output', got {add_extra_convs!r}")
+                raise ValueAssertionError(f"fastbb.nn.FPN: add_extra_convs must be a bool or one of 'on_input', "
+                                          f"'on_lateral', 'on_output', got {add_extra_convs!r}")
         elif not isinstance(add_extra_convs, bool):
-            raise TypeError(f"fastbb.nn.FPN: add_extra_convs must be a bool or a str, "
-                            f"got {type(add_extra_convs).__name__}")
+            raise TypeAssertionError(f"fastbb.nn.FPN: add_extra_convs must be a bool or a str, "
+                                     f"got {type(add_extra_convs).__name__}")
         elif add_extra_convs:
             add_extra_convs = "on_input"
         self.add_extra_convs = add_extra_convs
@@ -443,7 +445,7 @@ class FPN(nn.Module):
             Tuple[Tensor]: the ``num_outs`` output maps, highest resolution first.
         """
         if len(inputs) != len(self.in_channels):
-            raise ValueError(f"fastbb.nn.FPN: expected {len(self.in_channels)} inputs, got {len(inputs)}")
+            raise ValueAssertionError(f"fastbb.nn.FPN: expected {len(self.in_channels)} inputs, got {len(inputs)}")
         laterals, top_lateral = self._top_down(inputs)
         used = len(laterals)
         outs = [self.fpn_convs[i](laterals[i]) for i in range(used)]

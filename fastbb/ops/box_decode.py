@@ -21,8 +21,8 @@ import torch
 
 from fastbb._tracing import fx_leaf
 from fastbb import _backend
-from fastbb.ops._common import (FLOAT_DTYPES, autocast_cast, autocast_runs_in_float32, check_same_device, check_tensor,
-                                compute_dtype, kernel_lib, register_autocast_rule)
+from fastbb.ops._common import (FLOAT_DTYPES, ValueAssertionError, autocast_cast, autocast_runs_in_float32,
+                                check_same_device, check_tensor, compute_dtype, kernel_lib, register_autocast_rule)
 
 _OP = "fastbb.decode_boxes"  # how error messages name the op
 _STYLES = {"torchvision": 0, "mmdet": 1}
@@ -256,8 +256,8 @@ def _check_hw(shape):
 
 def _per_image(image_sizes, deltas):
     if deltas.dim() < 3 or image_sizes.shape[0] != deltas.shape[0]:
-        raise ValueError(f"{_OP}: a per-image max_shape needs deltas of shape (B, ..., 4K) with B = "
-                         f"{image_sizes.shape[0]} images, got deltas of shape {tuple(deltas.shape)}")
+        raise ValueAssertionError(f"{_OP}: a per-image max_shape needs deltas of shape (B, ..., 4K) with B = "
+                                  f"{image_sizes.shape[0]} images, got deltas of shape {tuple(deltas.shape)}")
     return image_sizes, []
 
 

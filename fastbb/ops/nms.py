@@ -30,8 +30,8 @@ import torch
 
 from fastbb._tracing import fx_leaf
 from fastbb import _backend
-from fastbb.ops._common import (FLOAT_DTYPES, autocast_cast, check_float, check_same_device, check_tensor,
-                                compute_dtype, kernel_lib, register_autocast_rule)
+from fastbb.ops._common import (FLOAT_DTYPES, ValueRuntimeError, autocast_cast, check_float, check_same_device,
+                                check_tensor, compute_dtype, kernel_lib, register_autocast_rule)
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -339,14 +339,14 @@ def _check_nms_inputs(op, boxes, scores, idxs, iou_threshold):
     check_tensor(op, "boxes", boxes, ndim=2, last_dim=4, dtypes=FLOAT_DTYPES)
     check_tensor(op, "scores", scores, ndim=1, dtypes=FLOAT_DTYPES)
     if scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"{op}: scores must have shape (N,) with N = boxes.shape[0] = {boxes.shape[0]}, "
-                         f"got {tuple(scores.shape)}")
+        raise ValueRuntimeError(f"{op}: scores must have shape (N,) with N = boxes.shape[0] = {boxes.shape[0]}, "
+                                f"got {tuple(scores.shape)}")
     tensors = {"boxes": boxes, "scores": scores}
     if idxs is not None:
         check_tensor(op, "idxs", idxs, ndim=1, dtypes=_INT_DTYPES)
         if idxs.shape[0] != boxes.shape[0]:
-            raise ValueError(f"{op}: idxs must have shape (N,) with N = boxes.shape[0] = {boxes.shape[0]}, "
-                             f"got {tuple(idxs.shape)}")
+            raise ValueRuntimeError(f"{op}: idxs must have shape (N,) with N = boxes.shape[0] = "
+                                    f"{boxes.shape[0]}, got {tuple(idxs.shape)}")
         tensors["idxs"] = idxs
     check_same_device(op, **tensors)
     return check_float(op, "iou_threshold", iou_threshold, 0.0, 1.0)
@@ -357,10 +357,11 @@ def _check_padded_inputs(op, boxes, labels, valid_counts, iou_threshold):
     check_tensor(op, "labels", labels, ndim=2, dtypes=_INT_DTYPES)
     check_tensor(op, "valid_counts", valid_counts, ndim=1, dtypes=_INT_DTYPES)
     if tuple(labels.shape) != tuple(boxes.shape[:2]):
-        raise ValueError(f"{op}: labels must have shape (B, M) = {tuple(boxes.shape[:2])}, got {tuple(labels.shape)}")
+        raise ValueRuntimeError(f"{op}: labels must have shape (B, M) = {tuple(boxes.shape[:2])}, "
+                                f"got {tuple(labels.shape)}")
     if valid_counts.shape[0] != boxes.shape[0]:
-        raise ValueError(f"{op}: valid_counts must have shape (B,) = ({boxes.shape[0]},), "
-                         f"got {tuple(valid_counts.shape)}")
+        raise ValueRuntimeError(f"{op}: valid_counts must have shape (B,) = ({boxes.shape[0]},), "
+                                f"got {tuple(valid_counts.shape)}")
     check_same_device(op, boxes=boxes, labels=labels, valid_counts=valid_counts)
     return check_float(op, "iou_threshold", iou_threshold, 0.0, 1.0)
 
