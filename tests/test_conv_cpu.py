@@ -226,7 +226,7 @@ def test_64_channels_run_winograd_on_large_images_only(winograd_calls):
 
 
 @pytest.mark.parametrize("case", ["32 channels", "stride 2", "5x5", "groups 2", "channels_last", "float64",
-                                  "needs grad", "reference backend", "residual float64"])
+                                  "needs grad", "reference backend"])
 def test_other_convs_do_not_run_winograd(winograd_calls, case):
     channels, kernel, stride, groups = (32 if case == "32 channels" else 128), (5 if case == "5x5" else 3), \
         (2 if case == "stride 2" else 1), (2 if case == "groups 2" else 1)
@@ -237,18 +237,30 @@ def test_other_convs_do_not_run_winograd(winograd_calls, case):
     conv, bn, x = conv.to(dtype), bn.to(dtype), x.to(dtype)
     if case == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    residual = torch.randn(1, channels, 12, 12, dtype=torch.float64) if case == "residual float64" else None
     fused = ConvBNReLU2d.from_modules(conv, bn, nn.ReLU()).eval()
-    want = bn(conv(x)) if residual is None else bn(conv(x)) + residual
-    want = want.relu()
+    want = bn(conv(x)).relu()
     grad_mode = torch.enable_grad() if case == "needs grad" else torch.no_grad()
     backend = fastbb.use_backend("reference") if case == "reference backend" else contextlib.nullcontext()
     with grad_mode, backend:
-        got = fused(x) if residual is None else conv_bn_relu(
-            x, conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, padding=1, eps=bn.eps,
-            residual=residual)
-    torch.testing.assert_close(got, want.to(got.dtype), **TOLERANCES[dtype])
+        got = fused(x)
+    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
     assert not winograd_calls
+
+
+def test_residual_of_another_dtype_is_added_as_an_in_place_add():
+    """A float64 residual on a float32 conv: the output keeps the conv's dtype, as torchvision's blocks'
+    `out += identity` keeps it (whichever conv path runs)."""
+    conv, bn = nn.Conv2d(128, 128, 3, padding=1, bias=False), _bn(128)
+    bn.eval()
+    x = torch.randn(1, 128, 12, 12)
+    residual = torch.randn(1, 128, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        want = bn(conv(x))
+        want += residual
+        got = conv_bn_relu(x, conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, padding=1,
+                           eps=bn.eps, residual=residual)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want.relu(), **TOLERANCES[torch.float32])
 
 
 def test_empty_batch():
