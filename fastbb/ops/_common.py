@@ -83,8 +83,8 @@ def check_same_device(op, **tensors):
         raise ValueRuntimeError(f"{op}: all tensors must be on one device, got {listed}")
 
 
-def check_float(op, name, value, lo=None, hi=None):
-    """A finite Python number within [lo, hi]."""
+def check_float(op, name, value, lo=None, hi=None, allow_nonfinite=False):
+    """A Python number within [lo, hi], finite unless allow_nonfinite."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueRuntimeError(f"{op}: {name} must be a number, got a tensor of shape {tuple(value.shape)}")
@@ -92,7 +92,7 @@ def check_float(op, name, value, lo=None, hi=None):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeRuntimeError(f"{op}: {name} must be a float, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    if not allow_nonfinite and not math.isfinite(value):
         raise ValueRuntimeError(f"{op}: {name} must be finite, got {value}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueRuntimeError(f"{op}: {name} must be in [{lo}, {hi}], got {value}")

@@ -26,6 +26,8 @@ spatial grid: only kept boxes a candidate can overlap are tested); cuda "cuda" (
 greedy reduction of the mask on the device) and "triton" (the bitmask and its greedy reduction in Triton;
 the compiled CUDA reduction instead when it is built); "reference" everywhere.
 """
+import math
+
 import torch
 
 from fastbb._tracing import fx_leaf
@@ -149,7 +151,7 @@ def batched_nms_reference(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch
                           iou_threshold: float) -> torch.Tensor:
     """:func:`batched_nms` in plain PyTorch (the ground truth): same arguments, checks and result."""
     iou_threshold = _check_nms_inputs("fastbb.batched_nms_reference", boxes, scores, idxs, iou_threshold)
-    return _nms_greedy(boxes, scores, idxs, iou_threshold)
+    return _nms_greedy(boxes, scores, _class_indices(idxs), iou_threshold)
 
 
 def nms_sorted_padded_reference(boxes: torch.Tensor, labels: torch.Tensor, valid_counts: torch.Tensor,
@@ -343,13 +345,30 @@ def _check_nms_inputs(op, boxes, scores, idxs, iou_threshold):
                                 f"got {tuple(scores.shape)}")
     tensors = {"boxes": boxes, "scores": scores}
     if idxs is not None:
-        check_tensor(op, "idxs", idxs, ndim=1, dtypes=_INT_DTYPES)
+        check_tensor(op, "idxs", idxs, ndim=1, dtypes=_INT_DTYPES + (torch.bool,) + FLOAT_DTYPES)
         if idxs.shape[0] != boxes.shape[0]:
             raise ValueRuntimeError(f"{op}: idxs must have shape (N,) with N = boxes.shape[0] = "
                                     f"{boxes.shape[0]}, got {tuple(idxs.shape)}")
         tensors["idxs"] = idxs
     check_same_device(op, **tensors)
-    return check_float(op, "iou_threshold", iou_threshold, 0.0, 1.0)
+    return _any_threshold(op, iou_threshold)
+
+
+def _any_threshold(op, iou_threshold):
+    """nms / batched_nms take any float threshold, as torchvision's do (IoU > threshold suppresses). An IoU
+    is at most 1 (or NaN for empty boxes), so every threshold above 1, +inf and NaN suppress nothing, exactly
+    as 1 does: those become 1. Negative thresholds (suppress every overlap, even of disjoint boxes) stay as
+    they are: nms and batched_nms run their reference for them (the kernels take [0, 1])."""
+    iou_threshold = check_float(op, "iou_threshold", iou_threshold, allow_nonfinite=True)
+    return 1.0 if math.isnan(iou_threshold) or iou_threshold > 1.0 else iou_threshold
+
+
+def _class_indices(idxs):
+    """batched_nms's categories as int64: integer and bool idxs as they are; floating idxs, which torchvision
+    also takes (each value one category), by the rank of their value."""
+    if idxs.is_floating_point():
+        return torch.unique(idxs, return_inverse=True)[1]
+    return idxs.to(torch.int64)
 
 
 def _check_padded_inputs(op, boxes, labels, valid_counts, iou_threshold):
@@ -385,13 +404,16 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
         boxes (Tensor[N, 4]): boxes to perform NMS on, in ``(x1, y1, x2, y2)`` format; float16, bfloat16,
             float32 or float64.
         scores (Tensor[N]): scores for each one of the boxes, floating point.
-        iou_threshold (float): discards all overlapping boxes with IoU > iou_threshold; in [0, 1].
+        iou_threshold (float): discards all overlapping boxes with IoU > iou_threshold (any float, as
+            torchvision's: above 1, or NaN, suppresses nothing; below 0, every overlap, even of disjoint boxes).
 
     Returns:
         Tensor: int64 tensor with the indices of the elements that have been kept by NMS, sorted in
         decreasing order of scores.
     """
     iou_threshold = _check_nms_inputs("fastbb.nms", boxes, scores, None, iou_threshold)
+    if iou_threshold < 0.0:  # every kernel takes [0, 1]; the reference compares as torchvision does
+        return _nms_greedy(boxes, scores, None, iou_threshold)
     return torch.ops.fastbb.nms(boxes, scores, iou_threshold)
 
 
@@ -414,8 +436,10 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
         boxes (Tensor[N, 4]): boxes where NMS will be performed, in ``(x1, y1, x2, y2)`` format; float16,
             bfloat16, float32 or float64.
         scores (Tensor[N]): scores for each one of the boxes, floating point.
-        idxs (Tensor[N]): integer indices of the categories for each one of the boxes (any values).
-        iou_threshold (float): discards all overlapping boxes with IoU > iou_threshold; in [0, 1].
+        idxs (Tensor[N]): indices of the categories for each one of the boxes: integer (any values), bool or
+            floating (each value one category), as torchvision takes them.
+        iou_threshold (float): discards all overlapping boxes with IoU > iou_threshold (any float, as
+            torchvision's: above 1, or NaN, suppresses nothing; below 0, every overlap).
 
     Returns:
         Tensor: int64 tensor with the indices of the elements that have been kept by NMS, sorted in
@@ -426,7 +450,9 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
         # As torchvision's batched_nms: no boxes, no checks of the rest, an empty int64 result.
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     iou_threshold = _check_nms_inputs("fastbb.batched_nms", boxes, scores, idxs, iou_threshold)
-    return torch.ops.fastbb.batched_nms(boxes, scores, idxs.to(torch.int64), iou_threshold)
+    if iou_threshold < 0.0:  # every kernel takes [0, 1]; the reference compares as torchvision does
+        return _nms_greedy(boxes, scores, _class_indices(idxs), iou_threshold)
+    return torch.ops.fastbb.batched_nms(boxes, scores, _class_indices(idxs), iou_threshold)
 
 
 @fx_leaf("fastbb.ops.nms_sorted_padded")
