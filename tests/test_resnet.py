@@ -120,9 +120,31 @@ def test_torchvision_weights_load_through_its_weights_api(monkeypatch, tmp_path,
         assert torch.equal(ours.state_dict()[name], value) and torch.equal(theirs.state_dict()[name], value), name
 
 
+@pytest.mark.parametrize("legacy", [dict(pretrained=True), dict(weights=True), dict(pretrained=False),
+                                    dict(weights=False)])
+def test_legacy_pretrained_forms_as_torchvision(monkeypatch, tmp_path, legacy):
+    """torchvision's deprecated `pretrained=` and boolean `weights=`: IMAGENET1K_V1 or None, with a
+    deprecation warning, the same model as torchvision's builder gives."""
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    _cache_torchvision_weights(monkeypatch, tmp_path, weights, randomize_bn(torchvision.models.resnet18()))
+    with pytest.warns(UserWarning):
+        theirs = torchvision.models.resnet18(**legacy)
+    with pytest.warns(UserWarning, match=r"fastbb\.models\.resnet18: .*deprecated"):
+        ours = resnet18(**legacy)
+    if True in legacy.values():
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), name
+    else:  # randomly initialised, as torchvision's: the same shapes, not loaded
+        assert [t.shape for t in ours.state_dict().values()] == [t.shape for t in theirs.state_dict().values()]
+    with pytest.raises(TypeError):  # pretrained beside weights: torchvision's model gets an unknown argument
+        torchvision.models.resnet18(weights=weights, pretrained=True)
+    with pytest.raises(TypeError):
+        resnet18(weights=weights, pretrained=True)
+
+
 def test_bad_weights_raise_what_torchvision_raises(monkeypatch, tmp_path):
-    """(torchvision takes any other value as its deprecated `pretrained` flag; fastbb raises a TypeError,
-    tested above.)"""
+    """(torchvision takes any other value, e.g. 1, as its deprecated `pretrained` flag; fastbb takes booleans
+    so, tested above, and raises a TypeError for other types.)"""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached: nothing may be loaded before the error
     bad_calls = [
         (dict(weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V1), TypeError, "ResNet18_Weights"),

@@ -7,6 +7,7 @@ or a local file path.
 """
 import enum
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -348,8 +349,27 @@ def _state_dict(builder: str, weights: _Weights, progress: bool, kwargs: dict[st
     return weights.get_state_dict(progress=progress, check_hash=True)
 
 
+def _legacy_weights(builder: str, weights: Any, kwargs: dict[str, Any]) -> Any:
+    """torchvision's deprecated forms, with its deprecation warning: ``pretrained=True`` / ``False`` (when
+    weights is not given) and ``weights=True`` / ``False`` stand for ``IMAGENET1K_V1`` / None, as
+    torchvision's builders take them. (``pretrained`` beside a given ``weights`` stays in kwargs, and the
+    model raises the TypeError torchvision's does.)"""
+    enum_name = _WEIGHTS_ENUMS[builder]
+    if isinstance(weights, bool):
+        pretrained, given = weights, "weights"
+    elif weights is None and "pretrained" in kwargs:
+        pretrained, given = kwargs.pop("pretrained"), "pretrained"
+    else:
+        return weights
+    equivalent = f"weights={enum_name}.IMAGENET1K_V1" if pretrained else "weights=None"
+    warnings.warn(f"fastbb.models.{builder}: {given}={pretrained!r} is deprecated (as in torchvision since "
+                  f"0.13); it is equivalent to {equivalent}", UserWarning, stacklevel=4)
+    return "IMAGENET1K_V1" if pretrained else None
+
+
 def _resnet(builder: str, block: type[BasicBlock | Bottleneck], layers: list[int], weights: _Weights,
             progress: bool, **kwargs: Any) -> ResNet:
+    weights = _legacy_weights(builder, weights, kwargs)
     state_dict = _state_dict(builder, weights, progress, kwargs)
     model = ResNet(block, layers, **kwargs)
     if state_dict is not None:
@@ -364,7 +384,9 @@ _BUILDER_ARGS = """
             loaded through torchvision's weights API as torchvision's builder loads it (from torch.hub's
             cache under ``$TORCH_HOME/hub/checkpoints``, downloaded there when missing; ``num_classes``
             then follows the weights' categories); or a state_dict (torchvision's keys) or the path of a file
-            holding one. None leaves the model randomly initialized. Default: None.
+            holding one. None leaves the model randomly initialized. torchvision's deprecated forms
+            ``pretrained=True`` / ``weights=True`` (IMAGENET1K_V1) and their ``False`` (None) work too, with
+            its deprecation warning. Default: None.
         progress (bool): whether a download shows a progress bar. Default: True.
         **kwargs: passed to :class:`ResNet` (``num_classes``, ``norm_layer``,
             ``replace_stride_with_dilation``, ...).
