@@ -5,6 +5,7 @@ from fastbb._backend import backends, use_backend  # noqa: E402  (loads fastbb._
 from fastbb._registry import build, register, registered  # noqa: E402
 from fastbb import ops, nn, models  # noqa: E402
 from fastbb.convert import convert  # noqa: E402
+from fastbb._tracing import NotScriptableError  # noqa: E402
 
-__all__ = ["__version__", "backends", "build", "convert", "models", "nn", "ops", "register", "registered",
-           "use_backend"]
+__all__ = ["NotScriptableError", "__version__", "backends", "build", "convert", "models", "nn", "ops", "register",
+           "registered", "use_backend"]

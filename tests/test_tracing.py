@@ -340,7 +340,8 @@ def test_script_pure_pytorch_modules(module):
                                                       "BoxCoder", "DeltaXYWHBBoxCoder"}))
 def test_script_of_fused_module_says_to_use_export(name):
     module = CASES[name][0]()
-    with pytest.raises(NotScriptableError, match=r"fastbb\.(nn|models)\.\w+ is not scriptable .*torch\.export"):
+    assert fastbb.NotScriptableError is NotScriptableError  # what users catch
+    with pytest.raises(fastbb.NotScriptableError, match=r"fastbb\.(nn|models)\.\w+ is not scriptable .*torch\.export"):
         torch.jit.script(module)
 
 
