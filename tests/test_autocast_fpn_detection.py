@@ -321,7 +321,10 @@ def test_sigmoid_focal_loss_under_autocast(backend, reduction, module):
     exact = torchvision_loss(logits.double(), targets.double())
     _, exact_grad, _ = run(torchvision_loss, _double_copy(head), torch.float64)
     assert got.dtype == want.dtype == torch.float32 and got_grad.dtype == torch.float32
-    _assert_like_original([got, got_grad], [want, want_grad], [exact, exact_grad], name="loss, weight gradient")
+    # A reduced loss is one float32 number whose rounding error is a random sum: over 200 seeds its error
+    # reached 2.09x torchvision's and the weight gradient's 1.96x, so the bound is 2.5x.
+    _assert_like_original([got, got_grad], [want, want_grad], [exact, exact_grad], factor=2.5,
+                          name="loss, weight gradient")
 
 
 def _double_copy(module):
