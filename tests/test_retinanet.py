@@ -1,0 +1,250 @@
+"""fastbb.models.detection: torchvision's RetinaNet classes and builders, fused. Compared with torchvision's own
+models built from the same seed (the same weights) on the same inputs."""
+import os
+import urllib.parse
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection import retinanet as tv_retinanet
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+
+import fastbb
+from conftest import assert_error_within, randomize_bn
+from fastbb.models import detection
+
+SIZE = dict(min_size=128, max_size=128)
+BUILDERS = {"v1": (detection.retinanet_resnet50_fpn, tv_retinanet.retinanet_resnet50_fpn),
+            "v2": (detection.retinanet_resnet50_fpn_v2, tv_retinanet.retinanet_resnet50_fpn_v2)}
+
+
+def build_pair(version, seed=0, **kwargs):
+    """(fastbb's model, torchvision's) from the same seed: the same weights."""
+    kwargs = dict(weights=None, weights_backbone=None, num_classes=5, **SIZE) | kwargs
+    ours_builder, theirs_builder = BUILDERS[version]
+    torch.manual_seed(seed)
+    ours = ours_builder(**kwargs)
+    torch.manual_seed(seed)
+    theirs = theirs_builder(**kwargs)
+    return ours, theirs
+
+
+def firing(*models, bias=-1.0):
+    """Sets the classification bias so that a randomly initialised head scores many candidates above
+    score_thresh (its prior bias -log(99) fires almost never)."""
+    for model in models:
+        torch.nn.init.constant_(model.head.classification_head.cls_logits.bias, bias)
+    return models
+
+
+def images(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, 120, 100, generator=g), torch.rand(3, 90, 128, generator=g)]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_same_modules_keys_and_weights_as_torchvision(version):
+    ours, theirs = build_pair(version)
+    assert isinstance(ours, tv_retinanet.RetinaNet) and isinstance(ours, detection.RetinaNet)
+    assert isinstance(ours.backbone.body.layer1[0], fastbb.models.Bottleneck)
+    assert isinstance(ours.backbone.fpn, fastbb.nn.FeaturePyramidNetwork)
+    assert isinstance(ours.anchor_generator, detection.AnchorGenerator)
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert list(ours_state) == list(theirs_state)
+    for name, value in theirs_state.items():  # the same construction order: the same random weights
+        assert torch.equal(ours_state[name], value), name
+    assert [(n, p.requires_grad) for n, p in ours.named_parameters()] == \
+        [(n, p.requires_grad) for n, p in theirs.named_parameters()]
+    ours.load_state_dict(theirs_state, strict=True)
+    theirs.load_state_dict(ours_state, strict=True)
+    assert ours.head.regression_head._loss_type == theirs.head.regression_head._loss_type
+
+
+def test_pretrained_backbone_freezes_as_torchvision(monkeypatch, tmp_path):
+    """weights_backbone: FrozenBatchNorm2d in v1 and trainable_backbone_layers=3, as torchvision's builder."""
+    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
+    _cache(monkeypatch, tmp_path, weights, randomize_bn(torchvision.models.resnet50()))
+    for trainable in (None, 0, 5):
+        ours, theirs = build_pair("v1", weights_backbone=weights, trainable_backbone_layers=trainable)
+        assert type(ours.backbone.body.bn1).__name__ == "FrozenBatchNorm2d"
+        assert [(n, p.requires_grad) for n, p in ours.named_parameters()] == \
+            [(n, p.requires_grad) for n, p in theirs.named_parameters()]
+        for name, value in theirs.state_dict().items():
+            assert torch.equal(ours.state_dict()[name], value), name
+
+
+def _cache(monkeypatch, tmp_path, weights, model):
+    """model's state_dict where torchvision's weights API finds `weights` (torch.hub's cache under a temporary
+    $TORCH_HOME, under the URL's file name): nothing is downloaded."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), checkpoints / os.path.basename(urllib.parse.urlparse(weights.url).path))
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("version, weights", [
+    ("v1", tv_retinanet.RetinaNet_ResNet50_FPN_Weights.COCO_V1), ("v1", "DEFAULT"),
+    ("v2", "RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1"), ("v1", "state_dict"), ("v2", "path"),
+], ids=str)
+def test_weights_load_as_torchvision(monkeypatch, tmp_path, version, weights):
+    """torchvision's enums and names through its weights API (num_classes from the categories, COCO_V1's
+    FrozenBatchNorm2d eps 0), a state_dict or a file of one."""
+    member = (tv_retinanet.RetinaNet_ResNet50_FPN_Weights if version == "v1"
+              else tv_retinanet.RetinaNet_ResNet50_FPN_V2_Weights).COCO_V1
+    torch.manual_seed(1)
+    source = BUILDERS[version][1](weights=None, weights_backbone=None, num_classes=91)
+    if weights in ("state_dict", "path"):  # nothing under torch.hub's cache: nothing else may be loaded
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+        cached = source.state_dict()
+    else:
+        cached = _cache(monkeypatch, tmp_path, member, source)
+    if weights == "state_dict":
+        weights = dict(cached)
+    elif weights == "path":
+        torch.save(cached, tmp_path / "model.pth")
+        weights = str(tmp_path / "model.pth")
+    ours = BUILDERS[version][0](weights=weights, progress=False)
+    assert ours.head.classification_head.num_classes == 91
+    for name, value in ours.state_dict().items():
+        assert torch.equal(cached[name], value), name
+    if version == "v1" and not isinstance(weights, dict) and weights != str(tmp_path / "model.pth"):
+        assert all(m.eps == 0.0 for m in ours.modules() if type(m).__name__ == "FrozenBatchNorm2d")
+
+
+def test_bad_weights_raise_what_torchvision_raises(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached: nothing may be loaded before the error
+    bad_calls = [
+        (dict(weights="COCO_V9"), KeyError),
+        (dict(weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V1), TypeError),
+        (dict(weights="DEFAULT", num_classes=10), ValueError),
+        (dict(weights_backbone="IMAGENET1K_V9"), KeyError),
+        (dict(weights=None, weights_backbone="DEFAULT", trainable_backbone_layers=6), ValueError),
+    ]
+    for kwargs, error in bad_calls:
+        with pytest.raises(error):
+            tv_retinanet.retinanet_resnet50_fpn(**kwargs)
+        with pytest.raises(error):
+            detection.retinanet_resnet50_fpn(**kwargs)
+
+
+def test_legacy_pretrained_arguments_as_torchvision(monkeypatch, tmp_path):
+    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
+    _cache(monkeypatch, tmp_path, weights, randomize_bn(torchvision.models.resnet50()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = detection.retinanet_resnet50_fpn(pretrained_backbone=True, num_classes=3)
+    assert any("pretrained_backbone" in str(w.message) for w in caught)
+    assert type(ours.backbone.body.bn1).__name__ == "FrozenBatchNorm2d"
+
+
+@pytest.mark.parametrize("sizes", [(128, 96), (127, 200), (64, 64)])
+def test_anchors_are_torchvision_s_and_cached(sizes):
+    ours = detection.retinanet._default_anchorgen()
+    theirs = tv_retinanet._default_anchorgen()
+    h, w = sizes
+    batch = ImageList(torch.zeros(2, 3, h, w), [(h, w), (h - 3, w)])
+    features = [torch.zeros(2, 8, -(-h // s), -(-w // s)) for s in (8, 16, 32, 64, 128)]
+    expected = theirs(batch, features)
+    got = ours(batch, features)
+    assert len(got) == len(expected) == 2
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    again = ours(batch, features)
+    assert again[0] is got[0]  # computed once for this shape
+    with torch.inference_mode():
+        in_inference = ours(batch, features)
+    assert in_inference[0] is not got[0] and torch.equal(in_inference[0], got[0])
+    # outside inference mode the anchors can still be saved for a backward
+    boxes = torch.rand(got[0].shape, requires_grad=True)
+    (boxes * ours(batch, features)[0]).sum().backward()
+
+
+def test_anchor_cache_is_bounded():
+    ours = detection.AnchorGenerator(((32,),), ((1.0,),), cache_size=2)
+    for size in (32, 64, 96, 128):
+        batch = ImageList(torch.zeros(1, 3, size, size), [(size, size)])
+        ours(batch, [torch.zeros(1, 1, size // 8, size // 8)])
+    assert len(ours._cache) == 2
+    assert isinstance(ours, TorchvisionAnchorGenerator)
+
+
+def split_head_outputs(model, batch_images, seed):
+    """Random head outputs and the anchors of `batch_images`, split per level as RetinaNet.forward splits them."""
+    images_list, _ = model.transform(batch_images)
+    features = [torch.zeros(len(batch_images), 1, -(-images_list.tensors.shape[-2] // s),
+                            -(-images_list.tensors.shape[-1] // s)) for s in (8, 16, 32, 64, 128)]
+    anchors = model.anchor_generator(images_list, features)
+    per_level = [9 * f.shape[-2] * f.shape[-1] for f in features]
+    g = torch.Generator().manual_seed(seed)
+    num_classes = model.head.classification_head.num_classes
+    cls_logits = torch.randn(len(batch_images), sum(per_level), num_classes, generator=g) - 1.5
+    bbox_regression = torch.randn(len(batch_images), sum(per_level), 4, generator=g) * 0.5
+    head = {"cls_logits": list(cls_logits.split(per_level, 1)), "bbox_regression": list(bbox_regression.split(per_level, 1))}
+    return head, [list(a.split(per_level)) for a in anchors], images_list.image_sizes
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_postprocess_detections_equal_torchvision_s_on_the_same_head_outputs(version):
+    ours, theirs = build_pair(version)
+    head, anchors, image_sizes = split_head_outputs(ours, images(), seed=3)
+    got = ours.postprocess_detections(head, anchors, image_sizes)
+    want = theirs.postprocess_detections(head, anchors, image_sizes)
+    assert len(got) == len(want) == 2
+    for a, b in zip(got, want):
+        assert a["boxes"].shape[0] == 300  # the cut at detections_per_img is exercised
+        # continuous scores (no ties): the same order; the sigmoid may round differently by an ulp
+        torch.testing.assert_close(a["scores"], b["scores"], rtol=2e-7, atol=0)
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-6, atol=1e-4)
+
+
+def assert_same_model_detections(got, want, score_thresh, box_atol=1e-3, score_atol=1e-4):
+    """Detections of two models whose features differ by rounding: each detection of one, away from the
+    score thresholds (score_thresh and the score of the last one kept), has its counterpart in the other
+    (same label, box within box_atol px, score within score_atol), and the scores are in the same order."""
+    for ours, theirs in zip(got, want):
+        for dets in (ours, theirs):
+            assert torch.all(dets["scores"][:-1] >= dets["scores"][1:])
+        cut = min(float(ours["scores"][-1]), float(theirs["scores"][-1])) if len(ours["scores"]) else score_thresh
+        for a, b in ((ours, theirs), (theirs, ours)):
+            away = (a["scores"] > max(score_thresh, cut) + score_atol)
+            close = ((a["scores"][:, None] - b["scores"][None]).abs() <= score_atol) \
+                & ((a["boxes"][:, None] - b["boxes"][None]).abs() <= box_atol).all(-1) \
+                & (a["labels"][:, None] == b["labels"][None])
+            unmatched = away & ~close.any(1)
+            assert not unmatched.any(), (f"{int(unmatched.sum())} of {int(away.sum())} detections without a "
+                                         f"counterpart, e.g. {a['boxes'][unmatched][:3].tolist()}")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_eval_detections_match_torchvision(version):
+    """Images of different sizes, a head that fires (more than 300 candidates pass score_thresh)."""
+    ours, theirs = firing(*build_pair(version))
+    ours.eval()
+    theirs.eval()
+    batch = images()
+    with torch.no_grad():
+        got, want = ours(batch), theirs(batch)
+    assert [d["boxes"].shape[0] for d in got] == [d["boxes"].shape[0] for d in want] == [300, 300]
+    for g, w, image in zip(got, want, batch):
+        assert g["boxes"].dtype == w["boxes"].dtype and g["labels"].dtype == torch.int64
+        assert float(g["boxes"][:, 2].max()) <= image.shape[-1] and float(g["boxes"][:, 3].max()) <= image.shape[-2]
+    assert_same_model_detections(got, want, ours.score_thresh)
+
+
+@pytest.mark.parametrize("targets, match", [
+    ([{"boxes": torch.zeros(2, 5), "labels": torch.ones(2, dtype=torch.int64)}], "shape"),
+    ([{"boxes": torch.tensor([[10.0, 10.0, 5.0, 20.0]]), "labels": torch.ones(1, dtype=torch.int64)}],
+     "positive height and width"),
+    (None, "targets should not be none"),
+], ids=["not-Nx4", "degenerate", "none"])
+def test_bad_targets_raise_what_torchvision_raises(targets, match):
+    ours, theirs = build_pair("v1")
+    batch = images()[:1]
+    for model in (theirs, ours):
+        model.train()
+        with pytest.raises(AssertionError, match=match):
+            model(batch, targets)
