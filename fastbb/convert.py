@@ -8,6 +8,9 @@ What it swaps (state_dict keys, parameters and outputs stay the same; only forwa
 - nn.Sequential(Conv2d, BatchNorm2d / SyncBatchNorm / FrozenBatchNorm2d[, ReLU]) (torchvision's
   Conv2dNormActivation, stems, downsample pairs outside ResNet blocks): replaced by a ConvBNReLU2d holding
   the same modules under the same names.
+- torchvision detection models: FeaturePyramidNetwork (its forward becomes the fused one), the stem of a
+  ResNet body (IntermediateLayerGetter), and RetinaNet (anchors computed once per shape, the training loss
+  and the post-processing for the whole batch at once; see fastbb.models.detection.RetinaNet).
 """
 import functools
 import types
@@ -66,6 +69,43 @@ def _raise_not_scriptable(kind, name):
                                "cannot compile (script the model before converting it to keep it unfused)")
 
 
+def _convert_detection(model, report):
+    """torchvision's detection parts: FeaturePyramidNetwork (fused merges), a ResNet body's stem, and
+    RetinaNet (cached anchors, the batched loss and post-processing). Nothing without torchvision."""
+    try:
+        from torchvision.models._utils import IntermediateLayerGetter
+        from torchvision.models.detection import retinanet as tv_retinanet
+        from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
+        from torchvision.ops import FeaturePyramidNetwork as TorchvisionFPN
+    except ImportError:
+        return
+    from fastbb.models.detection.backbone_utils import _FusedLayerGetter
+    from fastbb.models.detection.retinanet import AnchorGenerator, RetinaNet
+    from fastbb.nn.fpn import FeaturePyramidNetwork
+
+    for name, module in list(model.named_modules()):
+        label = name or "(model)"
+        if type(module) is TorchvisionFPN:
+            module.forward = types.MethodType(FeaturePyramidNetwork.forward, module)
+            report.append(f"{label}: FeaturePyramidNetwork (fused lateral conv + upsample + add merges)")
+        elif type(module) is IntermediateLayerGetter and list(module._modules)[:3] == ["conv1", "bn1", "relu"] \
+                and _fusable(module.conv1, module.bn1):
+            module.forward = types.MethodType(_FusedLayerGetter.forward, module)
+            report.append(f"{label}: IntermediateLayerGetter stem conv1 + bn1 + relu")
+        elif type(module) is tv_retinanet.RetinaNet:
+            module.compute_loss = types.MethodType(RetinaNet.compute_loss, module)
+            module.postprocess_detections = types.MethodType(RetinaNet.postprocess_detections, module)
+            parts = "batched loss and post-processing"
+            if type(module.anchor_generator) is TorchvisionAnchorGenerator:
+                module.anchor_generator = AnchorGenerator(module.anchor_generator.sizes,
+                                                          module.anchor_generator.aspect_ratios)
+                parts = "anchors cached per shape, " + parts
+            report.append(f"{label}: RetinaNet ({parts})")
+        else:
+            continue
+        _refuse_scripting(module, name)
+
+
 def convert(model: nn.Module) -> list[str]:
     """
     Fuses, in place, the conv -> BN [-> ReLU] chains of a torchvision or OpenMMLab model (see the module
@@ -99,6 +139,7 @@ def convert(model: nn.Module) -> list[str]:
             module.forward = types.MethodType(_resnet_forward, module)
             _refuse_scripting(module, name)
             report.append(f"{name or '(model)'}: ResNet stem conv1 + bn1 + relu")
+    _convert_detection(model, report)
     for parent_name, parent in list(model.named_modules()):
         if id(parent) in blocks:
             continue  # its downsample pair is fused by the block's forward

@@ -248,3 +248,26 @@ def test_bad_targets_raise_what_torchvision_raises(targets, match):
         model.train()
         with pytest.raises(AssertionError, match=match):
             model(batch, targets)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_convert_torchvision_retinanet(version):
+    """fastbb.convert on torchvision's RetinaNet: the same modules and keys (an optimizer made before keeps
+    working), fastbb's parts in place, the same detections; TorchScript says it cannot compile it."""
+    _, theirs = firing(*build_pair(version))
+    converted = firing(build_pair(version)[1])[0]
+    parameters = list(converted.parameters())
+    report = fastbb.convert(converted)
+    assert any(line.startswith("(model): RetinaNet") for line in report), report
+    assert any("backbone.fpn: FeaturePyramidNetwork" in line for line in report), report
+    assert any("backbone.body: IntermediateLayerGetter stem" in line for line in report), report
+    assert any(line.startswith("backbone.body.layer1.0: Bottleneck") for line in report), report
+    assert list(converted.parameters()) == parameters and type(converted) is tv_retinanet.RetinaNet
+    assert isinstance(converted.anchor_generator, detection.AnchorGenerator)
+    assert list(converted.state_dict()) == list(theirs.state_dict())
+    converted.eval()
+    theirs.eval()
+    with torch.no_grad():
+        assert_same_model_detections(converted(images()), theirs(images()), theirs.score_thresh)
+    with pytest.raises(fastbb.NotScriptableError):
+        torch.jit.script(converted)

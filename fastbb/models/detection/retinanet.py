@@ -99,11 +99,16 @@ def _fused_loss_applies(model) -> bool:
     """Whether the model's matcher, head losses and box coder are torchvision's, which the fused loss
     reproduces (a replaced one runs as torchvision runs it)."""
     head = model.head
-    return (type(model.proposal_matcher) is det_utils.Matcher and type(model.box_coder) is det_utils.BoxCoder
+    return (retinanet_loss is not None and type(model.proposal_matcher) is det_utils.Matcher and type(model.box_coder) is det_utils.BoxCoder
             and isinstance(head, RetinaNetHead) and type(head).compute_loss is RetinaNetHead.compute_loss
             and type(head.classification_head) is tv_retinanet.RetinaNetClassificationHead
             and type(head.regression_head) is tv_retinanet.RetinaNetRegressionHead
             and isinstance(head.regression_head.box_coder, det_utils.BoxCoder))
+
+
+def _default_box_coder(coder) -> bool:
+    """Whether coder is the BoxCoder the fused post-processing reproduces."""
+    return type(coder) is det_utils.BoxCoder and coder.bbox_xform_clip == _DEFAULT_XFORM_CLIP and len(coder.weights) == 4
 
 
 class RetinaNet(tv_retinanet.RetinaNet):
@@ -168,7 +173,8 @@ class RetinaNet(tv_retinanet.RetinaNet):
             Dict[str, Tensor]: ``classification`` and ``bbox_regression`` losses.
         """
         if not _fused_loss_applies(self):
-            return super().compute_loss(targets, head_outputs, anchors)
+            # (named, not super(): fastbb.convert binds this method to torchvision's own RetinaNet instances)
+            return tv_retinanet.RetinaNet.compute_loss(self, targets, head_outputs, anchors)
         gt_boxes, gt_labels, gt_counts = pad_targets(targets)
         same_anchors = all(a is anchors[0] for a in anchors)
         regression_head = self.head.regression_head
@@ -179,11 +185,6 @@ class RetinaNet(tv_retinanet.RetinaNet):
             allow_low_quality_matches=self.proposal_matcher.allow_low_quality_matches,
             box_loss=regression_head._loss_type, box_coder_weights=tuple(regression_head.box_coder.weights),
             bbox_xform_clip=regression_head.box_coder.bbox_xform_clip)
-
-    def _default_box_coder(self) -> bool:
-        coder = self.box_coder
-        return (type(coder) is det_utils.BoxCoder and coder.bbox_xform_clip == _DEFAULT_XFORM_CLIP
-                and len(coder.weights) == 4)
 
     def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
                                image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
@@ -198,8 +199,8 @@ class RetinaNet(tv_retinanet.RetinaNet):
         Returns:
             List[Dict[str, Tensor]]: per image ``boxes`` (D, 4), ``scores`` (D,) and ``labels`` (D,).
         """
-        if not self._default_box_coder() or not anchors:
-            return super().postprocess_detections(head_outputs, anchors, image_shapes)
+        if not _default_box_coder(self.box_coder) or not anchors:
+            return tv_retinanet.RetinaNet.postprocess_detections(self, head_outputs, anchors, image_shapes)
         num_anchors_per_level = [t.shape[1] for t in head_outputs["cls_logits"]]
         return retinanet_postprocess(
             torch.cat(head_outputs["cls_logits"], dim=1), torch.cat(head_outputs["bbox_regression"], dim=1),
