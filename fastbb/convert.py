@@ -74,13 +74,12 @@ def _convert_detection(model, report):
     RetinaNet (cached anchors, the batched loss and post-processing). Nothing without torchvision."""
     try:
         from torchvision.models._utils import IntermediateLayerGetter
-        from torchvision.models.detection import retinanet as tv_retinanet
         from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
         from torchvision.ops import FeaturePyramidNetwork as TorchvisionFPN
     except ImportError:
         return
     from fastbb.models.detection.backbone_utils import _FusedLayerGetter
-    from fastbb.models.detection.retinanet import AnchorGenerator, RetinaNet
+    from fastbb.models.detection.retinanet import AnchorGenerator, RetinaNet, _TorchvisionRetinaNet
     from fastbb.nn.fpn import FeaturePyramidNetwork
 
     for name, module in list(model.named_modules()):
@@ -92,7 +91,7 @@ def _convert_detection(model, report):
                 and _fusable(module.conv1, module.bn1):
             module.forward = types.MethodType(_FusedLayerGetter.forward, module)
             report.append(f"{label}: IntermediateLayerGetter stem conv1 + bn1 + relu")
-        elif type(module) is tv_retinanet.RetinaNet:
+        elif type(module) is _TorchvisionRetinaNet:
             module.compute_loss = types.MethodType(RetinaNet.compute_loss, module)
             module.postprocess_detections = types.MethodType(RetinaNet.postprocess_detections, module)
             parts = "batched loss and post-processing"

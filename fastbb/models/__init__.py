@@ -4,3 +4,11 @@ from fastbb.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resne
 
 __all__ = ["BasicBlock", "Bottleneck", "MMResNet", "ResNet", "ResNetV1c", "ResNetV1d", "resnet18", "resnet34",
            "resnet50", "resnet101", "resnet152"]
+
+
+def __getattr__(name):
+    # fastbb.models.detection needs torchvision: imported on first use, not with fastbb.
+    if name == "detection":
+        import importlib
+        return importlib.import_module("fastbb.models.detection")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

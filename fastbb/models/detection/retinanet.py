@@ -34,6 +34,11 @@ __all__ = ["AnchorGenerator", "RetinaNet", "RetinaNetHead", "RetinaNet_ResNet50_
 
 _DEFAULT_XFORM_CLIP = math.log(1000.0 / 16)
 
+# torchvision's own classes, held here: fastbb.patch_torchvision() replaces the module attributes.
+_TorchvisionRetinaNet = tv_retinanet.RetinaNet
+_TorchvisionClassificationHead = tv_retinanet.RetinaNetClassificationHead
+_TorchvisionRegressionHead = tv_retinanet.RetinaNetRegressionHead
+
 
 def _plain_tensor(t):
     """Whether t is an eager, ordinary tensor (not a fake, functional or traced one), whose derived values may
@@ -101,8 +106,8 @@ def _fused_loss_applies(model) -> bool:
     head = model.head
     return (retinanet_loss is not None and type(model.proposal_matcher) is det_utils.Matcher and type(model.box_coder) is det_utils.BoxCoder
             and isinstance(head, RetinaNetHead) and type(head).compute_loss is RetinaNetHead.compute_loss
-            and type(head.classification_head) is tv_retinanet.RetinaNetClassificationHead
-            and type(head.regression_head) is tv_retinanet.RetinaNetRegressionHead
+            and type(head.classification_head) is _TorchvisionClassificationHead
+            and type(head.regression_head) is _TorchvisionRegressionHead
             and isinstance(head.regression_head.box_coder, det_utils.BoxCoder))
 
 
@@ -111,7 +116,7 @@ def _default_box_coder(coder) -> bool:
     return type(coder) is det_utils.BoxCoder and coder.bbox_xform_clip == _DEFAULT_XFORM_CLIP and len(coder.weights) == 4
 
 
-class RetinaNet(tv_retinanet.RetinaNet):
+class RetinaNet(_TorchvisionRetinaNet):
     """
     torchvision.models.detection.RetinaNet (same arguments, attributes, state_dict keys, outputs and errors;
     an instance of torchvision's class), with:
@@ -174,7 +179,7 @@ class RetinaNet(tv_retinanet.RetinaNet):
         """
         if not _fused_loss_applies(self):
             # (named, not super(): fastbb.convert binds this method to torchvision's own RetinaNet instances)
-            return tv_retinanet.RetinaNet.compute_loss(self, targets, head_outputs, anchors)
+            return _TorchvisionRetinaNet.compute_loss(self, targets, head_outputs, anchors)
         gt_boxes, gt_labels, gt_counts = pad_targets(targets)
         same_anchors = all(a is anchors[0] for a in anchors)
         regression_head = self.head.regression_head
@@ -200,7 +205,7 @@ class RetinaNet(tv_retinanet.RetinaNet):
             List[Dict[str, Tensor]]: per image ``boxes`` (D, 4), ``scores`` (D,) and ``labels`` (D,).
         """
         if not _default_box_coder(self.box_coder) or not anchors:
-            return tv_retinanet.RetinaNet.postprocess_detections(self, head_outputs, anchors, image_shapes)
+            return _TorchvisionRetinaNet.postprocess_detections(self, head_outputs, anchors, image_shapes)
         num_anchors_per_level = [t.shape[1] for t in head_outputs["cls_logits"]]
         return retinanet_postprocess(
             torch.cat(head_outputs["cls_logits"], dim=1), torch.cat(head_outputs["bbox_regression"], dim=1),
