@@ -271,3 +271,109 @@ def test_convert_torchvision_retinanet(version):
         assert_same_model_detections(converted(images()), theirs(images()), theirs.score_thresh)
     with pytest.raises(fastbb.NotScriptableError):
         torch.jit.script(converted)
+
+
+# ---- the static-shape training mode ------------------------------------------------------------------------
+
+def static_batch(seed=0):
+    """Two 128x128 images (the transform's size) and their targets padded to 4 boxes with label -1 (a padding
+    row between real ones; the second image has no box), with the same targets unpadded."""
+    g = torch.Generator().manual_seed(seed)
+    batch = [torch.rand(3, 128, 128, generator=g) for _ in range(2)]
+    padded = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [0.0, 0.0, 0.0, 0.0], [70.0, 20.0, 120.0, 64.0],
+                                      [0.0, 0.0, 0.0, 0.0]]), "labels": torch.tensor([2, -1, 4, -1])},
+              {"boxes": torch.zeros(4, 4), "labels": torch.full((4,), -1)}]
+    plain = [{"boxes": padded[0]["boxes"][[0, 2]], "labels": padded[0]["labels"][[0, 2]]},
+             {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    return batch, padded, plain
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_static_shapes_losses_and_gradients_equal_the_normal_step(version):
+    model, _ = build_pair(version)
+    model.train()
+    batch, padded, plain = static_batch()
+    normal = model(batch, plain)
+    normal_grads = torch.autograd.grad(sum(normal.values()), [p for p in model.parameters() if p.requires_grad])
+    model.static_shapes = True
+    static = model(batch, padded)
+    static_grads = torch.autograd.grad(sum(static.values()), [p for p in model.parameters() if p.requires_grad])
+    for name in ("classification", "bbox_regression"):
+        torch.testing.assert_close(static[name], normal[name], rtol=1e-6, atol=1e-7)
+    for a, b in zip(static_grads, normal_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# Operators that read a tensor's values on the host (a device synchronisation on CUDA) or make a tensor from
+# host data (a copy from the host at every step on CUDA).
+HOST_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero", "aten::equal",
+            "aten::lift_fresh", "aten::lift_fresh_copy", "aten::unique_dim", "aten::_unique2", "aten::item"}
+
+
+class HostOpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_static_training_step_reads_nothing_from_the_host():
+    """A whole step (forward, losses, backward) in the static-shape mode, after a first step (anchors cached),
+    runs no operator that reads values on the host or copies host data in; torchvision's own step does."""
+    model, theirs = build_pair("v1")
+    batch, padded, plain = static_batch()
+    stacked = torch.stack(batch)
+    model.train()
+    model.static_shapes = True
+    sum(model(stacked, padded).values()).backward()  # the first step caches the anchors
+    with HostOpLog() as log:
+        sum(model(stacked, padded).values()).backward()
+    assert not HOST_OPS & set(log.ops), sorted(HOST_OPS & set(log.ops))
+    assert "aten::convolution_backward" in log.ops  # the log sees the whole step
+    theirs.train()
+    with HostOpLog() as log:
+        sum(theirs(batch, plain).values()).backward()
+    assert HOST_OPS & set(log.ops)
+
+
+def test_static_training_step_runs_on_fake_tensors():
+    """On fake tensors (no data: a value read or a data-dependent shape raises) the static step runs, forward
+    and backward; the normal step does not."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    model, _ = build_pair("v1")
+    model.train()
+    model.static_shapes = True
+    batch, padded, _ = static_batch()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        state = {name: mode.from_tensor(t, static_shapes=True) for name, t in
+                 list(model.named_parameters()) + list(model.named_buffers())}
+        for name, t in model.named_parameters():
+            state[name].requires_grad_(t.requires_grad)
+        images = mode.from_tensor(torch.stack(batch))
+        targets = [{k: mode.from_tensor(v) for k, v in t.items()} for t in padded]
+        losses = torch.func.functional_call(model, state, (images, targets))
+        trainable = [state[name] for name, p in model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(sum(losses.values()), trainable)
+        assert [g.shape for g in grads] == [p.shape for p in trainable]
+        model.static_shapes = False
+        with pytest.raises(Exception):  # torchvision's step reads the boxes on the host
+            torch.func.functional_call(model, state, (list(images), targets))
+
+
+def test_static_shapes_errors():
+    model, _ = build_pair("v1")
+    model.train()
+    model.static_shapes = True
+    batch, padded, _ = static_batch()
+    with pytest.raises(ValueError, match="size"):
+        model([torch.rand(3, 100, 128)] * 2, padded)
+    bad = [dict(padded[0], boxes=padded[0]["boxes"].clone()), padded[1]]
+    bad[0]["boxes"][0, 2] = 5.0  # x2 < x1
+    with pytest.raises(RuntimeError):
+        model(batch, bad)
+    model.transform.min_size = (96, 128)
+    with pytest.raises(ValueError, match="min_size"):
+        model(batch, padded)

@@ -111,9 +111,36 @@ def _fused_loss_applies(model) -> bool:
             and isinstance(head.regression_head.box_coder, det_utils.BoxCoder))
 
 
+def _resize_is_identity(transform, height: int, width: int) -> bool:
+    """Whether GeneralizedRCNNTransform leaves a training image of height x width as it is (its bilinear
+    resize to the same size returns the same values): it skips resizing, its fixed_size is that size, or its
+    one min_size and max_size give a scale of 1."""
+    if getattr(transform, "_skip_resize", False):
+        return True
+    if transform.fixed_size is not None:
+        return (transform.fixed_size[1], transform.fixed_size[0]) == (height, width)
+    if len(transform.min_size) != 1:
+        raise ValueError("fastbb.models.detection.RetinaNet: static_shapes needs one min_size (the transform "
+                         f"draws one of {transform.min_size} at every call)")
+    return min(float(transform.min_size[0]) / min(height, width), float(transform.max_size) / max(height, width)) == 1.0
+
+
 def _default_box_coder(coder) -> bool:
     """Whether coder is the BoxCoder the fused post-processing reproduces."""
     return type(coder) is det_utils.BoxCoder and coder.bbox_xform_clip == _DEFAULT_XFORM_CLIP and len(coder.weights) == 4
+
+
+def _batched_loss(model, head_outputs, anchors, gt_boxes, gt_labels, gt_counts):
+    """fastbb.ops.retinanet_loss with the model's matcher thresholds, box loss and box coder."""
+    same_anchors = all(a is anchors[0] for a in anchors)
+    regression_head = model.head.regression_head
+    return retinanet_loss(
+        head_outputs["cls_logits"], head_outputs["bbox_regression"],
+        anchors[0] if same_anchors else torch.stack(anchors), gt_boxes, gt_labels, gt_counts,
+        fg_iou_thresh=model.proposal_matcher.high_threshold, bg_iou_thresh=model.proposal_matcher.low_threshold,
+        allow_low_quality_matches=model.proposal_matcher.allow_low_quality_matches,
+        box_loss=regression_head._loss_type, box_coder_weights=tuple(regression_head.box_coder.weights),
+        bbox_xform_clip=regression_head.box_coder.bbox_xform_clip)
 
 
 class RetinaNet(_TorchvisionRetinaNet):
@@ -155,7 +182,8 @@ class RetinaNet(_TorchvisionRetinaNet):
                  anchor_generator: _TorchvisionAnchorGenerator | None = None, head: nn.Module | None = None,
                  proposal_matcher: det_utils.Matcher | None = None, score_thresh: float = 0.05,
                  nms_thresh: float = 0.5, detections_per_img: int = 300, fg_iou_thresh: float = 0.5,
-                 bg_iou_thresh: float = 0.4, topk_candidates: int = 1000, **kwargs: Any) -> None:
+                 bg_iou_thresh: float = 0.4, topk_candidates: int = 1000, static_shapes: bool = False,
+                 **kwargs: Any) -> None:
         if anchor_generator is None and hasattr(backbone, "out_channels"):
             anchor_generator = _default_anchorgen()
         super().__init__(backbone, num_classes, min_size=min_size, max_size=max_size, image_mean=image_mean,
@@ -163,6 +191,89 @@ class RetinaNet(_TorchvisionRetinaNet):
                          proposal_matcher=proposal_matcher, score_thresh=score_thresh, nms_thresh=nms_thresh,
                          detections_per_img=detections_per_img, fg_iou_thresh=fg_iou_thresh,
                          bg_iou_thresh=bg_iou_thresh, topk_candidates=topk_candidates, **kwargs)
+        self.static_shapes = static_shapes
+        self._normalization: dict = {}  # (device, dtype) -> (mean, std) tensors, for the static-shape mode
+
+    def forward(self, images: list[Tensor] | Tensor, targets: list[dict[str, Tensor]] | None = None
+                ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """
+        torchvision's RetinaNet.forward; in training with ``static_shapes`` set, the static-shape step (see
+        :meth:`static_training_losses`).
+
+        Args:
+            images (List[Tensor[3, H, W]]): the images, values in [0, 1].
+            targets (List[Dict[str, Tensor]], optional): in training, per image ``boxes`` (G, 4) x1y1x2y2 in
+                pixels and ``labels`` (G,).
+
+        Returns:
+            Dict[str, Tensor] in training (``classification`` and ``bbox_regression`` losses), else per image
+            ``boxes`` (D, 4), ``scores`` (D,) and ``labels`` (D,).
+        """
+        if self.training and self.static_shapes:
+            return self.static_training_losses(images, targets)
+        return super().forward(images, targets)
+
+    def static_training_losses(self, images: list[Tensor] | Tensor, targets: list[dict[str, Tensor]] | None
+                               ) -> dict[str, Tensor]:
+        """
+        The training losses without a host synchronisation, so that a whole training step (forward, backward,
+        optimizer) can be captured in a CUDA graph. The same losses as :meth:`forward` for the same inputs;
+        what differs is what it takes:
+
+        - images of one size, the size GeneralizedRCNNTransform resizes them to (the transform's only
+          ``min_size``, or its ``fixed_size``): they are normalised and padded as the transform does, not
+          resized (torchvision's resize would create tensors from host values at every call);
+        - targets of one shape: per image ``boxes`` (M, 4) and ``labels`` (M,) with the same M, rows with a
+          negative label being padding (anywhere);
+        - torchvision's check of boxes with non-positive width or height (which reads the boxes on the host)
+          runs as ``torch._assert_async``: on CUDA a bad box fails the step asynchronously.
+
+        Args:
+            images (List[Tensor[3, H, W]] or Tensor[N, 3, H, W]): the images, at the transform's size.
+            targets (List[Dict[str, Tensor]]): per image ``boxes`` (M, 4) and ``labels`` (M,).
+
+        Returns:
+            Dict[str, Tensor]: ``classification`` and ``bbox_regression`` losses.
+        """
+        torch._assert(targets is not None, "targets should not be none when in training mode")
+        if not _fused_loss_applies(self):
+            raise ValueError("fastbb.models.detection.RetinaNet: static_shapes needs torchvision's Matcher, "
+                             "RetinaNetHead losses and BoxCoder (the ones the batched loss reproduces)")
+        batch = images if isinstance(images, Tensor) else torch.stack(list(images))
+        if batch.dim() != 4:
+            raise ValueError(f"fastbb.models.detection.RetinaNet: static_shapes: images must be (N, 3, H, W) or a "
+                             f"list of (3, H, W), got shape {tuple(batch.shape)}")
+        height, width = batch.shape[-2:]
+        if not _resize_is_identity(self.transform, height, width):
+            raise ValueError(f"fastbb.models.detection.RetinaNet: static_shapes: images must already have the size "
+                             f"the transform resizes them to (min_size {self.transform.min_size}, max_size "
+                             f"{self.transform.max_size}, fixed_size {self.transform.fixed_size}), got {height}x{width}")
+        key = (batch.device, batch.dtype)
+        if key not in self._normalization:
+            self._normalization[key] = tuple(torch.as_tensor(v, dtype=batch.dtype, device=batch.device)[:, None, None]
+                                             for v in (self.transform.image_mean, self.transform.image_std))
+        mean, std = self._normalization[key]
+        batch = (batch - mean) / std
+        divisor = self.transform.size_divisible
+        pad_h, pad_w = (-height) % divisor, (-width) % divisor
+        if pad_h or pad_w:
+            batch = torch.nn.functional.pad(batch, (0, pad_w, 0, pad_h))
+        image_list = ImageList(batch, [(height, width)] * batch.shape[0])
+        gt_boxes = torch.stack([t["boxes"] for t in targets])
+        gt_labels = torch.stack([t["labels"] for t in targets]).long()
+        valid = gt_labels >= 0
+        torch._assert_async((~valid | (gt_boxes[..., 2:] > gt_boxes[..., :2]).all(-1)).all(),
+                            "All bounding boxes should have positive height and width.")
+        # The loss takes each image's boxes first and its count: valid rows moved to the front, in order.
+        order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices
+        gt_boxes = gt_boxes.gather(1, order[..., None].expand_as(gt_boxes))
+        gt_labels = gt_labels.gather(1, order)
+        gt_counts = valid.sum(1)
+        features = self.backbone(batch)
+        features = [features] if isinstance(features, Tensor) else list(features.values())
+        head_outputs = self.head(features)
+        anchors = self.anchor_generator(image_list, features)
+        return _batched_loss(self, head_outputs, anchors, gt_boxes, gt_labels, gt_counts)
 
     def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor],
                      anchors: list[Tensor]) -> dict[str, Tensor]:
@@ -180,16 +291,7 @@ class RetinaNet(_TorchvisionRetinaNet):
         if not _fused_loss_applies(self):
             # (named, not super(): fastbb.convert binds this method to torchvision's own RetinaNet instances)
             return _TorchvisionRetinaNet.compute_loss(self, targets, head_outputs, anchors)
-        gt_boxes, gt_labels, gt_counts = pad_targets(targets)
-        same_anchors = all(a is anchors[0] for a in anchors)
-        regression_head = self.head.regression_head
-        return retinanet_loss(
-            head_outputs["cls_logits"], head_outputs["bbox_regression"],
-            anchors[0] if same_anchors else torch.stack(anchors), gt_boxes, gt_labels, gt_counts,
-            fg_iou_thresh=self.proposal_matcher.high_threshold, bg_iou_thresh=self.proposal_matcher.low_threshold,
-            allow_low_quality_matches=self.proposal_matcher.allow_low_quality_matches,
-            box_loss=regression_head._loss_type, box_coder_weights=tuple(regression_head.box_coder.weights),
-            bbox_xform_clip=regression_head.box_coder.bbox_xform_clip)
+        return _batched_loss(self, head_outputs, anchors, *pad_targets(targets))
 
     def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
                                image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
