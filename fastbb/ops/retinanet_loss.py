@@ -381,7 +381,10 @@ def retinanet_loss(cls_logits: torch.Tensor, bbox_regression: torch.Tensor, anch
     anchor_labels = torch.where(foreground, gt_labels.to(torch.int64).gather(1, gt_index),
                                 torch.where(matched == BETWEEN_THRESHOLDS, BETWEEN_THRESHOLDS, num_classes))
     loss_dtype = compute_dtype(cls_logits.dtype)
+    # Materialised (N, A): the focal op flattens (N, A, K) to rows, which an expanded weight could only reach
+    # through an (N, A, K) copy.
     anchor_weight = (1.0 / (per_image_norm.to(loss_dtype) * num_images))[:, None].expand(num_images, num_anchors)
+    anchor_weight = anchor_weight.contiguous()
     classification = sigmoid_focal_loss_labels(cls_logits, anchor_labels, gamma, alpha, weight=anchor_weight,
                                                reduction="sum", ignore_index=BETWEEN_THRESHOLDS)
 
