@@ -1,4 +1,4 @@
-"""pytest-benchmark: fastbb's batched RetinaNet training loss vs torchvision's anchors + compute_loss, fwd and fwd + bwd."""
+"""pytest-benchmark: fastbb's batched RetinaNet training loss vs torchvision's anchors + compute_loss."""
 from fastbb.benchmarks.runner import parametrize_cases
 from fastbb.benchmarks import cases_retinanet_loss
 

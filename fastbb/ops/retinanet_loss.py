@@ -268,7 +268,8 @@ def _iou_losses(pred, gt, kind, eps):
 
 
 def _box_loss_per_anchor(kind, bbox_regression, anchors, target_boxes, weights, bbox_xform_clip):
-    """The box loss of every anchor (N, A) against its target box, by torchvision's _box_loss rules."""
+    """The box loss of every anchor (N, A) against its target box (N, A, 4), by torchvision's _box_loss rules;
+    anchors (A, 4) or (N, A, 4)."""
     if kind in ("l1", "smooth_l1"):
         targets = _encode(target_boxes, anchors, weights)
         if kind == "l1":
@@ -315,7 +316,9 @@ def _check_loss_inputs(cls_logits, bbox_regression, anchors, gt_boxes, gt_labels
     weights = tuple(check_float(_LOSS_OP, "box_coder_weights", w) for w in box_coder_weights)
     clip = check_float(_LOSS_OP, "bbox_xform_clip", bbox_xform_clip, allow_nonfinite=True)
     alpha = check_float(_LOSS_OP, "focal_alpha", focal_alpha)
-    gamma = check_float(_LOSS_OP, "focal_gamma", focal_gamma, lo=0.0)
+    gamma = check_float(_LOSS_OP, "focal_gamma", focal_gamma)
+    if gamma < 0:
+        raise ValueRuntimeError(f"{_LOSS_OP}: focal_gamma must be >= 0, got {gamma}")
     return weights, clip, alpha, gamma
 
 
@@ -392,7 +395,8 @@ def retinanet_loss(cls_logits: torch.Tensor, bbox_regression: torch.Tensor, anch
     box_dtype = torch.promote_types(compute_dtype(bbox_regression.dtype),
                                     torch.promote_types(compute_dtype(anchors.dtype), compute_dtype(gt_boxes.dtype)))
     deltas = bbox_regression.to(box_dtype)
-    anchors_per_image = anchors.to(box_dtype).expand(num_images, num_anchors, 4)
+    box_anchors = anchors.to(box_dtype)  # (A, 4) or (N, A, 4): broadcast, not copied, by encode and decode
+    anchors_per_image = box_anchors.expand(num_images, num_anchors, 4)
     matched_boxes = gt_boxes.to(box_dtype).gather(1, gt_index[..., None].expand(num_images, num_anchors, 4))
     # Anchors not in the foreground are compared with themselves: a finite stand-in, so that masking them out
     # multiplies no inf or NaN into the sum or the gradient.
@@ -401,7 +405,7 @@ def retinanet_loss(cls_logits: torch.Tensor, bbox_regression: torch.Tensor, anch
     no_autocast = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
                    else contextlib.nullcontext())
     with no_autocast:
-        per_anchor = _box_loss_per_anchor(box_loss, deltas, anchors_per_image, target_boxes, weights, clip)
+        per_anchor = _box_loss_per_anchor(box_loss, deltas, box_anchors, target_boxes, weights, clip)
         per_image = torch.where(foreground, per_anchor, 0.0).sum(dim=1) / per_image_norm.to(box_dtype)
         regression = per_image.sum() / max(1, num_images)
     return {"classification": classification, "bbox_regression": regression}
