@@ -22,6 +22,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_simd.h"
@@ -64,6 +66,50 @@ FASTBB_AVX2_CLONES void iou_row(const T* __restrict__ gt, T gt_area, const T* __
 template <typename T>
 inline bool replaces(T value, T best) {
   return !std::isnan(best) && !(value <= best);
+}
+
+// The maximum of iou[0, n), n > 0, by value: NaN if one is NaN (torch.max's result). Only the value is
+// needed, so it is taken over eight interleaved lanes (a loop that vectorizes) rather than in order.
+template <typename T>
+FASTBB_AVX2_CLONES T max_value(const T* __restrict__ iou, int64_t n) {
+  constexpr int kLanes = 8;
+  T lanes[kLanes];
+  for (int k = 0; k < kLanes; ++k) lanes[k] = iou[0];
+  int nan_seen = 0;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const T v = iou[i + k];
+      lanes[k] = v > lanes[k] ? v : lanes[k];
+      nan_seen |= static_cast<int>(v != v);
+    }
+  }
+  T best = lanes[0];
+  for (int k = 1; k < kLanes; ++k) best = lanes[k] > best ? lanes[k] : best;
+  for (; i < n; ++i) {
+    best = iou[i] > best ? iou[i] : best;
+    nan_seen |= static_cast<int>(iou[i] != iou[i]);
+  }
+  return nan_seen ? std::numeric_limits<T>::quiet_NaN() : best;
+}
+
+// One more gt g for every anchor of a block: torch.max's update of (best, best_gt), branch-free.
+template <typename T, typename index_t>
+FASTBB_AVX2_CLONES void update_best(const T* __restrict__ iou, int64_t n, index_t g, T* __restrict__ best,
+                                    index_t* __restrict__ best_gt) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = iou[i], b = best[i];
+    const bool take = (b == b) && !(v <= b);
+    best[i] = take ? v : b;
+    best_gt[i] = take ? g : best_gt[i];
+  }
+}
+
+// Marks the anchors whose IoU equals the gt's best (never where that best is NaN).
+template <typename T>
+FASTBB_AVX2_CLONES void mark_best_of_gt(const T* __restrict__ iou, int64_t n, T gt_best,
+                                        uint8_t* __restrict__ marked) {
+  for (int64_t i = 0; i < n; ++i) marked[i] |= static_cast<uint8_t>(iou[i] == gt_best);
 }
 
 template <typename T>
@@ -124,11 +170,7 @@ void match_anchors_impl(const at::Tensor& anchors, const at::Tensor& gt_boxes, c
           const int64_t row = image * num_gt + g;
           iou_row<T>(gt_data + 4 * row, gt_areas[row], a.x1 + first, a.y1 + first, a.x2 + first, a.y2 + first,
                      a.area + first, n, iou.data());
-          T best = iou[0];
-          for (int64_t i = 1; i < n && !std::isnan(best); ++i) {
-            if (!(iou[i] <= best)) best = iou[i];
-          }
-          block_best[task * num_gt + g] = best;
+          block_best[task * num_gt + g] = max_value<T>(iou.data(), n);
         }
       }
     });
@@ -147,8 +189,10 @@ void match_anchors_impl(const at::Tensor& anchors, const at::Tensor& gt_boxes, c
 
   // Pass 2: each anchor's best gt (the first of ties, the first NaN), thresholds, the low-quality rule.
   at::parallel_for(0, num_images * num_blocks, 1, [&](int64_t begin, int64_t end) {
+    // Block-local gt indices as wide as T, so that the update loop vectorizes.
+    using index_t = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
     std::vector<T> iou(kBlock), best(kBlock);
-    std::vector<int64_t> best_gt(kBlock);
+    std::vector<index_t> best_gt(kBlock);
     std::vector<uint8_t> best_of_some_gt(kBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / num_blocks, block = task % num_blocks;
@@ -168,22 +212,14 @@ void match_anchors_impl(const at::Tensor& anchors, const at::Tensor& gt_boxes, c
         iou_row<T>(gt_data + 4 * row, gt_areas[row], a.x1 + first, a.y1 + first, a.x2 + first, a.y2 + first,
                    a.area + first, n, values);
         if (g == 0) {
-          std::fill(best_gt.begin(), best_gt.begin() + n, int64_t(0));
+          std::fill(best_gt.begin(), best_gt.begin() + n, index_t(0));
         } else {
-          for (int64_t i = 0; i < n; ++i) {
-            if (replaces(iou[i], best[i])) {
-              best[i] = iou[i];
-              best_gt[i] = g;
-            }
-          }
+          update_best<T, index_t>(iou.data(), n, static_cast<index_t>(g), best.data(), best_gt.data());
         }
-        if (allow_low_quality) {
-          const T target = gt_best[row];
-          for (int64_t i = 0; i < n; ++i) best_of_some_gt[i] |= static_cast<uint8_t>(values[i] == target);
-        }
+        if (allow_low_quality) mark_best_of_gt<T>(values, n, gt_best[row], best_of_some_gt.data());
       }
       for (int64_t i = 0; i < n; ++i) {
-        int64_t match = best_gt[i];
+        int64_t match = static_cast<int64_t>(best_gt[i]);
         if (!best_of_some_gt[i]) {
           if (best[i] < low) {
             match = kBelowLowThreshold;
