@@ -280,6 +280,27 @@ def test_loss_thresholds_and_focal_parameters_reach_their_ops():
     assert not torch.allclose(default["classification"], ours["classification"])
 
 
+# torchvision's two heads' losses (v1 "l1", v2 "giou"); the others' gradients are compared with torchvision's
+# in test_loss_matches_torchvision_float64. ("ciou" would fail here: torchvision's CIoU holds its trade-off
+# weight constant in the gradient, so its gradient is knowingly not the derivative.)
+@pytest.mark.parametrize("box_loss", ("l1", "giou"))
+def test_loss_gradcheck(box_loss):
+    """Numerical gradients of both losses (float64), on a small batch: 16 anchors, 2 classes (the full
+    Jacobian: gradcheck's fast_mode, random projections, missed CIoU's constant weight where this does not)."""
+    xy = torch.randint(0, 40, (16, 2)).double()
+    anchors = torch.cat((xy, xy + torch.randint(6, 20, (16, 2)).double()), -1)
+    gt = torch.stack([torch.cat((anchors[:3] + 1.5, anchors[:1] - 1)), anchors[4:8] + 0.5])
+    labels, counts = torch.tensor([[0, 1, 1, 1], [1, 0, 1, 0]]), torch.tensor([4, 3])
+    x = torch.randn(2, 16, 2, dtype=torch.float64, requires_grad=True)
+    d = (torch.randn(2, 16, 4, dtype=torch.float64) * 0.2).requires_grad_()
+
+    def losses(x, d):
+        out = fastbb.ops.retinanet_loss(x, d, anchors, gt, labels, counts, box_loss=box_loss)
+        return out["classification"], out["bbox_regression"]
+    assert (fastbb.ops.match_anchors(anchors, gt, counts) >= 0).sum() >= 4  # foreground anchors: a box loss
+    assert torch.autograd.gradcheck(losses, (x, d))
+
+
 def test_loss_reference_gives_the_same():
     anchors, _, cls_logits, bbox_regression, gt, gt_labels, gt_counts = loss_case((4, 7), torch.float64)
     ours = fastbb.ops.retinanet_loss(cls_logits, bbox_regression, anchors[0], gt, gt_labels, gt_counts,
