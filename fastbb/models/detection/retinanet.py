@@ -104,7 +104,7 @@ def _fused_loss_applies(model) -> bool:
     """Whether the model's matcher, head losses and box coder are torchvision's, which the fused loss
     reproduces (a replaced one runs as torchvision runs it)."""
     head = model.head
-    return (retinanet_loss is not None and type(model.proposal_matcher) is det_utils.Matcher and type(model.box_coder) is det_utils.BoxCoder
+    return (type(model.proposal_matcher) is det_utils.Matcher and type(model.box_coder) is det_utils.BoxCoder
             and isinstance(head, RetinaNetHead) and type(head).compute_loss is RetinaNetHead.compute_loss
             and type(head.classification_head) is _TorchvisionClassificationHead
             and type(head.regression_head) is _TorchvisionRegressionHead
