@@ -1,6 +1,7 @@
 """fastbb.ops RetinaNet training loss: match_anchors against torchvision's Matcher on box_iou, image by image
 (bit for bit), retinanet_loss against torchvision's own RetinaNet.compute_loss (values and gradients), and
 the loss's promise of no host synchronisation (fake CUDA tensors, counted syncs, torch.compile fullgraph)."""
+import math
 import types
 
 import pytest
@@ -135,6 +136,21 @@ def test_match_anchors_degenerate_boxes_give_torchvisions_nan_rules(backend):
     that gt, NaN being below no threshold), and no anchor equals a NaN best, as in torchvision."""
     anchors = torch.tensor([[0, 0, 0, 0], [0, 0, 4, 4], [10, 10, 10, 10], [2, 2, 6, 6], [0, 0, 4, 4.]])
     gts = [torch.tensor([[1, 1, 3, 3], [0, 0, 0, 0], [10, 10, 10, 10.]]), torch.tensor([[0, 0, 4, 4.]])]
+    gt, counts = padded(gts, num_gt=4)
+    for allow in (True, False):
+        with fastbb.use_backend(backend):
+            got = fastbb.ops.match_anchors(anchors, gt, counts, 0.5, 0.4, allow)
+        for i in range(len(gts)):
+            assert torch.equal(got[i], torchvision_matches(anchors, gts[i], 0.5, 0.4, allow)), (i, allow)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_match_anchors_nan_coordinates_as_torchvision(backend):
+    """A NaN coordinate makes every IoU of its box NaN (torch.maximum / minimum propagate it), whichever
+    argument of the comparison it is."""
+    nan = math.nan
+    anchors = torch.tensor([[0, 0, 4, 4], [nan, 0, 4, 4], [0, 0, 4, nan], [1, 1, 5, 5], [2, 0, 6, 4.]])
+    gts = [torch.tensor([[0, 0, 4, 4], [0, nan, 3, 3], [1, 1, 5, 5.]]), torch.tensor([[2, 0, nan, 4.]])]
     gt, counts = padded(gts, num_gt=4)
     for allow in (True, False):
         with fastbb.use_backend(backend):

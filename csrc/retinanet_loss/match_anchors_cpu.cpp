@@ -8,8 +8,8 @@
 //
 // Results must be those of torchvision to the bit:
 // - The IoU follows box_iou operation for operation: areas (x2 - x1) * (y2 - y1), the overlap
-//   min(x2) - max(x1) clamped at 0 (NaN stays NaN, as torch.clamp keeps it), inter = w * h, union =
-//   area_gt + area_anchor - inter, inter / union. No multiply-add may be fused: in ISO C++ mode (as torch
+//   min(x2) - max(x1) clamped at 0 (NaN coordinates give NaN, as torch.maximum / minimum / clamp do),
+//   inter = w * h, union = area_gt + area_anchor - inter, inter / union. No multiply-add may be fused: in ISO C++ mode (as torch
 //   extensions build) GCC does not contract, and the AVX2 clones leave FMA out.
 // - Maxima follow torch.max over a dimension on the CPU: a value replaces the maximum when !(value <= max),
 //   and the first NaN is final. So ties keep the first gt, and a NaN IoU (0 / 0, zero-area boxes) is the
@@ -45,6 +45,18 @@ struct AnchorColumns {
   const T* area;
 };
 
+// torch.maximum / torch.minimum of two coordinates: NaN if either is NaN (std::max / std::min would return
+// one or the other depending on the order).
+template <typename T>
+inline T max_or_nan(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+
+template <typename T>
+inline T min_or_nan(T a, T b) {
+  return (a != a || a < b) ? a : b;
+}
+
 // IoU of one gt box with anchors [0, n) of the columns, into iou[0, n).
 template <typename T>
 FASTBB_AVX2_CLONES void iou_row(const T* __restrict__ gt, T gt_area, const T* __restrict__ x1,
@@ -52,8 +64,8 @@ FASTBB_AVX2_CLONES void iou_row(const T* __restrict__ gt, T gt_area, const T* __
                                 const T* __restrict__ area, int64_t n, T* __restrict__ iou) {
   const T gx1 = gt[0], gy1 = gt[1], gx2 = gt[2], gy2 = gt[3];
   for (int64_t i = 0; i < n; ++i) {
-    const T w_raw = std::min(gx2, x2[i]) - std::max(gx1, x1[i]);
-    const T h_raw = std::min(gy2, y2[i]) - std::max(gy1, y1[i]);
+    const T w_raw = min_or_nan(gx2, x2[i]) - max_or_nan(gx1, x1[i]);
+    const T h_raw = min_or_nan(gy2, y2[i]) - max_or_nan(gy1, y1[i]);
     const T w = w_raw < T(0) ? T(0) : w_raw;
     const T h = h_raw < T(0) ? T(0) : h_raw;
     const T inter = w * h;
