@@ -154,9 +154,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], logits, targets, labels, weight)
     ctx.alpha, ctx.gamma, ctx.ignore_index, ctx.reduce, ctx.scale, ctx.compute_grad = inputs[4:]
     ctx.mark_non_differentiable(output[1])
+    # The saved-gradient output never receives a gradient: not filling one with zeros spares a pass over
+    # (..., C) memory at every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _):
+    if grad_loss is None:
+        return (None,) * 10
     grad, logits, targets, labels, weight = ctx.saved_tensors
     if torch.is_grad_enabled():
         # create_graph=True (a double backward): the saved gradient is a constant to autograd, so the
