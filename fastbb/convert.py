@@ -9,8 +9,10 @@ What it swaps (state_dict keys, parameters and outputs stay the same; only forwa
   Conv2dNormActivation, stems, downsample pairs outside ResNet blocks): replaced by a ConvBNReLU2d holding
   the same modules under the same names.
 - torchvision detection models: FeaturePyramidNetwork (its forward becomes the fused one), the stem of a
-  ResNet body (IntermediateLayerGetter), and RetinaNet (anchors computed once per shape, the training loss
-  and the post-processing for the whole batch at once; see fastbb.models.detection.RetinaNet).
+  ResNet body (IntermediateLayerGetter), RetinaNet (anchors computed once per shape, the training loss
+  and the post-processing for the whole batch at once; see fastbb.models.detection.RetinaNet) and its
+  RetinaNetHead when its branches are torchvision's (the two branches run as one conv stack; see
+  fastbb.models.detection.retinanet_head).
 """
 import functools
 import types
@@ -70,8 +72,9 @@ def _raise_not_scriptable(kind, name):
 
 
 def _convert_detection(model, report):
-    """torchvision's detection parts: FeaturePyramidNetwork (fused merges), a ResNet body's stem, and
-    RetinaNet (cached anchors, the batched loss and post-processing). Nothing without torchvision."""
+    """torchvision's detection parts: FeaturePyramidNetwork (fused merges), a ResNet body's stem, RetinaNet
+    (cached anchors, the batched loss and post-processing) and its head (merged branches). Nothing without
+    torchvision."""
     try:
         from torchvision.models._utils import IntermediateLayerGetter
         from torchvision.models.detection import retinanet as tv_retinanet
@@ -81,6 +84,7 @@ def _convert_detection(model, report):
         return
     from fastbb.models.detection.backbone_utils import _FusedLayerGetter
     from fastbb.models.detection.retinanet import AnchorGenerator, RetinaNet
+    from fastbb.models.detection.retinanet_head import RetinaNetHead
     from fastbb.nn.fpn import FeaturePyramidNetwork
 
     for name, module in list(model.named_modules()):
@@ -101,6 +105,11 @@ def _convert_detection(model, report):
                                                           module.anchor_generator.aspect_ratios)
                 parts = "anchors cached per shape, " + parts
             report.append(f"{label}: RetinaNet ({parts})")
+        elif type(module) is tv_retinanet.RetinaNetHead \
+                and type(module.classification_head) is tv_retinanet.RetinaNetClassificationHead \
+                and type(module.regression_head) is tv_retinanet.RetinaNetRegressionHead:
+            module.forward = types.MethodType(RetinaNetHead.forward, module)
+            report.append(f"{label}: RetinaNetHead (classification and regression branches as one conv stack)")
         else:
             continue
         _refuse_scripting(module, name)

@@ -19,18 +19,20 @@ from torchvision.models.detection import retinanet as tv_retinanet
 from torchvision.models.detection.anchor_utils import AnchorGenerator as _TorchvisionAnchorGenerator
 from torchvision.models.detection.backbone_utils import _validate_trainable_layers
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.retinanet import (RetinaNet_ResNet50_FPN_V2_Weights,
-                                                    RetinaNet_ResNet50_FPN_Weights, RetinaNetHead)
+from torchvision.models.detection.retinanet import RetinaNet_ResNet50_FPN_V2_Weights, RetinaNet_ResNet50_FPN_Weights
 
 from fastbb.models.detection.backbone_utils import resnet_fpn_extractor
+from fastbb.models.detection.retinanet_head import (RetinaNetClassificationHead, RetinaNetHead,
+                                                    RetinaNetRegressionHead)
 from fastbb.models.resnet import resnet50
 from fastbb.nn.conv_bn_relu import FrozenBatchNorm2d
 from fastbb.nn.fpn import LastLevelP6P7
 from fastbb.ops.retinanet_loss import pad_targets, retinanet_loss
 from fastbb.ops.retinanet_postprocess import retinanet_postprocess
 
-__all__ = ["AnchorGenerator", "RetinaNet", "RetinaNetHead", "RetinaNet_ResNet50_FPN_Weights",
-           "RetinaNet_ResNet50_FPN_V2_Weights", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2"]
+__all__ = ["AnchorGenerator", "RetinaNet", "RetinaNetClassificationHead", "RetinaNetHead", "RetinaNetRegressionHead",
+           "RetinaNet_ResNet50_FPN_Weights", "RetinaNet_ResNet50_FPN_V2_Weights", "retinanet_resnet50_fpn",
+           "retinanet_resnet50_fpn_v2"]
 
 _DEFAULT_XFORM_CLIP = math.log(1000.0 / 16)
 
@@ -100,9 +102,10 @@ def _fused_loss_applies(model) -> bool:
     reproduces (a replaced one runs as torchvision runs it)."""
     head = model.head
     return (retinanet_loss is not None and type(model.proposal_matcher) is det_utils.Matcher and type(model.box_coder) is det_utils.BoxCoder
-            and isinstance(head, RetinaNetHead) and type(head).compute_loss is RetinaNetHead.compute_loss
-            and type(head.classification_head) is tv_retinanet.RetinaNetClassificationHead
-            and type(head.regression_head) is tv_retinanet.RetinaNetRegressionHead
+            and isinstance(head, tv_retinanet.RetinaNetHead)
+            and type(head).compute_loss is tv_retinanet.RetinaNetHead.compute_loss
+            and type(head.classification_head) in (tv_retinanet.RetinaNetClassificationHead, RetinaNetClassificationHead)
+            and type(head.regression_head) in (tv_retinanet.RetinaNetRegressionHead, RetinaNetRegressionHead)
             and isinstance(head.regression_head.box_coder, det_utils.BoxCoder))
 
 
@@ -117,6 +120,8 @@ class RetinaNet(tv_retinanet.RetinaNet):
     an instance of torchvision's class), with:
 
     - anchors from :class:`AnchorGenerator` (computed once per shape) when ``anchor_generator`` is not given;
+    - the head from :class:`RetinaNetHead` (torchvision's weights and outputs, its two branches run as one
+      conv stack, channels_last in CPU inference) when ``head`` is not given;
     - the training loss of the whole batch at once (:func:`fastbb.ops.retinanet_loss`: torchvision's
       Matcher, sigmoid focal loss and box loss, normalised as torchvision does) when the matcher, head and
       box coder are torchvision's; a replaced one runs as torchvision runs it;
@@ -133,7 +138,8 @@ class RetinaNet(tv_retinanet.RetinaNet):
         image_mean (Tuple[float, float, float]): normalisation mean. Default: ImageNet's.
         image_std (Tuple[float, float, float]): normalisation std. Default: ImageNet's.
         anchor_generator (AnchorGenerator, optional): torchvision's or fastbb's. Default: RetinaNet's anchors.
-        head (nn.Module, optional): the classification and regression head. Default: RetinaNetHead.
+        head (nn.Module, optional): the classification and regression head. Default: fastbb's
+            :class:`RetinaNetHead` (torchvision's, its two branches run as one conv stack).
         proposal_matcher (Matcher, optional): anchors to ground truth. Default: torchvision's Matcher with
             ``fg_iou_thresh``, ``bg_iou_thresh`` and low-quality matches.
         score_thresh (float): minimum class score of a detection. Default: 0.05.
@@ -153,6 +159,10 @@ class RetinaNet(tv_retinanet.RetinaNet):
                  bg_iou_thresh: float = 0.4, topk_candidates: int = 1000, **kwargs: Any) -> None:
         if anchor_generator is None and hasattr(backbone, "out_channels"):
             anchor_generator = _default_anchorgen()
+        if head is None and hasattr(backbone, "out_channels") \
+                and isinstance(anchor_generator, _TorchvisionAnchorGenerator):
+            # Where torchvision builds its head: nothing random is drawn before it in torchvision's __init__.
+            head = RetinaNetHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], num_classes)
         super().__init__(backbone, num_classes, min_size=min_size, max_size=max_size, image_mean=image_mean,
                          image_std=image_std, anchor_generator=anchor_generator, head=head,
                          proposal_matcher=proposal_matcher, score_thresh=score_thresh, nms_thresh=nms_thresh,
