@@ -14,9 +14,10 @@ from fastbb.models import detection
 from fastbb.models.detection import retinanet_head
 
 NORMS = {"v1": None, "v2": partial(nn.GroupNorm, 32)}
-# P3..P7 of a 64x88 image (odd sizes, a 1x1 level), and of a 40x40 one (square, 1x1 twice)
+# P3..P7 of a 64x88 image (odd sizes, a 1x1 level), of a 40x40 one (square, 1x1 twice), one odd level, and
+# P3..P7 of a 264x320 image (P3 and P4 large enough to run channels_last in inference)
 LEVELS = {"odd": [(8, 11), (4, 6), (2, 3), (1, 2), (1, 1)], "square": [(5, 5), (3, 3), (2, 2), (1, 1), (1, 1)],
-          "7x11": [(7, 11)]}
+          "7x11": [(7, 11)], "large": [(33, 40), (17, 20), (9, 10), (5, 5), (3, 3)]}
 
 
 def build_pair(version="v1", in_channels=64, num_anchors=3, num_classes=5, seed=0):
@@ -97,8 +98,11 @@ def test_v1_keys_are_upgraded_as_torchvision():
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("levels", list(LEVELS))
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("mode", ["inference", "no_grad", "grad"])
-def test_outputs_equal_torchvision(version, levels, batch, mode):
+@pytest.mark.parametrize("mode", ["inference", "no_grad", "grad", "no_grad, all levels channels_last"])
+def test_outputs_equal_torchvision(version, levels, batch, mode, monkeypatch):
+    if mode.endswith("channels_last"):
+        monkeypatch.setattr(retinanet_head, "_CHANNELS_LAST_MIN_POSITIONS", 1)
+        mode = "no_grad"
     ours, theirs = build_pair(version)
     x = features(LEVELS[levels], batch=batch)
     context = {"inference": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}[mode]
@@ -111,9 +115,10 @@ def test_outputs_equal_torchvision(version, levels, batch, mode):
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("grad", [False, True])
-def test_float64_outputs_equal_torchvision(version, grad):
+@pytest.mark.parametrize("levels", ["odd", "large"])
+def test_float64_outputs_equal_torchvision(version, grad, levels):
     ours, theirs = (h.double() for h in build_pair(version))
-    x = features(LEVELS["odd"], dtype=torch.float64)
+    x = features(LEVELS[levels], dtype=torch.float64)
     with torch.set_grad_enabled(grad):
         assert_same_outputs(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
 
@@ -146,7 +151,7 @@ def test_bf16_autocast_as_torchvision(version, grad):
     """The dtypes torchvision's head returns under CPU bf16 autocast, within 2x its own error against float64."""
     ours, theirs = build_pair(version)
     exact_head = copy.deepcopy(theirs).double()
-    x = features(LEVELS["odd"])
+    x = features(LEVELS["large"])
     with torch.set_grad_enabled(grad):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got, want = ours(x), theirs(x)
@@ -160,7 +165,7 @@ def test_bf16_autocast_as_torchvision(version, grad):
 @pytest.mark.parametrize("grad", [False, True])
 def test_channels_last_inputs(version, grad):
     ours, theirs = build_pair(version)
-    x = features(LEVELS["odd"], channels_last=True)
+    x = features(LEVELS["large"], channels_last=True)
     with torch.set_grad_enabled(grad):
         got, want = ours(x), theirs(x)
     assert_same_outputs(got, want, rtol=1e-5, atol=1e-5)
@@ -214,7 +219,7 @@ def test_export(version):
     x = features(LEVELS["odd"])
     program = torch.export.export(ours, (x,))
     convs = [n for n in program.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
-    assert len(convs) == 5 * (4 + 2)  # per level: the 4 merged layers, then each branch's last conv
+    assert len(convs) == 5 * (2 * 4 + 2)  # exported as torchvision's ops: the merged stack steps aside
     with torch.no_grad():
         assert_same_outputs(program.module()(x), theirs(x), rtol=1e-5, atol=1e-5)
 
@@ -255,3 +260,18 @@ def test_convert_gives_torchvision_s_head_the_merged_forward():
     other = copy.deepcopy(theirs)
     other.regression_head = detection.RetinaNetRegressionHead(64, 3)
     assert not any("RetinaNetHead" in line for line in fastbb.convert(other))
+
+
+def test_cpu_inference_runs_the_merged_stack(monkeypatch):
+    """The merged stack runs in CPU inference (float32 and float64), and steps aside under autograd."""
+    calls = []
+    merged = retinanet_head._merged_forward
+    monkeypatch.setattr(retinanet_head, "_merged_forward", lambda *args: calls.append(1) or merged(*args))
+    ours, theirs = build_pair("v2")
+    x = features(LEVELS["large"])
+    with torch.no_grad():
+        ours(x)
+        ours.double()([f.double() for f in x])
+    assert len(calls) == 2
+    ours.float()(x)
+    assert len(calls) == 2
