@@ -11,7 +11,7 @@ What it swaps (state_dict keys, parameters and outputs stay the same; only forwa
 - torchvision detection models: FeaturePyramidNetwork (its forward becomes the fused one), the stem of a
   ResNet body (IntermediateLayerGetter), RetinaNet (anchors computed once per shape, the training loss
   and the post-processing for the whole batch at once; see fastbb.models.detection.RetinaNet) and its
-  RetinaNetHead when its branches are torchvision's (the two branches run as one conv stack; see
+  RetinaNetHead when its branches are torchvision's (large levels channels_last in CPU inference; see
   fastbb.models.detection.retinanet_head).
 """
 import functools
@@ -73,8 +73,8 @@ def _raise_not_scriptable(kind, name):
 
 def _convert_detection(model, report):
     """torchvision's detection parts: FeaturePyramidNetwork (fused merges), a ResNet body's stem, RetinaNet
-    (cached anchors, the batched loss and post-processing) and its head (merged branches). Nothing without
-    torchvision."""
+    (cached anchors, the batched loss and post-processing) and its head's branches (large levels channels_last
+    in CPU inference). Nothing without torchvision."""
     try:
         from torchvision.models._utils import IntermediateLayerGetter
         from torchvision.models.detection import retinanet as tv_retinanet
@@ -84,7 +84,7 @@ def _convert_detection(model, report):
         return
     from fastbb.models.detection.backbone_utils import _FusedLayerGetter
     from fastbb.models.detection.retinanet import AnchorGenerator, RetinaNet
-    from fastbb.models.detection.retinanet_head import RetinaNetHead
+    from fastbb.models.detection.retinanet_head import RetinaNetClassificationHead, RetinaNetRegressionHead
     from fastbb.nn.fpn import FeaturePyramidNetwork
 
     for name, module in list(model.named_modules()):
@@ -108,8 +108,12 @@ def _convert_detection(model, report):
         elif type(module) is tv_retinanet.RetinaNetHead \
                 and type(module.classification_head) is tv_retinanet.RetinaNetClassificationHead \
                 and type(module.regression_head) is tv_retinanet.RetinaNetRegressionHead:
-            module.forward = types.MethodType(RetinaNetHead.forward, module)
-            report.append(f"{label}: RetinaNetHead (classification and regression branches as one conv stack)")
+            for branch_name, fastbb_class in (("classification_head", RetinaNetClassificationHead),
+                                              ("regression_head", RetinaNetRegressionHead)):
+                branch = getattr(module, branch_name)
+                branch.forward = types.MethodType(fastbb_class.forward, branch)
+                _refuse_scripting(branch, f"{name}.{branch_name}" if name else branch_name)
+            report.append(f"{label}: RetinaNetHead (large levels channels_last in CPU inference)")
         else:
             continue
         _refuse_scripting(module, name)

@@ -183,20 +183,17 @@ def test_branch_heads_alone_equal_torchvision():
     torch.testing.assert_close(got, theirs.classification_head(x), rtol=1e-5, atol=1e-5)
 
 
-def test_unmergeable_heads_run_as_torchvision():
-    """A norm layer the merged stack does not reproduce (BatchNorm), a replaced branch: torchvision's forward."""
+def test_other_norm_layers_and_replaced_branches_as_torchvision():
+    """Another norm layer (BatchNorm, eval), a branch replaced by torchvision's own: torchvision's outputs."""
     torch.manual_seed(0)
-    ours = detection.RetinaNetHead(64, 3, 5, norm_layer=nn.BatchNorm2d)
-    theirs = tv_retinanet.RetinaNetHead(64, 3, 5, norm_layer=nn.BatchNorm2d)
+    ours = detection.RetinaNetHead(64, 3, 5, norm_layer=nn.BatchNorm2d).eval()
+    theirs = tv_retinanet.RetinaNetHead(64, 3, 5, norm_layer=nn.BatchNorm2d).eval()
     theirs.load_state_dict(ours.state_dict())
-    assert retinanet_head._mergeable_layers(ours) is None
-    x = features(LEVELS["odd"])
-    assert_same_outputs(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    x = features(LEVELS["large"])
+    with torch.no_grad():
+        assert_same_outputs(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     ours, theirs = build_pair("v1")
-    assert retinanet_head._mergeable_layers(ours) is not None
-    ours.regression_head = theirs.regression_head = tv_retinanet.RetinaNetRegressionHead(64, 3, norm_layer=None)
-    ours.regression_head.conv = theirs.regression_head.conv = ours.regression_head.conv[:3]
-    assert retinanet_head._mergeable_layers(ours) is None
+    ours.regression_head = copy.deepcopy(theirs.regression_head)
     with torch.no_grad():
         assert_same_outputs(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
@@ -219,7 +216,7 @@ def test_export(version):
     x = features(LEVELS["odd"])
     program = torch.export.export(ours, (x,))
     convs = [n for n in program.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
-    assert len(convs) == 5 * (2 * 4 + 2)  # exported as torchvision's ops: the merged stack steps aside
+    assert len(convs) == 5 * (2 * 4 + 2)
     with torch.no_grad():
         assert_same_outputs(program.module()(x), theirs(x), rtol=1e-5, atol=1e-5)
 
@@ -239,21 +236,22 @@ def test_models_build_fastbb_s_head(version, monkeypatch):
     assert type(model.head) is detection.RetinaNetHead
     norms = [type(m) for m in model.head.modules() if isinstance(m, nn.GroupNorm)]
     assert len(norms) == (8 if version == "v2" else 0)
-    assert retinanet_head._mergeable_layers(model.head) is not None
     monkeypatch.setattr(detection.retinanet, "retinanet_loss", lambda *args, **kwargs: None)  # (when built without it)
     assert detection.retinanet._fused_loss_applies(model)
     custom = detection.RetinaNet(model.backbone, 3, head=tv_retinanet.RetinaNetHead(256, 9, 3))
     assert type(custom.head) is tv_retinanet.RetinaNetHead
 
 
-def test_convert_gives_torchvision_s_head_the_merged_forward():
+def test_convert_gives_torchvision_s_head_fastbb_s_forward():
     _, theirs = build_pair("v2")
     converted = copy.deepcopy(theirs)
     report = fastbb.convert(converted)
     assert any(line.startswith("(model): RetinaNetHead") for line in report), report
     assert type(converted) is tv_retinanet.RetinaNetHead
-    assert converted.forward.__func__ is detection.RetinaNetHead.forward
-    x = features(LEVELS["odd"])
+    assert type(converted.classification_head) is tv_retinanet.RetinaNetClassificationHead
+    assert converted.classification_head.forward.__func__ is detection.RetinaNetClassificationHead.forward
+    assert converted.regression_head.forward.__func__ is detection.RetinaNetRegressionHead.forward
+    x = features(LEVELS["large"])
     with torch.no_grad():
         assert_same_outputs(converted(x), theirs(x), rtol=1e-5, atol=1e-5)
     # a head whose branch is not torchvision's class keeps its forward
@@ -262,16 +260,25 @@ def test_convert_gives_torchvision_s_head_the_merged_forward():
     assert not any("RetinaNetHead" in line for line in fastbb.convert(other))
 
 
-def test_cpu_inference_runs_the_merged_stack(monkeypatch):
-    """The merged stack runs in CPU inference (float32 and float64), and steps aside under autograd."""
-    calls = []
-    merged = retinanet_head._merged_forward
-    monkeypatch.setattr(retinanet_head, "_merged_forward", lambda *args: calls.append(1) or merged(*args))
-    ours, theirs = build_pair("v2")
+def test_cpu_inference_runs_large_levels_channels_last(monkeypatch):
+    """In CPU inference the large float32 levels run channels_last (and only they); under autograd and in
+    float64, torchvision's layout."""
+    layouts = []
+    conv = torch.nn.functional.conv2d
+
+    def spy(x, *args, **kwargs):
+        layouts.append((x.shape[-2] * x.shape[-1], x.dtype, x.is_contiguous(memory_format=torch.channels_last)
+                        and not x.is_contiguous()))
+        return conv(x, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    ours, _ = build_pair("v1")
     x = features(LEVELS["large"])
     with torch.no_grad():
         ours(x)
+    assert layouts and all(channels_last == (positions >= 1024) for positions, _, channels_last in layouts)
+    assert any(channels_last for *_, channels_last in layouts)
+    layouts.clear()
+    ours(x)
+    with torch.no_grad():
         ours.double()([f.double() for f in x])
-    assert len(calls) == 2
-    ours.float()(x)
-    assert len(calls) == 2
+    assert layouts and not any(channels_last for *_, channels_last in layouts)

@@ -120,8 +120,8 @@ class RetinaNet(tv_retinanet.RetinaNet):
     an instance of torchvision's class), with:
 
     - anchors from :class:`AnchorGenerator` (computed once per shape) when ``anchor_generator`` is not given;
-    - the head from :class:`RetinaNetHead` (torchvision's weights and outputs, its two branches run as one
-      conv stack, channels_last in CPU inference) when ``head`` is not given;
+    - the head from :class:`RetinaNetHead` (torchvision's weights and outputs, its large levels run
+      channels_last in CPU inference) when ``head`` is not given;
     - the training loss of the whole batch at once (:func:`fastbb.ops.retinanet_loss`: torchvision's
       Matcher, sigmoid focal loss and box loss, normalised as torchvision does) when the matcher, head and
       box coder are torchvision's; a replaced one runs as torchvision runs it;
@@ -139,7 +139,7 @@ class RetinaNet(tv_retinanet.RetinaNet):
         image_std (Tuple[float, float, float]): normalisation std. Default: ImageNet's.
         anchor_generator (AnchorGenerator, optional): torchvision's or fastbb's. Default: RetinaNet's anchors.
         head (nn.Module, optional): the classification and regression head. Default: fastbb's
-            :class:`RetinaNetHead` (torchvision's, its two branches run as one conv stack).
+            :class:`RetinaNetHead` (torchvision's, large levels channels_last in CPU inference).
         proposal_matcher (Matcher, optional): anchors to ground truth. Default: torchvision's Matcher with
             ``fg_iou_thresh``, ``bg_iou_thresh`` and low-quality matches.
         score_thresh (float): minimum class score of a detection. Default: 0.05.
