@@ -104,7 +104,8 @@ def _fused_loss_applies(model) -> bool:
     return (retinanet_loss is not None and type(model.proposal_matcher) is det_utils.Matcher and type(model.box_coder) is det_utils.BoxCoder
             and isinstance(head, tv_retinanet.RetinaNetHead)
             and type(head).compute_loss is tv_retinanet.RetinaNetHead.compute_loss
-            and type(head.classification_head) in (tv_retinanet.RetinaNetClassificationHead, RetinaNetClassificationHead)
+            and type(head.classification_head) in (tv_retinanet.RetinaNetClassificationHead,
+                                                   RetinaNetClassificationHead)
             and type(head.regression_head) in (tv_retinanet.RetinaNetRegressionHead, RetinaNetRegressionHead)
             and isinstance(head.regression_head.box_coder, det_utils.BoxCoder))
 
