@@ -162,7 +162,8 @@ class RetinaNet(tv_retinanet.RetinaNet):
             anchor_generator = _default_anchorgen()
         if head is None and hasattr(backbone, "out_channels") \
                 and isinstance(anchor_generator, _TorchvisionAnchorGenerator):
-            # Where torchvision builds its head: nothing random is drawn before it in torchvision's __init__.
+            # torchvision's __init__ draws nothing random before it builds its head: built here, ours draws the
+            # same numbers, so the same seed gives the same weights.
             head = RetinaNetHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], num_classes)
         super().__init__(backbone, num_classes, min_size=min_size, max_size=max_size, image_mean=image_mean,
                          image_std=image_std, anchor_generator=anchor_generator, head=head,
