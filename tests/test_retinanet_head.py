@@ -202,7 +202,7 @@ def test_other_norm_layers_and_replaced_branches_as_torchvision():
 def test_compile_fullgraph(version):
     ours, theirs = build_pair(version)
     x = features(LEVELS["odd"])
-    compiled = torch.compile(ours, fullgraph=True, backend="eager")
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert_same_outputs(compiled(x), theirs(x), rtol=1e-5, atol=1e-5)
     got = compiled(x)
