@@ -1,6 +1,7 @@
 """fastbb.models.detection.RetinaNetHead (and its two branch heads) against torchvision's, built from the same
 seed (the same weights) and run on the same features."""
 import copy
+import inspect
 from functools import partial
 
 import pytest
@@ -76,6 +77,15 @@ def test_same_classes_modules_keys_and_init_as_torchvision(version):
     theirs.load_state_dict(fresh, strict=True)
     assert fresh._metadata["classification_head"]["version"] == 2
     assert ours.regression_head._loss_type == theirs.regression_head._loss_type == "l1"
+
+
+@pytest.mark.parametrize("name", ["RetinaNetHead", "RetinaNetClassificationHead", "RetinaNetRegressionHead"])
+def test_signatures_are_torchvision_s(name):
+    def parameters(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    ours, theirs = getattr(detection, name), getattr(tv_retinanet, name)
+    assert parameters(ours) == parameters(theirs)
+    assert parameters(ours.forward) == parameters(theirs.forward)
 
 
 def test_v1_keys_are_upgraded_as_torchvision():
