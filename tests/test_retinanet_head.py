@@ -271,8 +271,8 @@ def test_convert_gives_torchvision_s_head_fastbb_s_forward():
 
 
 def test_cpu_inference_runs_large_levels_channels_last(monkeypatch):
-    """In CPU inference the large float32 levels run channels_last (and only they); under autograd and in
-    float64, torchvision's layout."""
+    """In CPU inference the large float32 levels run channels_last and the small ones NCHW, whatever the
+    input's layout; under autograd and in float64, the input's layout (torchvision's computation)."""
     layouts = []
     conv = torch.nn.functional.conv2d
 
@@ -292,3 +292,7 @@ def test_cpu_inference_runs_large_levels_channels_last(monkeypatch):
     with torch.no_grad():
         ours.double()([f.double() for f in x])
     assert layouts and not any(channels_last for *_, channels_last in layouts)
+    layouts.clear()
+    with torch.no_grad():  # channels_last inputs: the small levels run NCHW
+        ours.float()([f.contiguous(memory_format=torch.channels_last) for f in x])
+    assert all(channels_last == (positions >= 1024) for positions, _, channels_last in layouts)
