@@ -9,9 +9,9 @@ torchvision's (h, w, anchor, class) order: the per-level permute is a view and t
 is the only copy of the logits, where torchvision copies them twice (reshape, then cat). Small levels run NCHW
 (channels_last inputs included), where channels_last is slower.
 
-Measured on a 2-core AVX-512 CPU (one thread, CPU time, R50-FPN shapes, 91 classes): 1.08x for the head at
-800x1344 batch 2 (v1 and v2), the same time as torchvision's at 512x512 batch 1, whose convs already run near
-the FMA peak. Two other ideas measured no faster there and are not used: running both branches as one conv
+Measured on a 2-core AVX-512 CPU (one thread, CPU time, R50-FPN shapes, 91 classes; several runs on a loaded
+machine): 1.02x to 1.08x for the head at 800x1344 batch 2 (v1 and v2); the same time as torchvision's at
+512x512 batch 1, whose convs already run near the FMA peak (about 105 GFLOP/s a core). Two other ideas measured no faster there and are not used: running both branches as one conv
 stack (the first conv with both weights, then grouped convs; GroupNorm as one GroupNorm of twice the groups):
 within +-1.5% in inference, 2% slower for v2 at 512x512 and under autograd; and channels_last under autograd.
 
