@@ -9,8 +9,10 @@ What it swaps (state_dict keys, parameters and outputs stay the same; only forwa
   Conv2dNormActivation, stems, downsample pairs outside ResNet blocks): replaced by a ConvBNReLU2d holding
   the same modules under the same names.
 - torchvision detection models: FeaturePyramidNetwork (its forward becomes the fused one), the stem of a
-  ResNet body (IntermediateLayerGetter), and RetinaNet (anchors computed once per shape, the training loss
-  and the post-processing for the whole batch at once; see fastbb.models.detection.RetinaNet).
+  ResNet body (IntermediateLayerGetter), RetinaNet (anchors computed once per shape, the training loss
+  and the post-processing for the whole batch at once; see fastbb.models.detection.RetinaNet) and its
+  RetinaNetHead when its branches are torchvision's (large levels channels_last in CPU inference; see
+  fastbb.models.detection.retinanet_head).
 """
 import functools
 import types
@@ -70,8 +72,9 @@ def _raise_not_scriptable(kind, name):
 
 
 def _convert_detection(model, report):
-    """torchvision's detection parts: FeaturePyramidNetwork (fused merges), a ResNet body's stem, and
-    RetinaNet (cached anchors, the batched loss and post-processing). Nothing without torchvision."""
+    """torchvision's detection parts: FeaturePyramidNetwork (fused merges), a ResNet body's stem, RetinaNet
+    (cached anchors, the batched loss and post-processing) and its head's branches (large levels channels_last
+    in CPU inference). Nothing without torchvision."""
     try:
         from torchvision.models._utils import IntermediateLayerGetter
         from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
@@ -79,7 +82,10 @@ def _convert_detection(model, report):
     except ImportError:
         return
     from fastbb.models.detection.backbone_utils import _FusedLayerGetter
-    from fastbb.models.detection.retinanet import AnchorGenerator, RetinaNet, _TorchvisionRetinaNet
+    from fastbb.models.detection.retinanet import (AnchorGenerator, RetinaNet, _TorchvisionClassificationHead,
+                                                   _TorchvisionHead, _TorchvisionRegressionHead,
+                                                   _TorchvisionRetinaNet)
+    from fastbb.models.detection.retinanet_head import RetinaNetClassificationHead, RetinaNetRegressionHead
     from fastbb.nn.fpn import FeaturePyramidNetwork
 
     for name, module in list(model.named_modules()):
@@ -100,6 +106,15 @@ def _convert_detection(model, report):
                                                           module.anchor_generator.aspect_ratios)
                 parts = "anchors cached per shape, " + parts
             report.append(f"{label}: RetinaNet ({parts})")
+        elif type(module) is _TorchvisionHead \
+                and type(module.classification_head) is _TorchvisionClassificationHead \
+                and type(module.regression_head) is _TorchvisionRegressionHead:
+            for branch_name, fastbb_class in (("classification_head", RetinaNetClassificationHead),
+                                              ("regression_head", RetinaNetRegressionHead)):
+                branch = getattr(module, branch_name)
+                branch.forward = types.MethodType(fastbb_class.forward, branch)
+                _refuse_scripting(branch, f"{name}.{branch_name}" if name else branch_name)
+            report.append(f"{label}: RetinaNetHead (large levels channels_last in CPU inference)")
         else:
             continue
         _refuse_scripting(module, name)

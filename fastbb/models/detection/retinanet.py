@@ -19,23 +19,26 @@ from torchvision.models.detection import retinanet as tv_retinanet
 from torchvision.models.detection.anchor_utils import AnchorGenerator as _TorchvisionAnchorGenerator
 from torchvision.models.detection.backbone_utils import _validate_trainable_layers
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.retinanet import (RetinaNet_ResNet50_FPN_V2_Weights,
-                                                    RetinaNet_ResNet50_FPN_Weights, RetinaNetHead)
+from torchvision.models.detection.retinanet import RetinaNet_ResNet50_FPN_V2_Weights, RetinaNet_ResNet50_FPN_Weights
 
 from fastbb.models.detection.backbone_utils import resnet_fpn_extractor
+from fastbb.models.detection.retinanet_head import (RetinaNetClassificationHead, RetinaNetHead,
+                                                    RetinaNetRegressionHead)
 from fastbb.models.resnet import resnet50
 from fastbb.nn.conv_bn_relu import FrozenBatchNorm2d
 from fastbb.nn.fpn import LastLevelP6P7
 from fastbb.ops.retinanet_loss import pad_targets, retinanet_loss
 from fastbb.ops.retinanet_postprocess import retinanet_postprocess
 
-__all__ = ["AnchorGenerator", "RetinaNet", "RetinaNetHead", "RetinaNet_ResNet50_FPN_Weights",
-           "RetinaNet_ResNet50_FPN_V2_Weights", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2"]
+__all__ = ["AnchorGenerator", "RetinaNet", "RetinaNetClassificationHead", "RetinaNetHead", "RetinaNetRegressionHead",
+           "RetinaNet_ResNet50_FPN_Weights", "RetinaNet_ResNet50_FPN_V2_Weights", "retinanet_resnet50_fpn",
+           "retinanet_resnet50_fpn_v2"]
 
 _DEFAULT_XFORM_CLIP = math.log(1000.0 / 16)
 
 # torchvision's own classes, held here: fastbb.patch_torchvision() replaces the module attributes.
 _TorchvisionRetinaNet = tv_retinanet.RetinaNet
+_TorchvisionHead = tv_retinanet.RetinaNetHead
 _TorchvisionClassificationHead = tv_retinanet.RetinaNetClassificationHead
 _TorchvisionRegressionHead = tv_retinanet.RetinaNetRegressionHead
 
@@ -105,9 +108,9 @@ def _fused_loss_applies(model) -> bool:
     reproduces (a replaced one runs as torchvision runs it)."""
     head = model.head
     return (type(model.proposal_matcher) is det_utils.Matcher and type(model.box_coder) is det_utils.BoxCoder
-            and isinstance(head, RetinaNetHead) and type(head).compute_loss is RetinaNetHead.compute_loss
-            and type(head.classification_head) is _TorchvisionClassificationHead
-            and type(head.regression_head) is _TorchvisionRegressionHead
+            and isinstance(head, _TorchvisionHead) and type(head).compute_loss is _TorchvisionHead.compute_loss
+            and type(head.classification_head) in (_TorchvisionClassificationHead, RetinaNetClassificationHead)
+            and type(head.regression_head) in (_TorchvisionRegressionHead, RetinaNetRegressionHead)
             and isinstance(head.regression_head.box_coder, det_utils.BoxCoder))
 
 
@@ -149,6 +152,8 @@ class RetinaNet(_TorchvisionRetinaNet):
     an instance of torchvision's class), with:
 
     - anchors from :class:`AnchorGenerator` (computed once per shape) when ``anchor_generator`` is not given;
+    - the head from :class:`RetinaNetHead` (torchvision's weights and outputs, its large levels run
+      channels_last in CPU inference) when ``head`` is not given;
     - the training loss of the whole batch at once (:func:`fastbb.ops.retinanet_loss`: torchvision's
       Matcher, sigmoid focal loss and box loss, normalised as torchvision does) when the matcher, head and
       box coder are torchvision's; a replaced one runs as torchvision runs it;
@@ -165,7 +170,8 @@ class RetinaNet(_TorchvisionRetinaNet):
         image_mean (Tuple[float, float, float]): normalisation mean. Default: ImageNet's.
         image_std (Tuple[float, float, float]): normalisation std. Default: ImageNet's.
         anchor_generator (AnchorGenerator, optional): torchvision's or fastbb's. Default: RetinaNet's anchors.
-        head (nn.Module, optional): the classification and regression head. Default: RetinaNetHead.
+        head (nn.Module, optional): the classification and regression head. Default: fastbb's
+            :class:`RetinaNetHead` (torchvision's, large levels channels_last in CPU inference).
         proposal_matcher (Matcher, optional): anchors to ground truth. Default: torchvision's Matcher with
             ``fg_iou_thresh``, ``bg_iou_thresh`` and low-quality matches.
         score_thresh (float): minimum class score of a detection. Default: 0.05.
@@ -186,6 +192,11 @@ class RetinaNet(_TorchvisionRetinaNet):
                  **kwargs: Any) -> None:
         if anchor_generator is None and hasattr(backbone, "out_channels"):
             anchor_generator = _default_anchorgen()
+        if head is None and hasattr(backbone, "out_channels") \
+                and isinstance(anchor_generator, _TorchvisionAnchorGenerator):
+            # torchvision's __init__ draws nothing random before it builds its head: built here, ours draws the
+            # same numbers, so the same seed gives the same weights.
+            head = RetinaNetHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], num_classes)
         super().__init__(backbone, num_classes, min_size=min_size, max_size=max_size, image_mean=image_mean,
                          image_std=image_std, anchor_generator=anchor_generator, head=head,
                          proposal_matcher=proposal_matcher, score_thresh=score_thresh, nms_thresh=nms_thresh,

@@ -1,0 +1,298 @@
+"""fastbb.models.detection.RetinaNetHead (and its two branch heads) against torchvision's, built from the same
+seed (the same weights) and run on the same features."""
+import copy
+import inspect
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection import retinanet as tv_retinanet
+
+import fastbb
+from conftest import assert_error_within
+from fastbb.models import detection
+from fastbb.models.detection import retinanet_head
+
+NORMS = {"v1": None, "v2": partial(nn.GroupNorm, 32)}
+# P3..P7 of a 64x88 image (odd sizes, a 1x1 level), of a 40x40 one (square, 1x1 twice), one odd level, and
+# P3..P7 of a 264x320 image (P3 and P4 large enough to run channels_last in inference)
+LEVELS = {"odd": [(8, 11), (4, 6), (2, 3), (1, 2), (1, 1)], "square": [(5, 5), (3, 3), (2, 2), (1, 1), (1, 1)],
+          "7x11": [(7, 11)], "large": [(33, 40), (17, 20), (9, 10), (5, 5), (3, 3)]}
+
+
+def build_pair(version="v1", in_channels=64, num_anchors=3, num_classes=5, seed=0):
+    """(fastbb's head, torchvision's) from the same seed: the same weights. The classification bias is drawn
+    too (torchvision sets it to the constant prior), so that every class column differs."""
+    heads = []
+    for cls in (detection.RetinaNetHead, tv_retinanet.RetinaNetHead):
+        torch.manual_seed(seed)
+        head = cls(in_channels, num_anchors, num_classes, norm_layer=NORMS[version])
+        with torch.no_grad():
+            for module in head.modules():
+                if isinstance(module, nn.GroupNorm):  # non-trivial affine parameters
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.uniform_(-0.2, 0.2)
+            head.classification_head.cls_logits.bias.normal_()
+        heads.append(head)
+    return heads
+
+
+def features(levels, batch=2, channels=64, dtype=torch.float32, channels_last=False):
+    out = [torch.randn(batch, channels, h, w, dtype=dtype) for h, w in levels]
+    if channels_last:
+        out = [f.contiguous(memory_format=torch.channels_last) for f in out]
+    return out
+
+
+def assert_same_outputs(got, want, **tolerance):
+    assert set(got) == {"cls_logits", "bbox_regression"}
+    for key in got:
+        assert got[key].shape == want[key].shape and got[key].dtype == want[key].dtype, key
+        torch.testing.assert_close(got[key], want[key], **tolerance)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_same_classes_modules_keys_and_init_as_torchvision(version):
+    ours, theirs = build_pair(version, in_channels=256, num_anchors=9, num_classes=91)
+    torch.manual_seed(3)
+    fresh_ours = detection.RetinaNetHead(256, 9, 91, norm_layer=NORMS[version])
+    torch.manual_seed(3)
+    fresh_theirs = tv_retinanet.RetinaNetHead(256, 9, 91, norm_layer=NORMS[version])
+    assert isinstance(ours, tv_retinanet.RetinaNetHead)
+    assert isinstance(ours.classification_head, tv_retinanet.RetinaNetClassificationHead)
+    assert isinstance(ours.classification_head, detection.RetinaNetClassificationHead)
+    assert isinstance(ours.regression_head, tv_retinanet.RetinaNetRegressionHead)
+    assert isinstance(ours.regression_head, detection.RetinaNetRegressionHead)
+    heads = (tv_retinanet.RetinaNetHead, tv_retinanet.RetinaNetClassificationHead, tv_retinanet.RetinaNetRegressionHead)
+    assert [(n, m.__class__ if not isinstance(m, heads) else None) for n, m in ours.named_modules()] == \
+        [(n, m.__class__ if not isinstance(m, heads) else None) for n, m in theirs.named_modules()]
+    # the same random draws in the same order
+    fresh = fresh_ours.state_dict()
+    assert list(fresh) == list(fresh_theirs.state_dict())
+    for name, value in fresh_theirs.state_dict().items():
+        assert torch.equal(fresh[name], value), name
+    # keys both ways, with torchvision's version metadata
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(fresh, strict=True)
+    assert fresh._metadata["classification_head"]["version"] == 2
+    assert ours.regression_head._loss_type == theirs.regression_head._loss_type == "l1"
+
+
+@pytest.mark.parametrize("name", ["RetinaNetHead", "RetinaNetClassificationHead", "RetinaNetRegressionHead"])
+def test_signatures_are_torchvision_s(name):
+    def parameters(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    ours, theirs = getattr(detection, name), getattr(tv_retinanet, name)
+    assert parameters(ours) == parameters(theirs)
+    assert parameters(ours.forward) == parameters(theirs.forward)
+
+
+def test_v1_keys_are_upgraded_as_torchvision():
+    """A state_dict saved before torchvision's v2 key layout (conv.0, conv.2, ... without version metadata)."""
+    ours, theirs = build_pair("v1")
+    old = {}
+    for name, value in theirs.state_dict().items():
+        parts = name.split(".")
+        if parts[1] == "conv":  # classification_head.conv.1.0.weight -> classification_head.conv.2.weight
+            name = ".".join(parts[:2] + [str(2 * int(parts[2]))] + parts[4:])
+        old[name] = value.clone()
+    assert "classification_head.conv.6.bias" in old
+    for model in (ours, theirs):
+        torch.nn.init.zeros_(model.regression_head.conv[3][0].weight)
+        model.load_state_dict(old, strict=True)
+    for name, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("levels", list(LEVELS))
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("mode", ["inference", "no_grad", "grad", "no_grad, all levels channels_last"])
+def test_outputs_equal_torchvision(version, levels, batch, mode, monkeypatch):
+    if mode.endswith("channels_last"):
+        monkeypatch.setattr(retinanet_head, "_CHANNELS_LAST_MIN_POSITIONS", 1)
+        mode = "no_grad"
+    ours, theirs = build_pair(version)
+    x = features(LEVELS[levels], batch=batch)
+    context = {"inference": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}[mode]
+    with context():
+        got, want = ours(x), theirs(x)
+    assert got["cls_logits"].shape == (batch, 3 * sum(h * w for h, w in LEVELS[levels]), 5)
+    assert_same_outputs(got, want, rtol=1e-5, atol=1e-5)
+    assert got["cls_logits"].requires_grad == (mode == "grad")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("levels", ["odd", "large"])
+def test_float64_outputs_equal_torchvision(version, grad, levels):
+    ours, theirs = (h.double() for h in build_pair(version))
+    x = features(LEVELS[levels], dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        assert_same_outputs(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_float64_gradients_equal_torchvision(version):
+    ours, theirs = (h.double().train() for h in build_pair(version))
+    x = features(LEVELS["odd"], dtype=torch.float64)
+    inputs = {name: [f.clone().requires_grad_() for f in x] for name in ("ours", "theirs")}
+    got, want = ours(inputs["ours"]), theirs(inputs["theirs"])
+    weights = {key: torch.randn_like(value) for key, value in want.items()}
+    sum((got[k] * w).sum() for k, w in weights.items()).backward()
+    sum((want[k] * w).sum() for k, w in weights.items()).backward()
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-12, msg=name)
+    for a, b in zip(inputs["ours"], inputs["theirs"]):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-12)
+
+
+def test_float64_gradcheck():
+    ours, _ = build_pair("v2", in_channels=32, num_anchors=1, num_classes=2)
+    ours = ours.double()
+    x = [f.requires_grad_() for f in features([(3, 2), (2, 1)], batch=1, channels=32, dtype=torch.float64)]
+    torch.autograd.gradcheck(lambda *f: tuple(ours(list(f)).values()), x, fast_mode=True)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_bf16_autocast_as_torchvision(version, grad):
+    """The dtypes torchvision's head returns under CPU bf16 autocast, within 2x its own error against float64."""
+    ours, theirs = build_pair(version)
+    exact_head = copy.deepcopy(theirs).double()
+    x = features(LEVELS["large"])
+    with torch.set_grad_enabled(grad):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = ours(x), theirs(x)
+        exact = exact_head([f.double() for f in x])
+    for key in exact:
+        assert got[key].dtype == want[key].dtype, key
+        assert_error_within(got[key], want[key], exact[key], name=key)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_channels_last_inputs(version, grad):
+    ours, theirs = build_pair(version)
+    x = features(LEVELS["large"], channels_last=True)
+    with torch.set_grad_enabled(grad):
+        got, want = ours(x), theirs(x)
+    assert_same_outputs(got, want, rtol=1e-5, atol=1e-5)
+    assert all(got[k].is_contiguous() for k in got)
+
+
+def test_branch_heads_alone_equal_torchvision():
+    ours, theirs = build_pair("v2")
+    x = features(LEVELS["odd"])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.classification_head(x), theirs.classification_head(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.regression_head(x), theirs.regression_head(x), rtol=1e-5, atol=1e-5)
+    got = ours.classification_head(x)
+    assert got.requires_grad
+    torch.testing.assert_close(got, theirs.classification_head(x), rtol=1e-5, atol=1e-5)
+
+
+def test_other_norm_layers_and_replaced_branches_as_torchvision():
+    """Another norm layer (BatchNorm, eval), a branch replaced by torchvision's own: torchvision's outputs."""
+    torch.manual_seed(0)
+    ours = detection.RetinaNetHead(64, 3, 5, norm_layer=nn.BatchNorm2d).eval()
+    theirs = tv_retinanet.RetinaNetHead(64, 3, 5, norm_layer=nn.BatchNorm2d).eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = features(LEVELS["large"])
+    with torch.no_grad():
+        assert_same_outputs(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    ours, theirs = build_pair("v1")
+    ours.regression_head = copy.deepcopy(theirs.regression_head)
+    with torch.no_grad():
+        assert_same_outputs(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_compile_fullgraph(version):
+    ours, theirs = build_pair(version)
+    x = features(LEVELS["odd"])
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert_same_outputs(compiled(x), theirs(x), rtol=1e-5, atol=1e-5)
+    got = compiled(x)
+    got["cls_logits"].sum().backward()
+    assert ours.classification_head.conv[0][0].weight.grad is not None
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_export(version):
+    ours, theirs = build_pair(version)
+    x = features(LEVELS["odd"])
+    program = torch.export.export(ours, (x,))
+    convs = [n for n in program.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+    assert len(convs) == 5 * (2 * 4 + 2)
+    with torch.no_grad():
+        assert_same_outputs(program.module()(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_not_scriptable():
+    ours, _ = build_pair("v1")
+    with pytest.raises(fastbb.NotScriptableError):
+        torch.jit.script(ours)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_models_build_fastbb_s_head(version, monkeypatch):
+    """The builders and RetinaNet(head=None) build fastbb's head where torchvision builds its own (the same
+    weights from the same seed: tests/test_retinanet.py), and the batched loss still applies to it."""
+    builder = detection.retinanet_resnet50_fpn if version == "v1" else detection.retinanet_resnet50_fpn_v2
+    model = builder(weights=None, weights_backbone=None, num_classes=3)
+    assert type(model.head) is detection.RetinaNetHead
+    norms = [type(m) for m in model.head.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == (8 if version == "v2" else 0)
+    monkeypatch.setattr(detection.retinanet, "retinanet_loss", lambda *args, **kwargs: None)  # (when built without it)
+    assert detection.retinanet._fused_loss_applies(model)
+    custom = detection.RetinaNet(model.backbone, 3, head=tv_retinanet.RetinaNetHead(256, 9, 3))
+    assert type(custom.head) is tv_retinanet.RetinaNetHead
+
+
+def test_convert_gives_torchvision_s_head_fastbb_s_forward():
+    _, theirs = build_pair("v2")
+    converted = copy.deepcopy(theirs)
+    report = fastbb.convert(converted)
+    assert any(line.startswith("(model): RetinaNetHead") for line in report), report
+    assert type(converted) is tv_retinanet.RetinaNetHead
+    assert type(converted.classification_head) is tv_retinanet.RetinaNetClassificationHead
+    assert converted.classification_head.forward.__func__ is detection.RetinaNetClassificationHead.forward
+    assert converted.regression_head.forward.__func__ is detection.RetinaNetRegressionHead.forward
+    x = features(LEVELS["large"])
+    with torch.no_grad():
+        assert_same_outputs(converted(x), theirs(x), rtol=1e-5, atol=1e-5)
+    # a head whose branch is not torchvision's class keeps its forward
+    other = copy.deepcopy(theirs)
+    other.regression_head = detection.RetinaNetRegressionHead(64, 3)
+    assert not any("RetinaNetHead" in line for line in fastbb.convert(other))
+
+
+def test_cpu_inference_runs_large_levels_channels_last(monkeypatch):
+    """In CPU inference the large float32 levels run channels_last and the small ones NCHW, whatever the
+    input's layout; under autograd and in float64, the input's layout (torchvision's computation)."""
+    layouts = []
+    conv = torch.nn.functional.conv2d
+
+    def spy(x, *args, **kwargs):
+        layouts.append((x.shape[-2] * x.shape[-1], x.dtype, x.is_contiguous(memory_format=torch.channels_last)
+                        and not x.is_contiguous()))
+        return conv(x, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    ours, _ = build_pair("v1")
+    x = features(LEVELS["large"])
+    with torch.no_grad():
+        ours(x)
+    assert layouts and all(channels_last == (positions >= 1024) for positions, _, channels_last in layouts)
+    assert any(channels_last for *_, channels_last in layouts)
+    layouts.clear()
+    ours(x)
+    with torch.no_grad():
+        ours.double()([f.double() for f in x])
+    assert layouts and not any(channels_last for *_, channels_last in layouts)
+    layouts.clear()
+    with torch.no_grad():  # channels_last inputs: the small levels run NCHW
+        ours.float()([f.contiguous(memory_format=torch.channels_last) for f in x])
+    assert all(channels_last == (positions >= 1024) for positions, _, channels_last in layouts)
