@@ -369,7 +369,7 @@ def test_static_shapes_errors():
     model.static_shapes = True
     batch, padded, _ = static_batch()
     with pytest.raises(ValueError, match="size"):
-        model([torch.rand(3, 100, 128)] * 2, padded)
+        model([torch.rand(3, 100, 100)] * 2, padded)  # the transform would scale it by 1.28
     bad = [dict(padded[0], boxes=padded[0]["boxes"].clone()), padded[1]]
     bad[0]["boxes"][0, 2] = 5.0  # x2 < x1
     with pytest.raises(RuntimeError):
