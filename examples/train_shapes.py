@@ -25,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from torch import nn
 from torchvision.models.detection import RetinaNet as TorchvisionRetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7 as TorchvisionLastLevelP6P7
 from tqdm import tqdm
 
@@ -137,7 +139,7 @@ def anchor_sizes(image_size):
     return tuple(tuple(int(round(base * 2 ** level * 2 ** (step / 3))) for step in range(3)) for level in range(5))
 
 
-def build_model(kind, seed, image_size, score_thresh=0.001):
+def build_model(kind, seed, image_size, score_thresh=0.001, head_norm="group"):
     """A ResNet-18 FPN RetinaNet (P3-P5 from C3-C5, P6/P7 from P5 as torchvision's v1), randomly initialised
     from ``seed``: fastbb's fused modules (``kind="fastbb"``) or torchvision's (``kind="torchvision"``),
     built in the same order, so the same seed gives the same weights.
@@ -154,15 +156,26 @@ def build_model(kind, seed, image_size, score_thresh=0.001):
         backbone = fastbb.models.resnet18(weights=None)
         backbone = fastbb_detection.resnet_fpn_extractor(backbone, 5, returned_layers=[2, 3, 4],
                                                          extra_blocks=fastbb.nn.LastLevelP6P7(256, 256))
-        return fastbb_detection.RetinaNet(backbone, NUM_CLASSES,
-                                          anchor_generator=fastbb_detection.AnchorGenerator(sizes, ratios), **options)
-    if kind == "torchvision":
+        anchor_generator = fastbb_detection.AnchorGenerator(sizes, ratios)
+        detector = fastbb_detection.RetinaNet
+    elif kind == "torchvision":
         backbone = torchvision.models.resnet18(weights=None)
         backbone = _resnet_fpn_extractor(backbone, 5, returned_layers=[2, 3, 4],
                                          extra_blocks=TorchvisionLastLevelP6P7(256, 256))
-        return TorchvisionRetinaNet(backbone, NUM_CLASSES,
-                                    anchor_generator=TorchvisionAnchorGenerator(sizes, ratios), **options)
-    raise ValueError(f"unknown model kind {kind!r}")
+        anchor_generator = TorchvisionAnchorGenerator(sizes, ratios)
+        detector = TorchvisionRetinaNet
+    else:
+        raise ValueError(f"unknown model kind {kind!r}")
+    head = None
+    if head_norm == "group":
+        # The head's convs start as N(0, 0.01): without a norm each of its four layers shrinks the signal
+        # about 3x, so a randomly initialised backbone gets almost no gradient through it for hundreds of
+        # steps (pretrained backbones hide this). GroupNorm, as in torchvision's RetinaNet v2, keeps it.
+        head = RetinaNetHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], NUM_CLASSES,
+                             norm_layer=partial(nn.GroupNorm, 32))
+    elif head_norm != "none":
+        raise ValueError(f"unknown head norm {head_norm!r}")
+    return detector(backbone, NUM_CLASSES, anchor_generator=anchor_generator, head=head, **options)
 
 
 class CPUSyncBatchNorm(nn.SyncBatchNorm):
@@ -249,11 +262,10 @@ def learning_rate(step, args):
 
 
 def make_optimizer(model, args):
-    # Plain SGD: its update is linear in the gradient, so the rounding differences between the fused and
-    # the unfused model (and between one process and several) stay as small as they start. Adam's
-    # g / sqrt(v) turns a gradient that is zero up to rounding into a full-size step of either sign.
-    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,
-                           weight_decay=args.weight_decay)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(parameters, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
 
 
 def train(runs, args, rank, world_size, device, show_progress):
@@ -529,10 +541,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--image-size", type=int, default=128, help="square images of this many pixels")
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per step, over all processes")
+    parser.add_argument("--steps", type=int, default=500, help="training steps")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per step, over all processes")
     parser.add_argument("--lr", type=float, default=0.02, help="peak SGD learning rate")
     parser.add_argument("--warmup-steps", type=int, default=30, help="steps of linear learning-rate warm-up")
+    parser.add_argument("--head-norm", default="group", choices=("group", "none"),
+                        help="the head's norm: GroupNorm (torchvision's RetinaNet v2) or none (v1)")
+    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--clip-grad-norm", type=float, default=10.0, help="0: no clipping")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed of both models")
@@ -576,7 +591,8 @@ def main(argv=None):
     names = [("fastbb", "fastbb", args.seed), ("torchvision", "torchvision", args.seed)]
     if args.baseline_seeds == 2:
         names.append(("torchvision-seed2", "torchvision", args.seed + 1))
-    runs = [{"name": name, "kind": kind, "seed": seed, "model": build_model(kind, seed, args.image_size)}
+    runs = [{"name": name, "kind": kind, "seed": seed,
+             "model": build_model(kind, seed, args.image_size, head_norm=args.head_norm)}
             for name, kind, seed in names]
     fused_state, reference_state = runs[0]["model"].state_dict(), runs[1]["model"].state_dict()
     if fused_state.keys() != reference_state.keys() or not all(
