@@ -60,10 +60,11 @@ def test_rank_shares_make_up_the_batch():
     assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(targets, whole_targets))
 
 
-def test_fastbb_and_torchvision_models_start_from_the_same_weights():
-    fused = train_shapes.build_model("fastbb", 3, 64).state_dict()
-    reference = train_shapes.build_model("torchvision", 3, 64).state_dict()
-    other_seed = train_shapes.build_model("torchvision", 4, 64).state_dict()
+@pytest.mark.parametrize("head", [dict(), dict(head_norm="group"), dict(head_init="kaiming")])
+def test_fastbb_and_torchvision_models_start_from_the_same_weights(head):
+    fused = train_shapes.build_model("fastbb", 3, 64, **head).state_dict()
+    reference = train_shapes.build_model("torchvision", 3, 64, **head).state_dict()
+    other_seed = train_shapes.build_model("torchvision", 4, 64, **head).state_dict()
     assert fused.keys() == reference.keys()
     assert all(torch.equal(fused[key], reference[key]) for key in fused)
     assert not all(torch.equal(other_seed[key], reference[key]) for key in reference)
@@ -95,11 +96,11 @@ def test_two_processes_train_what_one_process_trains_on_the_whole_batch(tmp_path
     per-image losses, so DDP's mean of the two ranks' gradients is the whole batch's gradient: the weights
     agree up to float32 rounding, which differs because the sums (BN statistics, gradients) are added in
     another order. After one step the largest difference is about 5e-7; each later step amplifies it, the
-    more the larger the step (the stem conv's gradient, behind a BN, is a difference of large sums): after
-    three steps of lr 0.005 / 0.01 / 0.05 the largest difference is about 4e-6 / 3e-5 / 1e-3. At lr 0.002
-    it stays well inside rtol 1e-4 / atol 1e-5, and the weights still move by over 1000x the difference
-    (checked, so that untrained weights cannot pass); without --sync-bn the running statistics alone
-    differ by about 0.5."""
+    more the larger the step (the stem conv's gradient, behind a BN, is a difference of large sums): with
+    the GroupNorm head, three steps of lr 0.005 / 0.01 / 0.05 leave about 4e-6 / 3e-5 / 1e-3. At lr 0.002
+    it stays near 1e-7, far inside rtol 1e-4 / atol 1e-5, while the weights move by over 1000x the
+    difference (checked, so that untrained weights cannot pass); without --sync-bn the running statistics
+    alone differ by about 0.5."""
     options = TINY + ["--batch-size", "4", "--lr", "0.002", "--warmup-steps", "1", "--sync-bn", "--eval-images", "0"]
     env = {key: value for key, value in os.environ.items()
            if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
