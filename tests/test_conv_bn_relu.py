@@ -404,9 +404,9 @@ def test_forced_backend_runs_what_it_says_in_training(monkeypatch, forced, kerne
     assert chosen == {"conv_bn_relu.train_conv": [conv_chosen], "conv_bn_relu.bn_relu_train": [bn_chosen],
                       "conv_bn_relu.bn_relu_train_backward": [bn_chosen]}
     # The 1x1 convs' input and weight gradients (8 channels, sums over 4096 positions) round in another order
-    # than eager's, whose own error is by chance far below its typical size in some draws: over 198 seeds
-    # their ratio to it reached 3.30 (the 3x3 convs': 1.6), so their bound is 4x.
-    factor = 4.0 if kernel == 1 else 2.0
+    # than eager's, whose own error is by chance far below its typical size in some draws: over 200 seeds
+    # their ratio to it reached 3.92 (the 3x3 convs': 1.6), so their bound is 4.5x.
+    factor = 4.5 if kernel == 1 else 2.0
     for what, got, eager, exact in zip(("out", "x", "conv.weight", "bn.weight"), results["fastbb"], results["eager"],
                                        results["exact"]):
         _assert_within_pytorch_error(got, eager, exact, what, factor)

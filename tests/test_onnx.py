@@ -47,7 +47,8 @@ def test_resnet18_onnx_matches_torchvision():
         expected = original(x)
         exact = original.double()(x.double())
     assert got.shape == expected.shape
-    assert_error_within(got, expected, exact, factor=2.0, name="resnet18 logits")
+    # onnxruntime's convs sum in another order than PyTorch's: over 200 seeds the ratio reached 2.17.
+    assert_error_within(got, expected, exact, factor=2.5, name="resnet18 logits")
 
 
 class _FPN(nn.Module):
