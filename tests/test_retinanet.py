@@ -12,7 +12,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as Torchvi
 from torchvision.models.detection.image_list import ImageList
 
 import fastbb
-from conftest import assert_error_within, randomize_bn
+from conftest import randomize_bn
 from fastbb.models import detection
 
 SIZE = dict(min_size=128, max_size=128)
