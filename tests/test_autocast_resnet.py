@@ -104,7 +104,8 @@ def test_cpu_bf16_autocast_matches_the_original(name, mode):
     assert [o.dtype for o in got] == [o.dtype for o in want]
     for i, (g, w, e) in enumerate(zip(got, want, exact)):
         assert g.shape == w.shape
-        assert_error_within(g, w, e, name=f"output {i}")
+        # (train mode: a 200-seed sweep saw layer4's output of ResNetV1d-18 at 1.995x; the rest <= 1.52x)
+        assert_error_within(g, w, e, 2.5 if mode == "train" else 2.0, name=f"output {i}")
     params = [n for n, p in ours.named_parameters() if p.requires_grad]
     assert [n for n, p in original.named_parameters() if p.requires_grad] == params
     for n, g, w in zip(params, got_grads, want_grads):

@@ -248,8 +248,9 @@ def test_fx_traced_op_checks_its_inputs_when_run():
 
 def test_create_feature_extractor_resnet50_matches_torchvision():
     """torchvision's feature extraction (which traces a train and an eval graph) on fastbb's ResNet-50: the
-    eager model's features in both modes, within twice torchvision's own float32 error of a float64 run of
-    torchvision's extractor, and the running statistics updated as torchvision's are."""
+    eager model's features in both modes, within the factors a 200-seed sweep measured (2x eval, 3.2x train)
+    of torchvision's own float32 error of a float64 run of torchvision's extractor, and the running
+    statistics updated as torchvision's are (2.5x)."""
     model = randomize_bn(fastbb.models.resnet50())
     original = torchvision.models.resnet50()
     original.load_state_dict(model.state_dict())
@@ -266,11 +267,13 @@ def test_create_feature_extractor_resnet50_matches_torchvision():
         assert list(got) == ["c2", "c3", "c4", "c5"]
         for key, eager_features in zip(got, eager.forward_features(x), strict=True):
             _assert_same(got[key], eager_features)
-            assert_error_within(got[key], expected[key], exact_features[key], name=f"{mode} {key}")
+            # (layer4 trains its BNs over 2x2 values: a 200-seed sweep saw c5's ratio reach 2.81, the rest <= 1.18)
+            assert_error_within(got[key], expected[key], exact_features[key], 3.2 if mode == "train" else 2.0,
+                                name=f"{mode} {key}")
     _assert_same_state(model, eager)
     ours_state, theirs_state = model.state_dict(), original.state_dict()
     for name, value in exact.state_dict().items():  # the training call updated them as torchvision's
-        assert_error_within(ours_state[name], theirs_state[name], value, name=name)
+        assert_error_within(ours_state[name], theirs_state[name], value, 2.5, name=name)  # sweep's worst: 2.24
 
 
 # ---------------------------------------------------------------------------------------------------------
