@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import urllib.parse
 import zlib
 
 import pytest
@@ -94,6 +95,16 @@ def assert_error_within(got, original, exact, factor=2.0, *, slack=0.0, name="")
                                 "share_of_bound": error / bound if bound else None}) + "\n")
     assert error <= bound, (f"{name}: error {error:.3g} > bound {bound:.3g} = {factor} x the original's error "
                             f"{original_error:.3g} + slack")
+
+
+def cache_torchvision_weights(monkeypatch, tmp_path, weights, model):
+    """model's state_dict where torchvision's weights API finds `weights` (torch.hub's cache under a
+    temporary $TORCH_HOME, under the URL's file name), so that nothing is downloaded."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), checkpoints / os.path.basename(urllib.parse.urlparse(weights.url).path))
+    return model.state_dict()
 
 
 def randomize_bn(model):

@@ -2,8 +2,6 @@
 import copy
 import functools
 import importlib
-import os
-import urllib.parse
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from torch import nn
 import fastbb
 from fastbb.models import resnet18, resnet50
 
-from conftest import assert_error_within, randomize_bn, usable_backends
+from conftest import assert_error_within, cache_torchvision_weights, randomize_bn, usable_backends
 
 # Whole ResNets run on the compiled CPU backend and the reference; the Triton kernels (too slow for a
 # ResNet under the interpreter) are checked op by op in test_conv_bn_relu.py.
@@ -88,16 +86,6 @@ def test_weights_from_path_and_strict_keys(tmp_path):
         resnet18(weights=3)
 
 
-def _cache_torchvision_weights(monkeypatch, tmp_path, weights, model):
-    """model's state_dict where torchvision's weights API finds `weights` (torch.hub's cache under a
-    temporary $TORCH_HOME, under the URL's file name), so that nothing is downloaded."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    checkpoints = tmp_path / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), checkpoints / os.path.basename(urllib.parse.urlparse(weights.url).path))
-    return model.state_dict()
-
-
 @pytest.mark.parametrize("builder, weights", [
     ("resnet18", torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
     ("resnet18", "IMAGENET1K_V1"),
@@ -110,7 +98,7 @@ def test_torchvision_weights_load_through_its_weights_api(monkeypatch, tmp_path,
     loads them: the same tensors, and num_classes from the weights' categories."""
     weights_enum = getattr(torchvision.models, f"ResNet{builder.removeprefix('resnet')}_Weights")
     member = weights_enum.verify(weights)
-    cached = _cache_torchvision_weights(monkeypatch, tmp_path, member, randomize_bn(getattr(torchvision.models,
+    cached = cache_torchvision_weights(monkeypatch, tmp_path, member, randomize_bn(getattr(torchvision.models,
                                                                                            builder)()))
     ours = getattr(fastbb.models, builder)(weights=weights, progress=False)
     theirs = getattr(torchvision.models, builder)(weights=weights, progress=False)
@@ -126,7 +114,7 @@ def test_legacy_pretrained_forms_as_torchvision(monkeypatch, tmp_path, legacy):
     """torchvision's deprecated `pretrained=` and boolean `weights=`: IMAGENET1K_V1 or None, with a
     deprecation warning, the same model as torchvision's builder gives."""
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    _cache_torchvision_weights(monkeypatch, tmp_path, weights, randomize_bn(torchvision.models.resnet18()))
+    cache_torchvision_weights(monkeypatch, tmp_path, weights, randomize_bn(torchvision.models.resnet18()))
     with pytest.warns(UserWarning):
         theirs = torchvision.models.resnet18(**legacy)
     with pytest.warns(UserWarning, match=r"fastbb\.models\.resnet18: .*deprecated"):
@@ -165,7 +153,7 @@ def test_torchvision_detection_builders_take_fastbb_resnet50(monkeypatch, tmp_pa
     from torchvision.models.detection import retinanet
 
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
-    _cache_torchvision_weights(monkeypatch, tmp_path, weights, randomize_bn(torchvision.models.resnet50()))
+    cache_torchvision_weights(monkeypatch, tmp_path, weights, randomize_bn(torchvision.models.resnet50()))
     kwargs = dict(weights_backbone=weights, num_classes=3, min_size=64, max_size=96)
     theirs = retinanet.retinanet_resnet50_fpn(**kwargs).eval()
     monkeypatch.setattr(retinanet, "resnet50", fastbb.models.resnet50)

@@ -1,7 +1,5 @@
 """fastbb.models.detection: torchvision's RetinaNet classes and builders, fused. Compared with torchvision's own
 models built from the same seed (the same weights) on the same inputs."""
-import os
-import urllib.parse
 import warnings
 
 import pytest
@@ -12,7 +10,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as Torchvi
 from torchvision.models.detection.image_list import ImageList
 
 import fastbb
-from conftest import randomize_bn
+from conftest import cache_torchvision_weights, randomize_bn
 from fastbb.models import detection
 
 SIZE = dict(min_size=128, max_size=128)
@@ -65,7 +63,7 @@ def test_same_modules_keys_and_weights_as_torchvision(version):
 def test_pretrained_backbone_freezes_as_torchvision(monkeypatch, tmp_path):
     """weights_backbone: FrozenBatchNorm2d in v1 and trainable_backbone_layers=3, as torchvision's builder."""
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
-    _cache(monkeypatch, tmp_path, weights, randomize_bn(torchvision.models.resnet50()))
+    cache_torchvision_weights(monkeypatch, tmp_path, weights, randomize_bn(torchvision.models.resnet50()))
     for trainable in (None, 0, 5):
         ours, theirs = build_pair("v1", weights_backbone=weights, trainable_backbone_layers=trainable)
         assert type(ours.backbone.body.bn1).__name__ == "FrozenBatchNorm2d"
@@ -73,16 +71,6 @@ def test_pretrained_backbone_freezes_as_torchvision(monkeypatch, tmp_path):
             [(n, p.requires_grad) for n, p in theirs.named_parameters()]
         for name, value in theirs.state_dict().items():
             assert torch.equal(ours.state_dict()[name], value), name
-
-
-def _cache(monkeypatch, tmp_path, weights, model):
-    """model's state_dict where torchvision's weights API finds `weights` (torch.hub's cache under a temporary
-    $TORCH_HOME, under the URL's file name): nothing is downloaded."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    checkpoints = tmp_path / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), checkpoints / os.path.basename(urllib.parse.urlparse(weights.url).path))
-    return model.state_dict()
 
 
 @pytest.mark.parametrize("version, weights", [
@@ -100,7 +88,7 @@ def test_weights_load_as_torchvision(monkeypatch, tmp_path, version, weights):
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
         cached = source.state_dict()
     else:
-        cached = _cache(monkeypatch, tmp_path, member, source)
+        cached = cache_torchvision_weights(monkeypatch, tmp_path, member, source)
     if weights == "state_dict":
         weights = dict(cached)
     elif weights == "path":
@@ -132,7 +120,7 @@ def test_bad_weights_raise_what_torchvision_raises(monkeypatch, tmp_path):
 
 def test_legacy_pretrained_arguments_as_torchvision(monkeypatch, tmp_path):
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
-    _cache(monkeypatch, tmp_path, weights, randomize_bn(torchvision.models.resnet50()))
+    cache_torchvision_weights(monkeypatch, tmp_path, weights, randomize_bn(torchvision.models.resnet50()))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ours = detection.retinanet_resnet50_fpn(pretrained_backbone=True, num_classes=3)
@@ -427,3 +415,18 @@ def test_static_training_step_captures_in_a_cuda_graph(version):
         torch.testing.assert_close(replayed[name], eager[name], rtol=1e-5, atol=1e-6)
     for a, b in zip(replayed_grads, [p.grad for p in params]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_model_exports_with_the_eager_detections():
+    """torch.export of the eval model (torchvision's own RetinaNet does not export: its post-processing has
+    data-dependent shapes): the exported program gives the eager model's detections."""
+    ours, _ = firing(*build_pair("v1"))
+    ours.eval()
+    batch = images()[:1]
+    program = torch.export.export(ours, (batch,), strict=False)
+    with torch.no_grad():
+        want = ours(batch)
+    got = program.module()(batch)
+    assert len(got) == 1 and got[0]["boxes"].shape[0] == want[0]["boxes"].shape[0] > 0
+    # The eager inference forward runs channels_last inside (another conv rounding): detections as between models.
+    assert_same_model_detections(got, want, ours.score_thresh)

@@ -130,27 +130,24 @@ def test_match_anchors_ties_and_thresholds_at_exact_values(backend, dtype):
                 assert torch.equal(got[i], torchvision_matches(anchors, gts[i], high, low, allow)), (i, high, low)
 
 
-@pytest.mark.parametrize("backend", backends())
-def test_match_anchors_degenerate_boxes_give_torchvisions_nan_rules(backend):
-    """Zero-area gts and anchors make 0 / 0 = NaN IoUs: torch.max picks NaN as the maximum (so the anchor keeps
-    that gt, NaN being below no threshold), and no anchor equals a NaN best, as in torchvision."""
-    anchors = torch.tensor([[0, 0, 0, 0], [0, 0, 4, 4], [10, 10, 10, 10], [2, 2, 6, 6], [0, 0, 4, 4.]])
-    gts = [torch.tensor([[1, 1, 3, 3], [0, 0, 0, 0], [10, 10, 10, 10.]]), torch.tensor([[0, 0, 4, 4.]])]
-    gt, counts = padded(gts, num_gt=4)
-    for allow in (True, False):
-        with fastbb.use_backend(backend):
-            got = fastbb.ops.match_anchors(anchors, gt, counts, 0.5, 0.4, allow)
-        for i in range(len(gts)):
-            assert torch.equal(got[i], torchvision_matches(anchors, gts[i], 0.5, 0.4, allow)), (i, allow)
+# Zero-area gts and anchors make 0 / 0 = NaN IoUs: torch.max picks NaN as the maximum (so the anchor keeps that
+# gt, NaN being below no threshold), and no anchor equals a NaN best, as in torchvision. A NaN coordinate makes
+# every IoU of its box NaN (torch.maximum / minimum propagate it), whichever argument of the comparison it is.
+_NAN = math.nan
+NAN_CASES = {
+    "degenerate boxes": (torch.tensor([[0, 0, 0, 0], [0, 0, 4, 4], [10, 10, 10, 10], [2, 2, 6, 6], [0, 0, 4, 4.]]),
+                         [torch.tensor([[1, 1, 3, 3], [0, 0, 0, 0], [10, 10, 10, 10.]]),
+                          torch.tensor([[0, 0, 4, 4.]])]),
+    "NaN coordinates": (torch.tensor([[0, 0, 4, 4], [_NAN, 0, 4, 4], [0, 0, 4, _NAN], [1, 1, 5, 5], [2, 0, 6, 4.]]),
+                        [torch.tensor([[0, 0, 4, 4], [0, _NAN, 3, 3], [1, 1, 5, 5.]]),
+                         torch.tensor([[2, 0, _NAN, 4.]])]),
+}
 
 
+@pytest.mark.parametrize("case", list(NAN_CASES))
 @pytest.mark.parametrize("backend", backends())
-def test_match_anchors_nan_coordinates_as_torchvision(backend):
-    """A NaN coordinate makes every IoU of its box NaN (torch.maximum / minimum propagate it), whichever
-    argument of the comparison it is."""
-    nan = math.nan
-    anchors = torch.tensor([[0, 0, 4, 4], [nan, 0, 4, 4], [0, 0, 4, nan], [1, 1, 5, 5], [2, 0, 6, 4.]])
-    gts = [torch.tensor([[0, 0, 4, 4], [0, nan, 3, 3], [1, 1, 5, 5.]]), torch.tensor([[2, 0, nan, 4.]])]
+def test_match_anchors_nan_ious_as_torchvision(backend, case):
+    anchors, gts = NAN_CASES[case]
     gt, counts = padded(gts, num_gt=4)
     for allow in (True, False):
         with fastbb.use_backend(backend):
