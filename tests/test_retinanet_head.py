@@ -10,13 +10,15 @@ from torch import nn
 from torchvision.models.detection import retinanet as tv_retinanet
 
 import fastbb
-from conftest import assert_error_within
+from conftest import assert_error_within, record_choices
 from fastbb.models import detection
 from fastbb.models.detection import retinanet_head
+from fastbb.ops.conv_bn_relu import TABLE as EVAL_CONV_TABLE
+from fastbb.ops.conv_bn_relu import TRAIN_CONV_TABLE
 
 NORMS = {"v1": None, "v2": partial(nn.GroupNorm, 32)}
 # P3..P7 of a 64x88 image (odd sizes, a 1x1 level), of a 40x40 one (square, 1x1 twice), one odd level, and
-# P3..P7 of a 264x320 image (P3 and P4 large enough to run channels_last in inference)
+# P3..P7 of a 264x320 image (P3..P5 at 8x8 or more: through the eval conv table in inference)
 LEVELS = {"odd": [(8, 11), (4, 6), (2, 3), (1, 2), (1, 1)], "square": [(5, 5), (3, 3), (2, 2), (1, 1), (1, 1)],
           "7x11": [(7, 11)], "large": [(33, 40), (17, 20), (9, 10), (5, 5), (3, 3)]}
 
@@ -108,10 +110,10 @@ def test_v1_keys_are_upgraded_as_torchvision():
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("levels", list(LEVELS))
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("mode", ["inference", "no_grad", "grad", "no_grad, all levels channels_last"])
+@pytest.mark.parametrize("mode", ["inference", "no_grad", "grad", "no_grad, every level through the table"])
 def test_outputs_equal_torchvision(version, levels, batch, mode, monkeypatch):
-    if mode.endswith("channels_last"):
-        monkeypatch.setattr(retinanet_head, "_CHANNELS_LAST_MIN_POSITIONS", 1)
+    if mode.endswith("table"):
+        monkeypatch.setattr(retinanet_head, "_EVAL_TABLE_MIN_POSITIONS", 1)
         mode = "no_grad"
     ours, theirs = build_pair(version)
     x = features(LEVELS[levels], batch=batch)
@@ -270,29 +272,41 @@ def test_convert_gives_torchvision_s_head_fastbb_s_forward():
     assert not any("RetinaNetHead" in line for line in fastbb.convert(other))
 
 
-def test_cpu_inference_runs_large_levels_channels_last(monkeypatch):
-    """In CPU inference the large float32 levels run channels_last and the small ones NCHW, whatever the
-    input's layout; under autograd and in float64, the input's layout (torchvision's computation)."""
-    layouts = []
-    conv = torch.nn.functional.conv2d
-
-    def spy(x, *args, **kwargs):
-        layouts.append((x.shape[-2] * x.shape[-1], x.dtype, x.is_contiguous(memory_format=torch.channels_last)
-                        and not x.is_contiguous()))
-        return conv(x, *args, **kwargs)
-    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
-    ours, _ = build_pair("v1")
-    x = features(LEVELS["large"])
+def test_cpu_float32_convs_run_through_fastbb_s_conv_tables(monkeypatch):
+    """In float32 CPU inference the convs of levels of 8x8 or more run through conv_bn_relu's eval table (its
+    Winograd conv where it applies; the 4x4 and smaller levels as the modules); under autograd every conv runs
+    through the training-conv table; in float64 and under autocast, torchvision's forward (no table)."""
+    chosen = record_choices(monkeypatch, EVAL_CONV_TABLE, TRAIN_CONV_TABLE)
+    ours, _ = build_pair("v2", in_channels=128)
+    x = features([(8, 8), (4, 4), (2, 2)], channels=128)
     with torch.no_grad():
         ours(x)
-    assert layouts and all(channels_last == (positions >= 1024) for positions, _, channels_last in layouts)
-    assert any(channels_last for *_, channels_last in layouts)
-    layouts.clear()
+    # on the 8x8 level only: each branch's 4 stacked convs as Winograd convs, its last conv (15 or 12 channels
+    # out: too few for the Winograd conv) as oneDNN's
+    branch = ["cpp"] * 4 + ["onednn"]
+    assert chosen == {"conv_bn_relu": branch * 2, "conv_bn_relu.train_conv": []}
+    chosen["conv_bn_relu"].clear()
     ours(x)
+    assert chosen == {"conv_bn_relu": [], "conv_bn_relu.train_conv": ["reference"] * 30}
+    chosen["conv_bn_relu.train_conv"].clear()
     with torch.no_grad():
         ours.double()([f.double() for f in x])
-    assert layouts and not any(channels_last for *_, channels_last in layouts)
-    layouts.clear()
-    with torch.no_grad():  # channels_last inputs: the small levels run NCHW
-        ours.float()([f.contiguous(memory_format=torch.channels_last) for f in x])
-    assert all(channels_last == (positions >= 1024) for positions, _, channels_last in layouts)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours.float()(x)
+    assert chosen == {"conv_bn_relu": [], "conv_bn_relu.train_conv": []}
+
+
+def test_inference_follows_weights_changed_in_place_or_replaced():
+    """The Winograd weights kept between inference calls are remade when a weight changes in place (an optimizer
+    step, load_state_dict) or is replaced by another parameter."""
+    ours, theirs = build_pair("v1", in_channels=128)
+    x = features(LEVELS["large"][:2], channels=128)
+    with torch.no_grad():
+        ours(x)
+        for model in (ours, theirs):
+            model.classification_head.conv[0][0].weight.mul_(-2)
+            model.regression_head.bbox_reg.weight = nn.Parameter(model.regression_head.bbox_reg.weight * 3)
+        assert_same_outputs(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        ours.load_state_dict(build_pair("v1", in_channels=128, seed=1)[1].state_dict())
+        theirs.load_state_dict(ours.state_dict())
+        assert_same_outputs(ours(x), theirs(x), rtol=1e-5, atol=1e-5)

@@ -1,57 +1,95 @@
-"""torchvision's RetinaNet head (RetinaNetHead, RetinaNetClassificationHead, RetinaNetRegressionHead) with a
-faster CPU inference: the same classes (subclasses), constructor arguments, submodules, state_dict keys
+"""torchvision's RetinaNet head (RetinaNetHead, RetinaNetClassificationHead, RetinaNetRegressionHead) with
+faster CPU convs: the same classes (subclasses), constructor arguments, submodules, state_dict keys
 (torchvision's v1 -> v2 key upgrade included), random initialisation order and outputs.
 
-What changes, and why: in CPU inference (no autograd) each branch runs its large levels (1024 positions or more:
-P3 and P4 at 512x512, P3..P5 at 800x1333) channels_last. oneDNN then runs their convs without reordering
-activations into and out of its blocked layout, and the last conv's (N, H, W, A * K) output is already in
-torchvision's (h, w, anchor, class) order: the per-level permute is a view and the concatenation of the levels
-is the only copy of the logits, where torchvision copies them twice (reshape, then cat). Small levels run NCHW
-(channels_last inputs included), where channels_last is slower.
-
-Measured on a 2-core AVX-512 CPU (one thread, CPU time, R50-FPN shapes, 91 classes; several runs on a loaded
-machine): 1.02x to 1.08x for the head at 800x1344 batch 2 (v1 and v2); the same time as torchvision's at
-512x512 batch 1, whose convs already run near the FMA peak (about 105 GFLOP/s a core). Two other ideas measured no faster there and are not used: running both branches as one conv
-stack (the first conv with both weights, then grouped convs; GroupNorm as one GroupNorm of twice the groups):
-within +-1.5% in inference, 2% slower for v2 at 512x512 and under autograd; and channels_last under autograd.
-
-Under autograd, torch.compile, torch.export and TorchScript / torch.fx tracing the head computes as
-torchvision's, in the input's layout.
+What changes, and why: the head is twenty 3x3 convs over five levels (for 91 classes at 512x512, more than half
+of RetinaNet R50-FPN's multiply-adds, the last classification conv alone a fifth), and on the CPU in float32
+they run as the conv tables of fastbb.ops.conv_bn_relu choose:
+- without autograd (inference): the eval table, on each conv's weight as it is (no BN to fold); on a 2-core
+  AVX-512 CPU its Winograd F(2x2, 3x3) conv runs the 256-channel convs 1.4x to 1.6x as fast as oneDNN's from
+  8x8 up, with the conv's bias and the ReLU in its output transform, at 1.2x to 1.6x oneDNN's rounding error
+  against float64. Each conv's Winograd weight is made once and kept until the weight changes in place or is
+  replaced. Levels under 8x8 run torchvision's convs (oneDNN's direct conv is 4x faster at 4x4).
+- under autograd (training): the training-conv table (the Winograd conv with both gradients over 4096+ output
+  positions, e.g. P3 at batch 2 at 512x512), then the layer's norm and ReLU modules.
+Other dtypes and devices, autocast, torch.compile, torch.export and TorchScript / torch.fx tracing compute as
+torchvision's.
 """
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 from torchvision.models.detection import retinanet as tv_retinanet
 
 from fastbb._tracing import not_scriptable, traced
+from fastbb.ops.conv_bn_relu import TABLE as EVAL_CONV_TABLE
+from fastbb.ops.conv_bn_relu import TRAIN_CONV_TABLE
 
 __all__ = ["RetinaNetClassificationHead", "RetinaNetHead", "RetinaNetRegressionHead"]
 
-# Levels with at least this many positions run channels_last in CPU inference. On a 2-core AVX-512 CPU (oneDNN,
-# one thread), a chain of four 256 -> 256 3x3 conv + ReLU costs the same in both layouts at 64x64, and
-# channels_last is slower on small maps (1.2x at 16x16, 2.5x at 4x4).
-_CHANNELS_LAST_MIN_POSITIONS = 1024
+# Levels with fewer output positions per image run the conv modules themselves in inference (see above).
+_EVAL_TABLE_MIN_POSITIONS = 64
+
+# weight -> (its version, the packed forms the eval table keeps of it: the Winograd transform, oneDNN's layout)
+_packed = WeakIdKeyDictionary()
 
 
-def _chooses_layout(features: list[Tensor]) -> bool:
-    """Whether the head may choose each level's layout: eager CPU inference (no autograd, no tracing)."""
-    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not traced(*features) and all(f.device.type == "cpu" and f.dim() == 4 for f in features))
+def _runs_fused_convs(features: list[Tensor]) -> bool:
+    """Whether the head runs its convs through fastbb's tables: eager float32 CPU computation (no autocast, no
+    torch.compile, no tracing)."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not traced(*features)
+            and not torch.is_autocast_enabled("cpu")
+            and all(f.device.type == "cpu" and f.dtype == torch.float32 and f.dim() == 4 for f in features))
 
 
-def _in_level_layout(x: Tensor) -> Tensor:
-    """A float32 level (oneDNN's convs) channels_last when it is large, else NCHW; other dtypes as they are."""
-    if x.dtype != torch.float32:
-        return x
-    if x.shape[-2] * x.shape[-1] >= _CHANNELS_LAST_MIN_POSITIONS:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x.contiguous()
+def _packed_weights(weight: Tensor) -> dict:
+    """The eval table's store of packed forms of weight, emptied when weight changes in place."""
+    version, packed = _packed.get(weight, (None, None))
+    if version != weight._version:
+        packed = {}
+        _packed[weight] = (weight._version, packed)
+    return packed
+
+
+def _conv(conv: nn.Conv2d, x: Tensor, relu: bool) -> Tensor:
+    """conv(x), then ReLU if relu, through fastbb's conv tables where they take the call; else the module."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or x.dtype != conv.weight.dtype:
+        out = conv(x)
+        return torch.relu(out) if relu else out
+    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad
+                                              or (conv.bias is not None and conv.bias.requires_grad))
+    if needs_grad:
+        out = TRAIN_CONV_TABLE("cpu", x, conv.weight, conv.bias, *args)
+        return torch.relu(out) if relu else out
+    if x.shape[-2] * x.shape[-1] < _EVAL_TABLE_MIN_POSITIONS:
+        out = conv(x)
+        return out.relu_() if relu else out
+    return EVAL_CONV_TABLE("cpu", x.contiguous(), conv.weight, conv.bias, None, *args, relu,
+                           _packed_weights(conv.weight))
+
+
+def _layer_forward(layer: nn.Module, x: Tensor) -> Tensor:
+    """One stacked layer (torchvision's Conv2dNormActivation: conv [-> norm] -> ReLU), its convs through
+    _conv, a conv directly followed by a ReLU as one call; any other module as itself."""
+    modules = list(layer) if isinstance(layer, nn.Sequential) else [layer]
+    i = 0
+    while i < len(modules):
+        module = modules[i]
+        if type(module) is nn.Conv2d:
+            relu = i + 1 < len(modules) and type(modules[i + 1]) is nn.ReLU
+            x = _conv(module, x, relu)
+            i += 2 if relu else 1
+        else:
+            x = module(x)
+            i += 1
+    return x
 
 
 def _branch_forward(stack: nn.Module, last: nn.Module, columns: int, features: list[Tensor]) -> Tensor:
     """
-    A branch's forward in CPU inference: torchvision's convs, large levels channels_last.
+    A branch's forward with fastbb's convs.
 
     Args:
         stack (nn.Module): the branch's stacked conv [-> norm] -> ReLU layers.
@@ -64,8 +102,10 @@ def _branch_forward(stack: nn.Module, last: nn.Module, columns: int, features: l
     """
     outputs = []
     for x in features:
-        out = last(stack(_in_level_layout(x)))
-        # (N, A * columns, H, W) -> (N, H * W * A, columns): a view of a channels_last output, else a copy
+        for layer in stack:
+            x = _layer_forward(layer, x)
+        out = _layer_forward(last, x)
+        # (N, A * columns, H, W) -> (N, H * W * A, columns)
         outputs.append(out.permute(0, 2, 3, 1).reshape(out.shape[0], -1, columns))
     return torch.cat(outputs, dim=1)
 
@@ -74,7 +114,7 @@ def _branch_forward(stack: nn.Module, last: nn.Module, columns: int, features: l
 class RetinaNetClassificationHead(tv_retinanet.RetinaNetClassificationHead):
     """
     torchvision's RetinaNetClassificationHead (same arguments, submodules, keys, initialisation and outputs),
-    its large levels run channels_last in CPU inference.
+    its float32 CPU convs through fastbb's conv tables.
 
     Args:
         in_channels (int): the channels of the input features.
@@ -97,7 +137,7 @@ class RetinaNetClassificationHead(tv_retinanet.RetinaNetClassificationHead):
         Returns:
             Tensor[N, sum(H * W * A), K]: the logits, ordered (level, h, w, anchor).
         """
-        if not x or not _chooses_layout(x):
+        if not x or not _runs_fused_convs(x):
             return tv_retinanet.RetinaNetClassificationHead.forward(self, x)
         return _branch_forward(self.conv, self.cls_logits, self.num_classes, x)
 
@@ -106,7 +146,7 @@ class RetinaNetClassificationHead(tv_retinanet.RetinaNetClassificationHead):
 class RetinaNetRegressionHead(tv_retinanet.RetinaNetRegressionHead):
     """
     torchvision's RetinaNetRegressionHead (same arguments, submodules, keys, initialisation and outputs), its
-    large levels run channels_last in CPU inference.
+    float32 CPU convs through fastbb's conv tables.
 
     Args:
         in_channels (int): the channels of the input features.
@@ -125,7 +165,7 @@ class RetinaNetRegressionHead(tv_retinanet.RetinaNetRegressionHead):
         Returns:
             Tensor[N, sum(H * W * A), 4]: the box deltas, ordered (level, h, w, anchor).
         """
-        if not x or not _chooses_layout(x):
+        if not x or not _runs_fused_convs(x):
             return tv_retinanet.RetinaNetRegressionHead.forward(self, x)
         return _branch_forward(self.conv, self.bbox_reg, 4, x)
 
@@ -135,7 +175,7 @@ class RetinaNetHead(tv_retinanet.RetinaNetHead):
     """
     torchvision's RetinaNetHead (same arguments, submodules, state_dict keys, random initialisation order and
     outputs; an instance of torchvision's class) over fastbb's :class:`RetinaNetClassificationHead` and
-    :class:`RetinaNetRegressionHead` (large levels channels_last in CPU inference; see
+    :class:`RetinaNetRegressionHead` (float32 CPU convs through fastbb's conv tables; see
     :mod:`fastbb.models.detection.retinanet_head`).
 
     Args:
