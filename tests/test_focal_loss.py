@@ -463,3 +463,19 @@ def test_cuda_gamma_zero_gradient_where_the_modulating_term_is_subnormal(dtype):
         assert torch.isfinite(grad).all(), backend
         assert_close(loss, expected.detach(), dtype, backend=backend)
         assert_close(grad, expected_grad, dtype, backend=backend)
+
+
+@pytest.mark.skipif(not fastbb._backend.has_kernel("fastbb_C::empty_like_huge_pages", "CPU"),
+                    reason="fastbb._C is not built")
+@pytest.mark.parametrize("shape", [(3, 5), (2, 3, 1024, 1024)], ids=["small", "16 MiB"])
+def test_empty_like_huge_pages_is_empty_like(shape):
+    """The backward's gradient buffer: t's shape, dtype and device, contiguous (channels_last t included),
+    writable over its whole length; a fake tensor gives the same under torch.compile's tracing."""
+    t = torch.randn(*shape).to(memory_format=torch.channels_last) if len(shape) == 4 else torch.randn(*shape)
+    out = torch.ops.fastbb_C.empty_like_huge_pages(t)
+    assert out.shape == t.shape and out.dtype == t.dtype and out.is_contiguous()
+    out.copy_(t)
+    assert torch.equal(out, t)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = torch.ops.fastbb_C.empty_like_huge_pages(mode.from_tensor(t))
+    assert fake.shape == t.shape and fake.is_contiguous()

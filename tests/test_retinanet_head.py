@@ -12,7 +12,7 @@ from torchvision.models.detection import retinanet as tv_retinanet
 import fastbb
 from conftest import assert_error_within, record_choices
 from fastbb.models import detection
-from fastbb.models.detection import retinanet_head
+from fastbb.nn import conv_layers
 from fastbb.ops.conv_bn_relu import TABLE as EVAL_CONV_TABLE
 from fastbb.ops.conv_bn_relu import TRAIN_CONV_TABLE
 
@@ -113,7 +113,7 @@ def test_v1_keys_are_upgraded_as_torchvision():
 @pytest.mark.parametrize("mode", ["inference", "no_grad", "grad", "no_grad, every level through the table"])
 def test_outputs_equal_torchvision(version, levels, batch, mode, monkeypatch):
     if mode.endswith("table"):
-        monkeypatch.setattr(retinanet_head, "_EVAL_TABLE_MIN_POSITIONS", 1)
+        monkeypatch.setattr(conv_layers, "_EVAL_TABLE_MIN_POSITIONS", 1)
         mode = "no_grad"
     ours, theirs = build_pair(version)
     x = features(LEVELS[levels], batch=batch)

@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_alloc.h"
 #include "focal_loss/focal_loss_checks.h"
 
 // The element loop is also compiled for AVX2, chosen at load time where the CPU has it. Its helpers are
@@ -322,8 +323,9 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
     bool compute_grad) {
   const auto acc_dtype = check_focal_loss_args(logits, targets, labels, weight, gamma);
   const FocalParams params{alpha >= 0 ? alpha : 1.0, alpha >= 0 ? 1.0 - alpha : 1.0, gamma};
-  at::Tensor loss = reduce ? at::empty({}, logits.options().dtype(acc_dtype)) : at::empty_like(logits);
-  at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  // The per-element outputs are as large as the logits: on huge pages (cpu_alloc.h)
+  at::Tensor loss = reduce ? at::empty({}, logits.options().dtype(acc_dtype)) : empty_like_huge_pages(logits);
+  at::Tensor grad = compute_grad ? empty_like_huge_pages(logits) : at::empty({0}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sigmoid_focal_loss_cpu", [&] {
     focal_loss_cpu_impl<scalar_t>(logits, targets, labels, weight, params, ignore_index, reduce, compute_grad,
                                   loss, grad);

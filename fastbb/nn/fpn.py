@@ -2,7 +2,8 @@
 
 Each merge `lateral_conv(x) + interpolate(last, size=lateral's, mode="nearest")` runs as fastbb.ops.fpn_merge
 (1x1 conv with the upsample-add fused in) when the lateral conv is a plain biased/unbiased conv, and as
-fastbb.ops.upsample_nearest_add after the lateral block when it has a norm or an activation. Parameters,
+fastbb.ops.upsample_nearest_add after the lateral block when it has a norm or an activation. torchvision's FPN
+runs its 3x3 output convs through fastbb's conv tables (fastbb.nn.conv_layers: the Winograd conv on the CPU). Parameters,
 state_dict keys and outputs are those of the originals.
 """
 from collections import OrderedDict
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from fastbb._registry import register
 from fastbb._tracing import not_scriptable
+from fastbb.nn.conv_layers import layer_forward, runs_fused_convs
 from fastbb.ops._common import TypeAssertionError, ValueAssertionError
 from fastbb.ops.fpn_merge import fpn_merge
 from fastbb.ops.upsample_nearest_add import upsample_nearest_add
@@ -234,11 +236,13 @@ class FeaturePyramidNetwork(nn.Module):
         if len(features) != len(self.inner_blocks):
             raise ValueError(f"fastbb.nn.FeaturePyramidNetwork: expected {len(self.inner_blocks)} feature maps, "
                              f"got {len(features)}")
+        # the output convs through fastbb's conv tables in eager float32 CPU computation (fastbb.nn.conv_layers)
+        output_block = layer_forward if runs_fused_convs(features) else (lambda block, x: block(x))
         last_inner = self.inner_blocks[-1](features[-1])
-        results = [self.layer_blocks[-1](last_inner)]
+        results = [output_block(self.layer_blocks[-1], last_inner)]
         for idx in range(len(features) - 2, -1, -1):
             last_inner = _merge(self.inner_blocks[idx], features[idx], last_inner)
-            results.insert(0, self.layer_blocks[idx](last_inner))
+            results.insert(0, output_block(self.layer_blocks[idx], last_inner))
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, features, names)
         return OrderedDict(zip(names, results))

@@ -5,10 +5,12 @@ torchvision's has the same weights."""
 from collections import OrderedDict
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import backbone_utils as tv_backbone_utils
 
+from fastbb._tracing import traced
 from fastbb.nn.conv_bn_relu import _fused_conv_bn
 from fastbb.nn.fpn import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
@@ -22,6 +24,10 @@ class _FusedLayerGetter(IntermediateLayerGetter):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         out = OrderedDict()
         names = list(self._modules)
+        # NCHW in and out, channels_last between (see _runs_channels_last)
+        channels_last = _runs_channels_last(self, x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         start = 0
         if (names[:3] == list(_STEM) and isinstance(self.relu, nn.ReLU)
                 and not any(name in self.return_layers for name in _STEM)):
@@ -30,8 +36,23 @@ class _FusedLayerGetter(IntermediateLayerGetter):
         for name in names[start:]:
             x = self._modules[name](x)
             if name in self.return_layers:
-                out[self.return_layers[name]] = x
+                out[self.return_layers[name]] = x.contiguous() if channels_last else x
         return out
+
+
+def _runs_channels_last(getter: nn.Module, x: Tensor) -> bool:
+    """
+    Whether the body runs channels_last: eager float32 CPU computation of contiguous images needing no autograd
+    (inference, or training with the stem and stages frozen). oneDNN then runs each conv on its weight packed
+    once, and the max pool vectorized over the channels: on R50 at 1x3x512x512 on a 2-core AVX-512 CPU the stem
+    conv and max pool take 8 ms instead of 35, and the four stages 216 ms instead of 275 (NCHW: the Winograd
+    conv and MKL's GEMMs). The returned maps are made NCHW again (3 ms there).
+    """
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in getter.parameters()))
+    return (not needs_grad and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.is_contiguous() and not traced(x) and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and not torch.is_autocast_enabled("cpu")
+            and not any(m.training for m in getter.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)))
 
 
 class BackboneWithFPN(tv_backbone_utils.BackboneWithFPN):

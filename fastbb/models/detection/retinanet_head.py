@@ -10,6 +10,7 @@ they run as the conv tables of fastbb.ops.conv_bn_relu choose:
   8x8 up, with the conv's bias and the ReLU in its output transform, at 1.2x to 1.6x oneDNN's rounding error
   against float64. Each conv's Winograd weight is made once and kept until the weight changes in place or is
   replaced. Levels under 8x8 run torchvision's convs (oneDNN's direct conv is 4x faster at 4x4).
+  (fastbb.nn.conv_layers runs the layers; the FPN's output convs run the same way.)
 - under autograd (training): the training-conv table (the Winograd conv with both gradients over 4096+ output
   positions, e.g. P3 at batch 2 at 512x512), then the layer's norm and ReLU modules.
 Other dtypes and devices, autocast, torch.compile, torch.export and TorchScript / torch.fx tracing compute as
@@ -19,73 +20,12 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 from torchvision.models.detection import retinanet as tv_retinanet
 
-from fastbb._tracing import not_scriptable, traced
-from fastbb.ops.conv_bn_relu import TABLE as EVAL_CONV_TABLE
-from fastbb.ops.conv_bn_relu import TRAIN_CONV_TABLE
+from fastbb._tracing import not_scriptable
+from fastbb.nn.conv_layers import layer_forward, runs_fused_convs
 
 __all__ = ["RetinaNetClassificationHead", "RetinaNetHead", "RetinaNetRegressionHead"]
-
-# Levels with fewer output positions per image run the conv modules themselves in inference (see above).
-_EVAL_TABLE_MIN_POSITIONS = 64
-
-# weight -> (its version, the packed forms the eval table keeps of it: the Winograd transform, oneDNN's layout)
-_packed = WeakIdKeyDictionary()
-
-
-def _runs_fused_convs(features: list[Tensor]) -> bool:
-    """Whether the head runs its convs through fastbb's tables: eager float32 CPU computation (no autocast, no
-    torch.compile, no tracing)."""
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not traced(*features)
-            and not torch.is_autocast_enabled("cpu")
-            and all(f.device.type == "cpu" and f.dtype == torch.float32 and f.dim() == 4 for f in features))
-
-
-def _packed_weights(weight: Tensor) -> dict:
-    """The eval table's store of packed forms of weight, emptied when weight changes in place."""
-    version, packed = _packed.get(weight, (None, None))
-    if version != weight._version:
-        packed = {}
-        _packed[weight] = (weight._version, packed)
-    return packed
-
-
-def _conv(conv: nn.Conv2d, x: Tensor, relu: bool) -> Tensor:
-    """conv(x), then ReLU if relu, through fastbb's conv tables where they take the call; else the module."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or x.dtype != conv.weight.dtype:
-        out = conv(x)
-        return torch.relu(out) if relu else out
-    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad
-                                              or (conv.bias is not None and conv.bias.requires_grad))
-    if needs_grad:
-        out = TRAIN_CONV_TABLE("cpu", x, conv.weight, conv.bias, *args)
-        return torch.relu(out) if relu else out
-    if x.shape[-2] * x.shape[-1] < _EVAL_TABLE_MIN_POSITIONS:
-        out = conv(x)
-        return out.relu_() if relu else out
-    return EVAL_CONV_TABLE("cpu", x.contiguous(), conv.weight, conv.bias, None, *args, relu,
-                           _packed_weights(conv.weight))
-
-
-def _layer_forward(layer: nn.Module, x: Tensor) -> Tensor:
-    """One stacked layer (torchvision's Conv2dNormActivation: conv [-> norm] -> ReLU), its convs through
-    _conv, a conv directly followed by a ReLU as one call; any other module as itself."""
-    modules = list(layer) if isinstance(layer, nn.Sequential) else [layer]
-    i = 0
-    while i < len(modules):
-        module = modules[i]
-        if type(module) is nn.Conv2d:
-            relu = i + 1 < len(modules) and type(modules[i + 1]) is nn.ReLU
-            x = _conv(module, x, relu)
-            i += 2 if relu else 1
-        else:
-            x = module(x)
-            i += 1
-    return x
-
 
 def _branch_forward(stack: nn.Module, last: nn.Module, columns: int, features: list[Tensor]) -> Tensor:
     """
@@ -103,8 +43,8 @@ def _branch_forward(stack: nn.Module, last: nn.Module, columns: int, features: l
     outputs = []
     for x in features:
         for layer in stack:
-            x = _layer_forward(layer, x)
-        out = _layer_forward(last, x)
+            x = layer_forward(layer, x)
+        out = layer_forward(last, x)
         # (N, A * columns, H, W) -> (N, H * W * A, columns)
         outputs.append(out.permute(0, 2, 3, 1).reshape(out.shape[0], -1, columns))
     return torch.cat(outputs, dim=1)
@@ -137,7 +77,7 @@ class RetinaNetClassificationHead(tv_retinanet.RetinaNetClassificationHead):
         Returns:
             Tensor[N, sum(H * W * A), K]: the logits, ordered (level, h, w, anchor).
         """
-        if not x or not _runs_fused_convs(x):
+        if not x or not runs_fused_convs(x):
             return tv_retinanet.RetinaNetClassificationHead.forward(self, x)
         return _branch_forward(self.conv, self.cls_logits, self.num_classes, x)
 
@@ -165,7 +105,7 @@ class RetinaNetRegressionHead(tv_retinanet.RetinaNetRegressionHead):
         Returns:
             Tensor[N, sum(H * W * A), 4]: the box deltas, ordered (level, h, w, anchor).
         """
-        if not x or not _runs_fused_convs(x):
+        if not x or not runs_fused_convs(x):
             return tv_retinanet.RetinaNetRegressionHead.forward(self, x)
         return _branch_forward(self.conv, self.bbox_reg, 4, x)
 
