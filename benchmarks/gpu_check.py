@@ -54,6 +54,7 @@ TEST_PLAN = [
     ("conv/BN", "tests/test_conv_eval_dispatch.py", 60, 6),
     ("ResNet", "tests/test_resnet.py", 40, 0),
     ("ResNet", "tests/test_autocast_resnet.py", 45, 0),
+    ("RetinaNet", "tests/test_retinanet.py", 30, 0),
 ]
 # All test files together get at most this share of the overall limit, so the benchmarks always run.
 TESTS_SHARE = 0.45
@@ -63,6 +64,7 @@ BENCH_PLAN = [
     ("focal loss", ["focal_loss"], 25),
     ("FPN", ["fpn"], 45),
     ("conv/BN and ResNet", ["conv_bn_relu"], 60),
+    ("RetinaNet", ["retinanet"], 60),
 ]
 BUILD_LIMIT_S = 150
 DRY_TEST_LIMIT_S = 40

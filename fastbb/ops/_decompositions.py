@@ -10,15 +10,19 @@ torch.compile and torch.export keep the custom ops (their default decompositions
 ops). FakeTensor propagation with symbolic shapes prefers a registered decomposition over the op's fake
 function, so each decomposition returns the layout the fake function gives.
 
-Registered: fpn_merge, upsample_nearest_add, decode_boxes. The NMS ops (data-dependent output sizes), the
-losses and the training-only ops have none.
+Registered: fpn_merge, upsample_nearest_add, decode_boxes, and retinanet_postprocess_padded (torchvision's
+per-image, per-level post-processing in ops ONNX has: TopK, NonZero, and torchvision::nms, which ONNX's
+NonMaxSuppression runs; the detections are then padded to the op's fixed shapes). The other NMS ops, the losses
+and the training-only ops have none.
 """
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch._decomp import register_decomposition
 
 from fastbb.ops._common import memory_format
 from fastbb.ops.box_decode import TABLE as DECODE_BOXES_TABLE
+from fastbb.ops.box_decode import decode_boxes
 from fastbb.ops.fpn_merge import TABLE as FPN_MERGE_TABLE
 
 
@@ -40,3 +44,39 @@ def _decode_boxes(anchors, deltas, image_sizes, style, weights, means, stds, dwh
     boxes = DECODE_BOXES_TABLE.reference.run(anchors, deltas, image_sizes, style, weights, means, stds, dwh_min,
                                              dwh_max, dxy_max, image_size)
     return boxes.contiguous()
+
+
+@register_decomposition(torch.ops.fastbb.retinanet_postprocess_padded.default)
+def _retinanet_postprocess_padded(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes,
+                                  score_thresh, nms_thresh, detections_per_img, topk_candidates, box_coder_weights):
+    # torchvision's postprocess_detections: per image and level the top candidates above the threshold (the top
+    # min(topk_candidates, n) scores of all, then those above it: the same set), decoded and clipped; per image,
+    # NMS per label (torchvision's coordinate offsets, written so that an empty set needs no branch).
+    num_classes = cls_logits.shape[-1]
+    padded = ([], [], [], [])
+    for image in range(cls_logits.shape[0]):
+        found_boxes, found_scores, found_labels = [], [], []
+        start = 0
+        for count in num_anchors_per_level:
+            scores = torch.sigmoid(cls_logits[image, start:start + count]).flatten()
+            scores, flat_index = scores.topk(min(topk_candidates, scores.shape[0]))
+            above = scores > score_thresh
+            scores, flat_index = scores[above], flat_index[above]
+            rows = torch.div(flat_index, num_classes, rounding_mode="floor") + start
+            found_boxes.append(decode_boxes(anchors[image][rows][None], bbox_regression[image][rows][None],
+                                            style="torchvision", weights=box_coder_weights,
+                                            max_shape=image_sizes[image:image + 1])[0])
+            found_scores.append(scores)
+            found_labels.append(flat_index % num_classes)
+            start += count
+        boxes, scores, labels = torch.cat(found_boxes), torch.cat(found_scores), torch.cat(found_labels)
+        largest = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()
+        offset_boxes = boxes + (labels.to(boxes) * (largest + 1))[:, None]
+        keep = torchvision.ops.nms(offset_boxes, scores, nms_thresh)[:detections_per_img]
+        for out, found, pad in zip(padded, (boxes[keep], scores[keep], labels[keep]),
+                                   (boxes.new_zeros(detections_per_img, 4), scores.new_zeros(detections_per_img),
+                                    labels.new_zeros(detections_per_img))):
+            out.append(torch.cat([found, pad])[:detections_per_img])
+        padded[3].append(keep.new_ones(keep.shape).sum())
+    return tuple(torch.stack(parts) for parts in padded)
+
