@@ -24,6 +24,7 @@ from fastbb.ops._common import memory_format
 from fastbb.ops.box_decode import TABLE as DECODE_BOXES_TABLE
 from fastbb.ops.box_decode import decode_boxes
 from fastbb.ops.fpn_merge import TABLE as FPN_MERGE_TABLE
+from fastbb.ops.retinanet_postprocess import _padded_outputs
 
 
 @register_decomposition(torch.ops.fastbb.fpn_merge.default)
@@ -79,4 +80,17 @@ def _retinanet_postprocess_padded(cls_logits, bbox_regression, anchors, num_anch
             out.append(torch.cat([found, pad])[:detections_per_img])
         padded[3].append(keep.new_ones(keep.shape).sum())
     return tuple(torch.stack(parts) for parts in padded)
+
+
+def _retinanet_postprocess_padded_meta(cls_logits, bbox_regression, anchors, num_anchors_per_level, image_sizes,
+                                       score_thresh, nms_thresh, detections_per_img, topk_candidates,
+                                       box_coder_weights):
+    return _padded_outputs(bbox_regression, cls_logits, cls_logits.shape[0], detections_per_img)
+
+
+# FakeTensor propagation with symbolic shapes (torch.compile(dynamic=True), AOT dispatch) prefers a registered
+# decomposition unless the op has a Python meta. This decomposition makes unbacked sizes (nonzero, nms) that the
+# op's fixed-shape outputs do not bind, so the op's fake function stands in as its meta: only the exporter's
+# decomposition pass runs the decomposition.
+torch._decomp.meta_table[torch.ops.fastbb.retinanet_postprocess_padded.default] = _retinanet_postprocess_padded_meta
 
