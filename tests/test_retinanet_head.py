@@ -310,3 +310,15 @@ def test_inference_follows_weights_changed_in_place_or_replaced():
         ours.load_state_dict(build_pair("v1", in_channels=128, seed=1)[1].state_dict())
         theirs.load_state_dict(ours.state_dict())
         assert_same_outputs(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_hooks_run_as_in_torchvision():
+    """A module with a forward hook runs as itself (its hook fires once per level), the others still fused."""
+    ours, theirs = build_pair("v1", in_channels=128)
+    calls = []
+    ours.classification_head.conv[0][0].register_forward_hook(lambda *_: calls.append("conv"))
+    ours.regression_head.conv.register_forward_hook(lambda *_: calls.append("stack"))
+    x = features(LEVELS["large"][:2], channels=128)
+    with torch.no_grad():
+        assert_same_outputs(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    assert sorted(calls) == ["conv", "conv", "stack", "stack"]

@@ -15,7 +15,7 @@ from fastbb._tracing import traced
 from fastbb.ops.conv_bn_relu import TABLE as EVAL_CONV_TABLE
 from fastbb.ops.conv_bn_relu import TRAIN_CONV_TABLE
 
-__all__ = ["layer_forward", "runs_fused_convs"]
+__all__ = ["layer_forward", "layers_forward", "runs_fused_convs"]
 
 # Maps with fewer output positions per image run the conv module itself in inference (see above).
 _EVAL_TABLE_MIN_POSITIONS = 64
@@ -93,3 +93,14 @@ def layer_forward(layer: nn.Module, x: Tensor) -> Tensor:
             x = module(x)
             i += 1
     return x
+
+
+def layers_forward(layers: nn.Module, x: Tensor) -> Tensor:
+    """layers(x) for a plain nn.Sequential of layers (a RetinaNet head's stacked convs), each through
+    layer_forward; any other module, and one with forward hooks, as itself."""
+    if type(layers).forward is not nn.Sequential.forward or _has_hooks(layers):
+        return layers(x)
+    for layer in layers:
+        x = layer_forward(layer, x)
+    return x
+

@@ -23,9 +23,10 @@ from torch import Tensor, nn
 from torchvision.models.detection import retinanet as tv_retinanet
 
 from fastbb._tracing import not_scriptable
-from fastbb.nn.conv_layers import layer_forward, runs_fused_convs
+from fastbb.nn.conv_layers import layer_forward, layers_forward, runs_fused_convs
 
 __all__ = ["RetinaNetClassificationHead", "RetinaNetHead", "RetinaNetRegressionHead"]
+
 
 def _branch_forward(stack: nn.Module, last: nn.Module, columns: int, features: list[Tensor]) -> Tensor:
     """
@@ -42,9 +43,7 @@ def _branch_forward(stack: nn.Module, last: nn.Module, columns: int, features: l
     """
     outputs = []
     for x in features:
-        for layer in stack:
-            x = layer_forward(layer, x)
-        out = layer_forward(last, x)
+        out = layer_forward(last, layers_forward(stack, x))
         # (N, A * columns, H, W) -> (N, H * W * A, columns)
         outputs.append(out.permute(0, 2, 3, 1).reshape(out.shape[0], -1, columns))
     return torch.cat(outputs, dim=1)
