@@ -86,7 +86,7 @@ def _compiled(model):
     """torch.compile of torchvision's model in eval mode (its post-processing graph-breaks where shapes depend
     on the scores)."""
     model.eval()
-    return torch.compile(model)
+    return torch.compile(model, dynamic=False)
 
 
 def _case(name, providers):
