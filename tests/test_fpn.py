@@ -224,3 +224,23 @@ def test_mmdet_fpn_build_and_bad_config():
         FPN([4, 8, 16], 8, num_outs=3)(tuple(_features(channels=[4, 8, 16]).values())[:2])
     with pytest.raises(TypeError, match="unexpected key.*upsample_mode"):
         fastbb.build(dict(type="FPN", in_channels=[4, 8], out_channels=8, num_outs=2, upsample_mode="nearest"))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_feature_pyramid_network_outputs_keep_torchvision_s_layout(channels_last):
+    """The 3x3 output convs run through fastbb's conv tables in CPU inference (the Winograd conv for NCHW maps of 128+ channels);
+    the outputs are laid out as torchvision's (channels_last inputs give channels_last maps) and equal to them."""
+    kwargs = dict(in_channels_list=[64, 128], out_channels=128, extra_blocks=None)
+    theirs = tv_fpn.FeaturePyramidNetwork(**kwargs)
+    ours = FeaturePyramidNetwork(**kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    features = _features(batch=1, channels=[64, 128], sizes=[(16, 20), (8, 10)])
+    if channels_last:
+        features = OrderedDict((k, v.contiguous(memory_format=torch.channels_last)) for k, v in features.items())
+    with torch.no_grad():
+        got, want = ours(features), theirs(features)
+        exact = theirs.double()(OrderedDict((k, v.double()) for k, v in features.items()))
+    for name in want:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            assert got[name].is_contiguous(memory_format=layout) == want[name].is_contiguous(memory_format=layout)
+    assert_error_within(_flat(got.values()), _flat(want.values()), _flat(exact.values()), 2.0, slack=1e-5)

@@ -57,7 +57,8 @@ def _conv(conv: nn.Conv2d, x: Tensor, relu: bool) -> Tensor:
         return out.relu_() if relu else out
     # the table's shift is a tensor (the folded BN's, in conv_bn_relu)
     shift = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
-    return EVAL_CONV_TABLE("cpu", x.contiguous(), conv.weight, shift, None, *args, relu, _packed_weights(conv.weight))
+    # x as it is: each implementation keeps its layout, as F.conv2d does (the Winograd conv takes NCHW only)
+    return EVAL_CONV_TABLE("cpu", x, conv.weight, shift, None, *args, relu, _packed_weights(conv.weight))
 
 
 def _has_hooks(module: nn.Module) -> bool:
