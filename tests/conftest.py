@@ -13,6 +13,7 @@ import zlib
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -134,6 +135,22 @@ class LaunchSpy:
             self.grids.append(grid)
             return self.kernel[grid](*args, **kwargs)
         return launch
+
+
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops that reach the dispatcher (below autograd) while it is active, as 'namespace::name', outermost
+    calls only, in `names`."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+    def has(self, prefix):
+        return any(name.startswith(prefix) for name in self.names)
 
 
 def record_choices(monkeypatch, *tables):

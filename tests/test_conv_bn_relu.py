@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastbb
 from fastbb import _backend
@@ -18,7 +17,7 @@ from fastbb.ops.conv_bn_relu import (TABLE, TRAIN_CONV_TABLE, bn_relu_backward_r
 from fastbb.ops.conv_bn_relu import fold as fold_module
 from fastbb.ops.conv_bn_relu.bn_relu_train import BACKWARD_TABLE, FORWARD_TABLE
 
-from conftest import TOLERANCES, assert_error_within, record_choices, usable_backends
+from conftest import TOLERANCES, OpLog, assert_error_within, record_choices, usable_backends
 
 # The training BN's backends (the eval conv's are in test_conv_cpu.py and test_conv_eval_dispatch.py).
 BACKENDS = usable_backends("cpu", "conv_bn_relu.bn_relu_train")
@@ -318,21 +317,6 @@ def test_bad_input(change, error, message):
 
 # ---- What each backend, forced, runs ---------------------------------------------------------------------------
 
-class _OpLog(TorchDispatchMode):
-    """The ops that reach the dispatcher (below autograd), as 'namespace::name', outermost calls only."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func._schema.name)
-        return func(*args, **(kwargs or {}))
-
-    def has(self, prefix):
-        return any(name.startswith(prefix) for name in self.names)
-
-
 _TRITON_ON_CPU = _backend.backend_usable("triton", "cpu")
 
 
@@ -361,7 +345,7 @@ def test_forced_backend_runs_what_it_says_in_eval(monkeypatch, forced, kernel, c
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     chosen_by = record_choices(monkeypatch, TABLE)
-    log = _OpLog()
+    log = OpLog()
     with torch.no_grad():
         want = _eager(conv, bn, x)
         with fastbb.use_backend(forced) if forced else contextlib.nullcontext(), log:
@@ -429,7 +413,7 @@ def test_eager_training_runs_the_kernels_without_the_custom_op_dispatch():
     torch.compile traces the custom ops (test below)."""
     conv, bn = _modules(dtype=torch.float32)
     x = torch.randn(2, 6, 7, 8, requires_grad=True)
-    log = _OpLog()
+    log = OpLog()
     with log:
         _call(conv, bn, x, training=True).sum().backward()
     assert "fastbb_C::bn_relu_forward" in log.names and "fastbb_C::bn_relu_backward" in log.names

@@ -465,8 +465,6 @@ def test_cuda_gamma_zero_gradient_where_the_modulating_term_is_subnormal(dtype):
         assert_close(grad, expected_grad, dtype, backend=backend)
 
 
-@pytest.mark.skipif(not fastbb._backend.has_kernel("fastbb_C::empty_like_huge_pages", "CPU"),
-                    reason="fastbb._C is not built")
 @pytest.mark.parametrize("shape", [(3, 5), (2, 3, 1024, 1024)], ids=["small", "16 MiB"])
 def test_empty_like_huge_pages_is_empty_like(shape):
     """The backward's gradient buffer: t's shape, dtype and device, contiguous (channels_last t included),
