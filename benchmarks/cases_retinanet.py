@@ -4,8 +4,10 @@ torch.compile.
 Models as torchvision builds them with a pretrained backbone (FrozenBatchNorm2d, trainable_backbone_layers=3,
 91 classes), with random weights (the frozen BN statistics drawn at random); fastbb's loads torchvision's
 state_dict. "512x512" is min_size = max_size = 512.
-- CPU, float32: inference of 1 image at 512x512 and of 2 images at 800x1333; a training step (forward + losses + backward) of 2 images at 512x512 with 5-20 boxes each.
-- CUDA: under bfloat16 autocast, channels_last: a training step of 16 images at 512x512 and inference of 1 image at 800x1333.
+- CPU, float32: inference of 1 image at 512x512 and of 2 images at 800x1333; a training step (forward +
+  losses + backward) of 2 images at 512x512 with 5-20 boxes each.
+- CUDA: under bfloat16 autocast, channels_last: a training step of 16 images at 512x512 and inference of 1
+  image at 800x1333.
 A randomly initialised head scores almost no candidate above score_thresh, as torchvision's untrained model
 does; the post-processing is timed on trained-like scores in cases_retinanet_postprocess.py.
 """

@@ -228,8 +228,8 @@ def test_mmdet_fpn_build_and_bad_config():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_feature_pyramid_network_outputs_keep_torchvision_s_layout(channels_last):
-    """The 3x3 output convs run through fastbb's conv tables in CPU inference (the Winograd conv for NCHW maps of 128+ channels);
-    the outputs are laid out as torchvision's (channels_last inputs give channels_last maps) and equal to them."""
+    """The 3x3 output convs run through fastbb's conv tables in CPU inference (the Winograd conv for NCHW maps of
+    128+ channels); the outputs are laid out as torchvision's (channels_last inputs give channels_last maps) and equal to them."""
     kwargs = dict(in_channels_list=[64, 128], out_channels=128, extra_blocks=None)
     theirs = tv_fpn.FeaturePyramidNetwork(**kwargs)
     ours = FeaturePyramidNetwork(**kwargs)

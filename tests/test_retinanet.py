@@ -271,7 +271,8 @@ def test_training_losses_and_float64_gradients_match_torchvision(version):
     assert set(got) == set(want) == {"classification", "bbox_regression"}
     for key in got:
         # slack 1e-6: a loss torchvision happens to round exactly would leave no room for another summation order
-        # (40 seeds: at most 0.53 of this bound; benchmarks/results/cpu-2core-2026-12-05/seed-sweep-retinanet-training.txt)
+        # (40 seeds: at most 0.53 of this bound;
+        # benchmarks/results/cpu-2core-2026-12-05/seed-sweep-retinanet-training.txt)
         assert_error_within(got[key], want[key], losses["theirs"][key], 2.0, slack=1e-6, name=key)
         torch.testing.assert_close(losses["ours"][key], losses["theirs"][key], rtol=1e-10, atol=0)
     for model in (ours64, theirs64):

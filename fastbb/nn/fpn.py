@@ -3,8 +3,8 @@
 Each merge `lateral_conv(x) + interpolate(last, size=lateral's, mode="nearest")` runs as fastbb.ops.fpn_merge
 (1x1 conv with the upsample-add fused in) when the lateral conv is a plain biased/unbiased conv, and as
 fastbb.ops.upsample_nearest_add after the lateral block when it has a norm or an activation. torchvision's FPN
-runs its 3x3 output convs through fastbb's conv tables (fastbb.nn.conv_layers: the Winograd conv on the CPU). Parameters,
-state_dict keys and outputs are those of the originals.
+runs its 3x3 output convs through fastbb's conv tables (fastbb.nn.conv_layers: the Winograd conv on the CPU).
+Parameters, state_dict keys and outputs are those of the originals.
 """
 from collections import OrderedDict
 from collections.abc import Callable
