@@ -76,7 +76,7 @@ def test_kernel_input_gradient_matches_conv2d(n, c, k, h, w, padding, dilation):
     grad_y = torch.randn(y.shape)
     exact, = torch.autograd.grad(y, x, grad_y.double())
     back_padding = [2 * d - p for p, d in zip(padding, dilation)]
-    u = winograd_weight_of_input_gradient(winograd_weight(weight))
+    u = winograd_weight_of_input_gradient(weight)
     torch.testing.assert_close(u, winograd_weight_reference(weight.flip(2, 3).transpose(0, 1)), rtol=0, atol=0)
     got = torch.ops.fastbb_C.winograd_conv2d(grad_y, u, None, None, False, *back_padding, *dilation)
     assert got.shape == x.shape
@@ -328,15 +328,15 @@ def winograd_train_calls(monkeypatch):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("residual", [False, True])
 def test_training_runs_winograd(winograd_train_calls, padding, dilation, bias, residual):
-    """Training in float32 with a 3x3 stride-1 conv over 4096+ output positions: outputs, every gradient and
+    """Training in float32 with a 3x3 stride-1 conv of 256+ channels over 512+ tiles: outputs, every gradient and
     the running statistics within twice eager's float32 error of the float64 run. Without the ReLU: over
     this many outputs a value within float32 rounding of 0 would flip a ReLU mask element in one run and
     not another, and its whole gradient with it (the fused ReLU backward is tested in test_conv_bn_relu)."""
-    conv, bn = _train_modules(128, 136, padding, dilation, bias)
-    x = torch.randn(2, 128, 48, 48)
+    conv, bn = _train_modules(256, 264, padding, dilation, bias)
+    x = torch.randn(1, 256, 48, 48)
     out_size = 48 + 2 * padding - 2 * dilation
-    residual_input = torch.randn(2, 136, out_size, out_size) if residual else None
-    grad_out = torch.randn(2, 136, out_size, out_size)
+    residual_input = torch.randn(1, 264, out_size, out_size) if residual else None
+    grad_out = torch.randn(1, 264, out_size, out_size)
     results = {}
     for name, dtype in (("exact", torch.float64), ("eager", torch.float32), ("fastbb", torch.float32)):
         c, b = copy.deepcopy(conv).to(dtype), copy.deepcopy(bn).to(dtype)
@@ -360,8 +360,8 @@ def test_training_runs_winograd(winograd_train_calls, padding, dilation, bias, r
 
 def test_training_double_backward_through_winograd(winograd_train_calls):
     """create_graph: the backward is differentiable (a gradient penalty trains as in eager)."""
-    conv, bn = _train_modules(128, 128, 1, 1, False)
-    x = torch.randn(1, 128, 64, 64, requires_grad=True)
+    conv, bn = _train_modules(256, 256, 1, 1, False)
+    x = torch.randn(1, 256, 64, 64, requires_grad=True)
     penalties = []
     for fused in (False, True):
         c, b = copy.deepcopy(conv), copy.deepcopy(bn)
@@ -373,11 +373,46 @@ def test_training_double_backward_through_winograd(winograd_train_calls):
     assert len(winograd_train_calls) == 1
 
 
-@pytest.mark.parametrize("case", ["few positions", "64 channels", "float64", "reference backend"])
+@pytest.mark.parametrize("kernel, backend", [(3, "cpp"), (1, "mkl")])
+@pytest.mark.parametrize("residual", [False, True])
+def test_frozen_bn_training_runs_the_training_convs(monkeypatch, kernel, backend, residual):
+    """Training with frozen BN (a fine-tuned backbone's): the folded conv runs through the training-conv table
+    (the Winograd conv for a large 3x3, the GEMM for a 1x1), then the residual add; output and gradients of x,
+    the conv weight and the residual within twice eager's float32 error of the float64 run (no ReLU: see
+    test_training_runs_winograd)."""
+    calls = _runs(monkeypatch, TRAIN_CONV_TABLE, backend)
+    channels = 256 if kernel == 3 else 24
+    conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, bias=False)
+    bn = _bn(channels).eval()
+    x = torch.randn(1, channels, 48, 48)
+    residual_input = torch.randn(1, channels, 48, 48) if residual else None
+    grad_out = torch.randn(1, channels, 48, 48)
+    results = {}
+    for name, dtype in (("exact", torch.float64), ("eager", torch.float32), ("fastbb", torch.float32)):
+        c, b = copy.deepcopy(conv).to(dtype), copy.deepcopy(bn).to(dtype)
+        xi = x.to(dtype).requires_grad_()
+        res = residual_input.to(dtype).requires_grad_() if residual else None
+        if name == "fastbb":
+            out = conv_bn_relu(xi, c.weight, None, b.weight, b.bias, b.running_mean, b.running_var,
+                               padding=kernel // 2, training=False, residual=res, relu=False)
+        else:
+            out = b(c(xi))
+            out = out if res is None else out + res
+        grads = torch.autograd.grad(out, [xi, c.weight] + ([res] if residual else []), grad_out.to(dtype))
+        results[name] = (out, *grads)
+    for name, got, eager, exact in zip(["out", "grad x", "grad conv weight", "grad residual"], results["fastbb"],
+                                       results["eager"], results["exact"]):
+        assert_error_within(got, eager, exact, 2.0, slack=_SLACK, name=name)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("case", ["few positions", "128 channels", "float64", "reference backend"])
 def test_other_training_convs_do_not_run_winograd(winograd_train_calls, case):
-    channels = 64 if case == "64 channels" else 128
+    channels = 128 if case == "128 channels" else 256
     conv, bn = _train_modules(channels, channels, 1, 1, False)
-    x = torch.randn(1, channels, 60 if case == "few positions" else 64, 64)  # 3840 positions, then 4096
+    # 256 x 256 x 506 tiles multiplies (under 2^25) for "few positions"; else 529 tiles (128 channels: 2116)
+    size = {"few positions": (44, 46), "128 channels": (92, 92)}.get(case, (46, 46))
+    x = torch.randn(1, channels, *size)
     dtype = torch.float64 if case == "float64" else torch.float32
     conv, bn, x = conv.to(dtype), bn.to(dtype), x.to(dtype)
     backend = fastbb.use_backend("reference") if case == "reference backend" else contextlib.nullcontext()

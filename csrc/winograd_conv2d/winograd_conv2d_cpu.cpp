@@ -1,9 +1,12 @@
-// Winograd F(2x2, 3x3) conv of conv_bn_relu's CPU convs, eval and training (schemas and the weight
-// transform's adjoint in fastbb/ops/conv_bn_relu/cpu_conv.py):
+// Winograd F(2x2, 3x3) conv of conv_bn_relu's CPU convs, eval and training (schemas in
+// fastbb/ops/conv_bn_relu/cpu_conv.py):
 //   fastbb_C::winograd_weight(weight) -> u (16, K, C)
+//   fastbb_C::winograd_weight_of_input_gradient(weight) -> (16, C, K), the transform of the turned,
+//       transposed kernels, whose conv of the output gradient is the input gradient
 //   fastbb_C::winograd_conv2d(x, u, shift?, residual?, relu, pad_h, pad_w, dilation_h, dilation_w)
-//   fastbb_C::winograd_weight_gradient(x, grad_y, pad_h, pad_w, dilation_h, dilation_w) -> grad_u (16, K, C)
 //       -> out = relu?(conv3x3(x) + shift [+ residual]), (N, K, H_out, W_out), H_out = H + 2 pad_h - 2 dilation_h
+//   fastbb_C::winograd_weight_gradient(x, grad_y, pad_h, pad_w, dilation_h, dilation_w) -> grad_u (16, K, C)
+//   fastbb_C::winograd_weight_backward(grad_u) -> grad_weight (K, C, 3, 3), the transform's adjoint
 //
 // A 3x3 stride-1 conv computes each 2x2 output tile from a 4x4 input patch. With the patch transformed
 // (V = B^T d B) and the weight transformed (u = G g G^T, done once per folded weight), the conv becomes 16
@@ -17,6 +20,7 @@
 //
 // Tiles are numbered (n, tile row, tile column). x, residual and the output are contiguous NCHW float32.
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
@@ -124,27 +128,35 @@ void output_transform_row(const float* m, int64_t stride_a, const int64_t* origi
   }
 }
 
-// u = G g G^T of each 3x3 kernel g = weight[k][c], as (16, K, C), computed in float64 and rounded once.
-at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
+// Kernels are transformed in blocks of this many into a local buffer that is then written (or read) as 16
+// contiguous runs: going straight between each kernel's 16 values and the 16 planes of u is several times
+// slower.
+constexpr int64_t kWeightBlock = 256;
+
+// u = G g G^T of each 3x3 kernel g, as (16, P, Q), computed in float64 and rounded once. For the conv itself
+// (P, Q) = (K, C) and g = weight[k][c]; for the conv that gives its input gradient (P, Q) = (C, K) and
+// g = weight[k][c] turned by 180 degrees.
+at::Tensor weight_transform(const at::Tensor& weight, bool of_input_gradient) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 && weight.scalar_type() == at::kFloat &&
                   weight.is_contiguous(),
               "fastbb.winograd_weight: weight must be a contiguous (K, C, 3, 3) float32 tensor");
   const int64_t K = weight.size(0), C = weight.size(1), plane = K * C;
-  at::Tensor u = at::empty({16, K, C}, weight.options());
+  const int64_t Q = of_input_gradient ? K : C;
+  at::Tensor u = at::empty({16, of_input_gradient ? C : K, Q}, weight.options());
   const float* wp = weight.const_data_ptr<float>();
   float* up = u.mutable_data_ptr<float>();
-  // Blocks of kernels are transformed into a local buffer, then written as 16 contiguous runs: writing
-  // each kernel's 16 values straight into the 16 planes of u is several times slower.
-  constexpr int64_t kBlock = 256;
-  at::parallel_for(0, (plane + kBlock - 1) / kBlock, 16, [&](int64_t begin, int64_t end) {
-    float block[16][kBlock];
+  at::parallel_for(0, (plane + kWeightBlock - 1) / kWeightBlock, 16, [&](int64_t begin, int64_t end) {
+    float block[16][kWeightBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t first = blk * kBlock, count = std::min(kBlock, plane - first);
+      const int64_t first = blk * kWeightBlock, count = std::min(kWeightBlock, plane - first);
       for (int64_t i = 0; i < count; ++i) {
-        const float* g = wp + (first + i) * 9;
+        const int64_t p = (first + i) / Q, q = (first + i) % Q;
+        const float* g = wp + (of_input_gradient ? q * C + p : p * C + q) * 9;
+        const int turn = of_input_gradient ? 8 : 0;  // g[turn - index] reads the turned kernel
+        auto at = [&](int index) { return static_cast<double>(g[turn == 0 ? index : turn - index]); };
         double t[4][3];  // G g
         for (int j = 0; j < 3; ++j) {
-          const double g0 = g[j], g1 = g[3 + j], g2 = g[6 + j];
+          const double g0 = at(j), g1 = at(3 + j), g2 = at(6 + j);
           t[0][j] = g0;
           t[1][j] = 0.5 * (g0 + g1 + g2);
           t[2][j] = 0.5 * (g0 - g1 + g2);
@@ -161,6 +173,50 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
     }
   });
   return u;
+}
+
+at::Tensor winograd_weight_cpu(const at::Tensor& weight) { return weight_transform(weight, false); }
+
+at::Tensor winograd_weight_of_input_gradient_cpu(const at::Tensor& weight) { return weight_transform(weight, true); }
+
+// The weight's gradient (K, C, 3, 3) from grad_u (16, K, C), the gradient with respect to its transform:
+// G^T grad_u G per kernel, the adjoint of winograd_weight, in grad_u's dtype.
+template <typename scalar_t>
+void weight_transform_backward(const scalar_t* gup, int64_t plane, scalar_t* gwp) {
+  at::parallel_for(0, (plane + kWeightBlock - 1) / kWeightBlock, 16, [&](int64_t begin, int64_t end) {
+    scalar_t block[16][kWeightBlock];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t first = blk * kWeightBlock, count = std::min(kWeightBlock, plane - first);
+      for (int ab = 0; ab < 16; ++ab) std::copy(gup + ab * plane + first, gup + ab * plane + first + count, block[ab]);
+      for (int64_t i = 0; i < count; ++i) {
+        scalar_t t[3][4];  // G^T X: rows x0 + (x1 + x2) / 2, (x1 - x2) / 2, (x1 + x2) / 2 + x3
+        for (int b = 0; b < 4; ++b) {
+          const scalar_t x0 = block[b][i], x1 = block[4 + b][i], x2 = block[8 + b][i], x3 = block[12 + b][i];
+          t[0][b] = x0 + scalar_t(0.5) * (x1 + x2);
+          t[1][b] = scalar_t(0.5) * (x1 - x2);
+          t[2][b] = scalar_t(0.5) * (x1 + x2) + x3;
+        }
+        scalar_t* g = gwp + (first + i) * 9;
+        for (int a = 0; a < 3; ++a) {  // (G^T X) G: the same combination along the columns
+          g[3 * a] = t[a][0] + scalar_t(0.5) * (t[a][1] + t[a][2]);
+          g[3 * a + 1] = scalar_t(0.5) * (t[a][1] - t[a][2]);
+          g[3 * a + 2] = scalar_t(0.5) * (t[a][1] + t[a][2]) + t[a][3];
+        }
+      }
+    }
+  });
+}
+
+at::Tensor winograd_weight_backward_cpu(const at::Tensor& grad_u) {
+  TORCH_CHECK(grad_u.dim() == 3 && grad_u.size(0) == 16 && grad_u.is_contiguous() &&
+                  (grad_u.scalar_type() == at::kFloat || grad_u.scalar_type() == at::kDouble),
+              "fastbb.winograd_weight_backward: grad_u must be a contiguous (16, K, C) float32 or float64 tensor");
+  const int64_t K = grad_u.size(1), C = grad_u.size(2);
+  at::Tensor grad_w = at::empty({K, C, 3, 3}, grad_u.options());
+  AT_DISPATCH_FLOATING_TYPES(grad_u.scalar_type(), "winograd_weight_backward", [&] {
+    weight_transform_backward(grad_u.const_data_ptr<scalar_t>(), K * C, grad_w.mutable_data_ptr<scalar_t>());
+  });
+  return grad_w;
 }
 
 // grad_M = A grad_y A^T of each tile of one (n, k, tile row), the adjoint of output_transform_row: the
@@ -346,8 +402,8 @@ at::Tensor winograd_weight_gradient_cpu(const at::Tensor& x, const at::Tensor& g
                   grad_y.size(0) == N && grad_y.size(2) == Ho && grad_y.size(3) == Wo && Ho > 0 && Wo > 0,
               "fastbb.winograd_weight_gradient: grad_y must be a contiguous float32 (N, K, H_out, W_out) tensor");
   const int64_t K = grad_y.size(1);
-  at::Tensor grad_u = at::zeros({16, K, C}, x.options());
-  if (N == 0 || K == 0 || C == 0) return grad_u;
+  if (N == 0 || K == 0 || C == 0) return at::zeros({16, K, C}, x.options());
+  at::Tensor grad_u = at::empty({16, K, C}, x.options());  // the first chunk's product, then the others added
   const Tiling tiling(N, Ho, Wo, dh, dw, C, K);
   const int64_t TY = tiling.TY, TX = tiling.TX;
   at::Tensor v = at::empty({16 * C * tiling.rows_per_chunk * TX}, x.options());
@@ -370,7 +426,11 @@ at::Tensor winograd_weight_gradient_cpu(const at::Tensor& x, const at::Tensor& g
     });
     at::Tensor v_chunk = v.narrow(0, 0, 16 * C * tiles).view({16, C, tiles});
     at::Tensor gm_chunk = gm.narrow(0, 0, 16 * K * tiles).view({16, K, tiles});
-    grad_u.baddbmm_(gm_chunk, v_chunk.transpose(1, 2));
+    if (row0 == 0) {
+      at::bmm_out(grad_u, gm_chunk, v_chunk.transpose(1, 2));
+    } else {
+      grad_u.baddbmm_(gm_chunk, v_chunk.transpose(1, 2));
+    }
   }
   return grad_u;
 }
@@ -379,6 +439,8 @@ at::Tensor winograd_weight_gradient_cpu(const at::Tensor& x, const at::Tensor& g
 
 TORCH_LIBRARY_IMPL(fastbb_C, CPU, m) {
   m.impl("winograd_weight", &winograd_weight_cpu);
+  m.impl("winograd_weight_of_input_gradient", &winograd_weight_of_input_gradient_cpu);
+  m.impl("winograd_weight_backward", &winograd_weight_backward_cpu);
   m.impl("winograd_conv2d", &winograd_conv2d_cpu);
   m.impl("winograd_weight_gradient", &winograd_weight_gradient_cpu);
 }

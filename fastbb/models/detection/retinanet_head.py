@@ -11,8 +11,8 @@ they run as the conv tables of fastbb.ops.conv_bn_relu choose:
   against float64. Each conv's Winograd weight is made once and kept until the weight changes in place or is
   replaced. Levels under 8x8 run torchvision's convs (oneDNN's direct conv is 4x faster at 4x4).
   (fastbb.nn.conv_layers runs the layers; the FPN's output convs run the same way.)
-- under autograd (training): the training-conv table (the Winograd conv with both gradients over 4096+ output
-  positions, e.g. P3 at batch 2 at 512x512), then the layer's norm and ReLU modules.
+- under autograd (training): the training-conv table (the Winograd conv with both gradients on 256 channels from
+  2x32x32 outputs up, e.g. P3 and P4 at batch 2 at 512x512), then the layer's norm and ReLU modules.
 Other dtypes and devices, autocast, torch.compile, torch.export and TorchScript / torch.fx tracing compute as
 torchvision's.
 """

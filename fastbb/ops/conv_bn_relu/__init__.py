@@ -127,7 +127,7 @@ TRAIN_CONV_TABLE = _backend.OpTable("conv_bn_relu.train_conv", [
     _backend.Implementation("cpp", cpu_conv.winograd_train_conv, devices=("cpu",), kernel=cpu_conv.WINOGRAD_KERNEL,
                             applies=cpu_conv.winograd_train_applies,
                             what="the C++ Winograd conv, forward and both gradients (3x3 stride-1 float32 NCHW, "
-                                 "128+ channels, 4096+ output positions)"),
+                                 "256+ channels, 2^25+ multiplies per pass)"),
     _backend.Implementation("mkl", cpu_conv.pointwise_gemm_train_conv, devices=("cpu",),
                             applies=cpu_conv.pointwise_gemm_train_applies,
                             what="a 1x1 stride-1 float32 NCHW conv over 196+ pixels as one batched MKL GEMM, "
@@ -301,8 +301,15 @@ def conv_bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if not training:
         folded_weight, shift, packed_weights = _autocast_folded(
             *folded(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps), amp_dtype)
-        return TABLE(x.device.type, x, folded_weight, shift, residual, stride, padding, dilation, groups, relu,
-                     packed_weights)
+        if not _needs_autograd(x, folded_weight, shift, residual):
+            return TABLE(x.device.type, x, folded_weight, shift, residual, stride, padding, dilation, groups, relu,
+                         packed_weights)
+        # Training with frozen BN: the folded conv through the training-conv table (its forward and gradients
+        # where they beat F.conv2d's), then the residual add and the ReLU.
+        out = TRAIN_CONV_TABLE(x.device.type, x, folded_weight, shift, stride, padding, dilation, groups)
+        if residual is not None:
+            out = out + residual
+        return F.relu(out) if relu else out
     weight, bias = _autocast_cast(weight, amp_dtype), _autocast_cast(bias, amp_dtype)
     y = TRAIN_CONV_TABLE(x.device.type, x, weight, bias, stride, padding, dilation, groups)
     count = y.numel() // max(y.shape[1], 1)

@@ -20,6 +20,12 @@ from fastbb.ops._pointwise_gemm import (is_pointwise_gemm, pointwise_conv_gemm, 
 
 # weight (K, C, 3, 3) contiguous float32. Returns its Winograd transform u, (16, K, C).
 kernel_lib.define("winograd_weight(Tensor weight) -> Tensor")
+# The same for the conv whose output is the input gradient: the kernels transposed and turned by 180
+# degrees, (16, C, K).
+kernel_lib.define("winograd_weight_of_input_gradient(Tensor weight) -> Tensor")
+# grad_u (16, K, C) contiguous float32 or float64, the gradient with respect to u: the gradient with respect
+# to the weight, (K, C, 3, 3) (G^T grad_u G per kernel, the adjoint of winograd_weight).
+kernel_lib.define("winograd_weight_backward(Tensor grad_u) -> Tensor")
 # x (N, C, H, W) contiguous float32; u (16, K, C) from winograd_weight; shift (K,) or None; residual
 # (N, K, H_out, W_out) contiguous float32 or None. Returns the 3x3 stride-1 conv + shift (+ residual)
 # (+ ReLU), contiguous (N, K, H_out, W_out) with H_out = H + 2 pad_h - 2 dilation_h.
@@ -39,12 +45,14 @@ WINOGRAD_KERNEL = "fastbb_C::winograd_conv2d"
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 # Fewer channels make GEMMs too small to repay the transforms: oneDNN's direct conv is faster there.
 _WINOGRAD_MIN_CHANNELS = 64
-# Training convs run as Winograd convs only from 128 channels in and out and over 4096 output positions:
-# measured on a 2-core AVX2 CPU, forward + input gradient against oneDNN's, 1.3x at 256 channels and
-# 64x64 but slower at ResNet-50's 64- and 128-channel 3x3 convs at batch 2 (the weight is transformed
-# afresh at every step, and the thinner GEMMs gain less).
-_WINOGRAD_TRAIN_MIN_CHANNELS = 128
-_WINOGRAD_TRAIN_MIN_POSITIONS = 4096
+# Training convs run as Winograd convs from 256 channels in and out, where the 16 GEMMs of the forward,
+# input-gradient and weight-gradient passes together multiply 2^25 or more (out channels x in channels x
+# tiles) each. Measured on a 2-core AVX-512 CPU, forward and both gradients against oneDNN's conv and
+# backward: 1.15-1.25x at 256 channels over 2x32x32 (2^25) and 1.4x over 2x64x64; 1.2-1.3x at 512 channels
+# over 2x16x16 (2^25); about even at 256 channels over 4x16x16 (2^24); slower at 128 channels even over
+# 2x64x64 (2^25) and 4x32x32 (0.9x: the thinner GEMMs gain less than the transforms cost).
+_WINOGRAD_TRAIN_MIN_CHANNELS = 256
+_WINOGRAD_TRAIN_MIN_WORK = 2 ** 25
 
 
 def winograd_weight_reference(weight):
@@ -61,21 +69,14 @@ def winograd_weight(weight):
 
 def winograd_weight_backward(grad_u):
     """The gradient with respect to the (K, C, 3, 3) weight from the one with respect to its transform:
-    G^T grad_u G per kernel (the adjoint of winograd_weight)."""
-    g = torch.tensor(_WINOGRAD_G, dtype=grad_u.dtype, device=grad_u.device)
-    k, c = grad_u.shape[1:]
-    return torch.einsum("ai,abkc,bj->kcij", g, grad_u.view(4, 4, k, c), g).contiguous()
+    G^T grad_u G per kernel (the adjoint of winograd_weight), by the C++ kernel."""
+    return torch.ops.fastbb_C.winograd_weight_backward(grad_u.contiguous())
 
 
-# Turning a kernel by 180 degrees reverses G's columns, which for this G swaps its rows 0 and 3 (G J = P G):
-# the turned kernel's transform is u with both of its 4-indices mapped by 0 <-> 3.
-_TURNED = (15, 13, 14, 12, 7, 5, 6, 4, 11, 9, 10, 8, 3, 1, 2, 0)
-
-
-def winograd_weight_of_input_gradient(u):
-    """(16, C, K): the transform of the conv whose output is the input gradient of the conv transformed in u
-    (16, K, C): kernels transposed and turned by 180 degrees, taken from u by a copy."""
-    return u[list(_TURNED)].transpose(1, 2).contiguous()
+def winograd_weight_of_input_gradient(weight):
+    """(16, C, K): the transform of the conv whose output is the input gradient of the conv of the (K, C, 3, 3)
+    float32 weight (kernels transposed and turned by 180 degrees), by the C++ kernel."""
+    return torch.ops.fastbb_C.winograd_weight_of_input_gradient(weight.contiguous())
 
 
 def _winograd_output_size(x, padding, dilation):
@@ -124,13 +125,13 @@ class _WinogradTrainConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, padding, dilation):
         u = winograd_weight(weight)
-        ctx.save_for_backward(x, weight, u)
+        ctx.save_for_backward(x, weight)
         ctx.padding, ctx.dilation, ctx.has_bias = padding, dilation, bias is not None
         return torch.ops.fastbb_C.winograd_conv2d(x, u, bias, None, False, *padding, *dilation)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, u = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         args = ([weight.shape[0]] if ctx.has_bias else None, [1, 1], list(ctx.padding), list(ctx.dilation), False,
                 [0, 0], 1)
@@ -141,7 +142,7 @@ class _WinogradTrainConv(torch.autograd.Function):
         grad_x = None
         back_padding = [2 * d - p for p, d in zip(ctx.padding, ctx.dilation)]
         if need_x and min(back_padding) >= 0:
-            grad_x = torch.ops.fastbb_C.winograd_conv2d(grad_y, winograd_weight_of_input_gradient(u), None, None,
+            grad_x = torch.ops.fastbb_C.winograd_conv2d(grad_y, winograd_weight_of_input_gradient(weight), None, None,
                                                         False, *back_padding, *ctx.dilation)
         elif need_x:
             grad_x = torch.ops.aten.convolution_backward(grad_y, x, weight, *args, [True, False, False])[0]
@@ -160,11 +161,16 @@ def _float32_train_conv(x, bias):
             and (bias is None or bias.dtype == torch.float32))
 
 
+def _winograd_tiles(x, padding, dilation):
+    """The number of 2x2 output tiles of a 3x3 stride-1 conv of x (about that number with dilation)."""
+    return x.shape[0] * math.prod((size + 1) // 2 for size in _winograd_output_size(x, padding, dilation))
+
+
 def winograd_train_applies(x, weight, bias, stride, padding, dilation, groups):
-    """Float32 3x3 stride-1 convs with enough channels over enough output positions (see the thresholds)."""
+    """Float32 3x3 stride-1 convs with enough channels and work (see the thresholds)."""
     return (_float32_train_conv(x, bias) and _winograd_shape_applies(x, weight, None, stride, padding, dilation, groups)
             and min(weight.shape[0], weight.shape[1]) >= _WINOGRAD_TRAIN_MIN_CHANNELS
-            and x.shape[0] * math.prod(_winograd_output_size(x, padding, dilation)) >= _WINOGRAD_TRAIN_MIN_POSITIONS)
+            and weight.shape[0] * weight.shape[1] * _winograd_tiles(x, padding, dilation) >= _WINOGRAD_TRAIN_MIN_WORK)
 
 
 def winograd_train_conv(x, weight, bias, stride, padding, dilation, groups):
