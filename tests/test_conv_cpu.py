@@ -85,7 +85,8 @@ def test_kernel_input_gradient_matches_conv2d(n, c, k, h, w, padding, dilation):
 
 @pytest.mark.parametrize("n, c, k, h, w, padding, dilation", [
     (2, 5, 7, 11, 13, (1, 1), (1, 1)), (1, 6, 4, 12, 9, (2, 2), (2, 2)), (2, 3, 5, 10, 10, (0, 0), (1, 1)),
-    (1, 4, 6, 14, 11, (3, 1), (2, 1)), (3, 8, 8, 40, 40, (1, 1), (1, 1))])  # the last: several chunks
+    (1, 4, 6, 14, 11, (3, 1), (2, 1)), (3, 8, 8, 40, 40, (1, 1), (1, 1)),
+    (2, 64, 64, 96, 96, (1, 1), (1, 1))])  # the last: 20 chunks of tile rows
 def test_kernel_weight_gradient_matches_conv2d(n, c, k, h, w, padding, dilation):
     """The weight gradient through the transform: winograd_weight_gradient, then winograd_weight_backward."""
     x = torch.randn(n, c, h, w)
@@ -93,9 +94,12 @@ def test_kernel_weight_gradient_matches_conv2d(n, c, k, h, w, padding, dilation)
     y = F.conv2d(x.double(), weight, None, 1, padding, dilation)
     grad_y = torch.randn(y.shape)
     exact, = torch.autograd.grad(y, weight, grad_y.double())
-    got = winograd_weight_backward(torch.ops.fastbb_C.winograd_weight_gradient(x, grad_y, *padding, *dilation))
+    grad_u = torch.ops.fastbb_C.winograd_weight_gradient(x, grad_y, *padding, *dilation)
+    got = winograd_weight_backward(grad_u)
     assert got.shape == weight.shape
     torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
+    # the same bits again: the sums' order depends on the thread count only
+    assert torch.equal(torch.ops.fastbb_C.winograd_weight_gradient(x, grad_y, *padding, *dilation), grad_u)
 
 
 def test_weight_backward_is_the_adjoint_of_the_transform():

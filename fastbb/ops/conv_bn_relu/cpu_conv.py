@@ -46,11 +46,12 @@ _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.
 # Fewer channels make GEMMs too small to repay the transforms: oneDNN's direct conv is faster there.
 _WINOGRAD_MIN_CHANNELS = 64
 # Training convs run as Winograd convs from 256 channels in and out, where the 16 GEMMs of the forward,
-# input-gradient and weight-gradient passes together multiply 2^25 or more (out channels x in channels x
-# tiles) each. Measured on a 2-core AVX-512 CPU, forward and both gradients against oneDNN's conv and
-# backward: 1.15-1.25x at 256 channels over 2x32x32 (2^25) and 1.4x over 2x64x64; 1.2-1.3x at 512 channels
-# over 2x16x16 (2^25); about even at 256 channels over 4x16x16 (2^24); slower at 128 channels even over
-# 2x64x64 (2^25) and 4x32x32 (0.9x: the thinner GEMMs gain less than the transforms cost).
+# input-gradient and weight-gradient passes each multiply 2^25 or more (out channels x in channels x tiles).
+# Measured on a 2-core AVX-512 CPU (runs vary by 10-20% there), forward and both gradients against oneDNN's
+# conv and backward: 1.0-1.25x at 256 channels over 2x32x32 (2^25) and 1.4x over 2x64x64; 1.15-1.3x at 512
+# channels over 2x16x16 (2^25); 0.8-1.2x at 256 channels over 4x16x16 (2^24) and 0.7-1.1x over 2x16x16;
+# slower at 128 channels even over 2x64x64 (2^25) and 4x32x32 (0.9x: thinner GEMMs gain less than the
+# transforms cost).
 _WINOGRAD_TRAIN_MIN_CHANNELS = 256
 _WINOGRAD_TRAIN_MIN_WORK = 2 ** 25
 
