@@ -570,14 +570,19 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, default=128, help="square images of this many pixels")
     parser.add_argument("--steps", type=int, default=500, help="training steps")
     parser.add_argument("--batch-size", type=int, default=4, help="images per step, over all processes")
-    parser.add_argument("--lr", type=float, default=0.01, help="peak learning rate")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 for adamw, 0.01 "
+                                                                 "for sgd)")
     parser.add_argument("--warmup-steps", type=int, default=100, help="steps of linear learning-rate warm-up")
     parser.add_argument("--head-norm", default="none", choices=("none", "group"),
                         help="the head's norm: none (torchvision's RetinaNet v1) or GroupNorm (v2)")
     parser.add_argument("--head-init", default="torchvision", choices=("torchvision", "kaiming"),
                         help="the head's hidden convs: N(0, 0.01) as torchvision, or He's normal init")
-    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
+                        help="sgd with momentum 0.9 (torchvision's detection recipe), or adamw, which learns far "
+                             "more in the same steps but parts two identical models' loss curves by 1%% within "
+                             "16 steps (its steps of about lr for every weight, whatever the size of its gradient, "
+                             "amplify rounding differences)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="default: 0.05 for adamw, 1e-4 for sgd")
     parser.add_argument("--clip-grad-norm", type=float, default=10.0, help="0: no clipping")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed of both models")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the training images")
@@ -598,6 +603,10 @@ def parse_args(argv=None):
     parser.add_argument("--save-weights", default=None,
                         help="save the trained models' state_dicts ({name: state_dict}) to this file")
     args = parser.parse_args(argv)
+    if args.lr is None:
+        args.lr = 1e-3 if args.optimizer == "adamw" else 0.01
+    if args.weight_decay is None:
+        args.weight_decay = 0.05 if args.optimizer == "adamw" else 1e-4
     if args.steps < 1 or args.batch_size < 1 or args.image_size < 32:
         parser.error("--steps and --batch-size must be positive and --image-size at least 32")
     return args
