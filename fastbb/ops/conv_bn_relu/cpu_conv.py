@@ -119,7 +119,7 @@ def winograd_eval(x, weight, shift, residual, stride, padding, dilation, groups,
 
 class _WinogradTrainConv(torch.autograd.Function):
     """The training conv as a Winograd conv: forward; the input gradient (a 3x3 stride-1 conv of the output
-    gradient with the kernels transposed and turned, whose transform is a copy of the forward's); the weight
+    gradient with the kernels transposed and turned, transformed from the weight by the C++ kernel); the weight
     gradient through the transform (16 GEMMs over the tiles, then G^T grad_u G). With create_graph, the
     backward is ATen's differentiable one."""
 
