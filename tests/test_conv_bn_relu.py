@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
-
 import fastbb
 from fastbb import _backend
 from fastbb.nn.conv_bn_relu import ConvBNReLU2d, FrozenBatchNorm2d

@@ -152,11 +152,11 @@ at::Tensor weight_transform(const at::Tensor& weight, bool of_input_gradient) {
       for (int64_t i = 0; i < count; ++i) {
         const int64_t p = (first + i) / Q, q = (first + i) % Q;
         const float* g = wp + (of_input_gradient ? q * C + p : p * C + q) * 9;
-        const int turn = of_input_gradient ? 8 : 0;  // g[turn - index] reads the turned kernel
-        auto at = [&](int index) { return static_cast<double>(g[turn == 0 ? index : turn - index]); };
+        // g[8 - index] is the turned kernel's g[index]
+        auto tap = [&](int index) { return static_cast<double>(g[of_input_gradient ? 8 - index : index]); };
         double t[4][3];  // G g
         for (int j = 0; j < 3; ++j) {
-          const double g0 = at(j), g1 = at(3 + j), g2 = at(6 + j);
+          const double g0 = tap(j), g1 = tap(3 + j), g2 = tap(6 + j);
           t[0][j] = g0;
           t[1][j] = 0.5 * (g0 + g1 + g2);
           t[2][j] = 0.5 * (g0 - g1 + g2);

@@ -104,4 +104,3 @@ def layers_forward(layers: nn.Module, x: Tensor) -> Tensor:
     for layer in layers:
         x = layer_forward(layer, x)
     return x
-

@@ -93,4 +93,3 @@ def _retinanet_postprocess_padded_meta(cls_logits, bbox_regression, anchors, num
 # op's fixed-shape outputs do not bind, so the op's fake function stands in as its meta: only the exporter's
 # decomposition pass runs the decomposition.
 torch._decomp.meta_table[torch.ops.fastbb.retinanet_postprocess_padded.default] = _retinanet_postprocess_padded_meta
-

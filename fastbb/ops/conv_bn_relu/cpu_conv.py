@@ -85,6 +85,11 @@ def _winograd_output_size(x, padding, dilation):
     return [size + 2 * p - 2 * d for size, p, d in zip(x.shape[2:], padding, dilation)]
 
 
+def _winograd_tiles(x, padding, dilation):
+    """The number of 2x2 output tiles of a 3x3 stride-1 conv of x (about that number with dilation)."""
+    return x.shape[0] * math.prod((size + 1) // 2 for size in _winograd_output_size(x, padding, dilation))
+
+
 def _winograd_shape_applies(x, weight, residual, stride, padding, dilation, groups):
     """Whether the Winograd conv runs this float32 conv and pays: a 3x3 stride-1 conv of contiguous NCHW x
     with enough channels for the image's size."""
@@ -94,9 +99,8 @@ def _winograd_shape_applies(x, weight, residual, stride, padding, dilation, grou
     if (weight.shape[2] != 3 or weight.shape[3] != 3 or stride != (1, 1) or groups != 1
             or channels < _WINOGRAD_MIN_CHANNELS):
         return False
-    out_size = _winograd_output_size(x, padding, dilation)
-    tiles = x.shape[0] * ((out_size[0] + 1) // 2) * ((out_size[1] + 1) // 2)
-    if min(out_size) <= 0 or (channels < 2 * _WINOGRAD_MIN_CHANNELS and tiles < 1024):
+    if (min(_winograd_output_size(x, padding, dilation)) <= 0
+            or (channels < 2 * _WINOGRAD_MIN_CHANNELS and _winograd_tiles(x, padding, dilation) < 1024)):
         return False
     return x.is_contiguous() and x.numel() > 0 and (residual is None or residual.dtype == torch.float32)
 
@@ -160,11 +164,6 @@ def _float32_train_conv(x, bias):
     # torch.compile traces the plain conv instead (the C++ kernels have no fake functions here).
     return (x.dtype == torch.float32 and not torch.compiler.is_compiling() and x.numel() > 0
             and (bias is None or bias.dtype == torch.float32))
-
-
-def _winograd_tiles(x, padding, dilation):
-    """The number of 2x2 output tiles of a 3x3 stride-1 conv of x (about that number with dilation)."""
-    return x.shape[0] * math.prod((size + 1) // 2 for size in _winograd_output_size(x, padding, dilation))
 
 
 def winograd_train_applies(x, weight, bias, stride, padding, dilation, groups):
