@@ -322,3 +322,91 @@ def test_forward_hooks_run_as_in_torchvision():
     with torch.no_grad():
         assert_same_outputs(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     assert sorted(calls) == ["conv", "conv", "stack", "stack"]
+
+
+@pytest.mark.parametrize("shapes", [[(8, 8), (4, 4), (2, 2), (1, 1)], [(13, 21), (7, 11), (4, 6), (2, 3), (1, 2)],
+                                    [(5, 5), (3, 3), (2, 2), (1, 1), (1, 1)], [(3, 1), (3, 1), (1, 1)], [(2, 2)]])
+def test_canvas_corners_keep_a_zero_row_or_column_between_maps(shapes):
+    """Every map lies inside the canvas, the canvas is no larger than the maps need, and any two maps are
+    at least one row or one column apart (a 3x3 conv on the canvas reads no other map)."""
+    corners, (height, width) = conv_layers.canvas_corners(shapes)
+    boxes = [(top, left, top + h, left + w) for (top, left), (h, w) in zip(corners, shapes)]
+    assert all(top >= 0 and left >= 0 and bottom <= height and right <= width for top, left, bottom, right in boxes)
+    assert height == max(box[2] for box in boxes) and width == max(box[3] for box in boxes)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            row_gap = max(a[0] - b[2], b[0] - a[2])
+            column_gap = max(a[1] - b[3], b[1] - a[3])
+            assert max(row_gap, column_gap) >= 1, (a, b)
+
+
+def test_canvas_corners_refuse_a_map_larger_than_the_one_before():
+    assert conv_layers.canvas_corners([(4, 4), (8, 8)]) is None
+    assert conv_layers.canvas_corners([(4, 4), (2, 5)]) is None
+
+
+LEVELS_512 = [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]  # P3..P7 of a 128x128 image
+
+
+def test_training_runs_the_small_levels_on_one_canvas(monkeypatch):
+    """Under autograd the levels with fewer than 512 output positions over the batch (here 8x8 to 1x1 at
+    batch 4) share one train-table call per conv, the 16x16 level its own: 2 calls per conv, not 5. Outputs
+    and every gradient equal torchvision's to float32 rounding."""
+    chosen = record_choices(monkeypatch, TRAIN_CONV_TABLE)
+    ours, theirs = build_pair("v1")
+    x = features(LEVELS_512, batch=4)
+    inputs = {name: [f.clone().requires_grad_() for f in x] for name in ("ours", "theirs")}
+    got, want = ours(inputs["ours"]), theirs(inputs["theirs"])
+    assert len(chosen["conv_bn_relu.train_conv"]) == 2 * 5 * 2  # branches x convs x (16x16 alone, the canvas)
+    assert_same_outputs(got, want, rtol=1e-5, atol=1e-5)
+    weights = {key: torch.randn_like(value) for key, value in want.items()}
+    sum((got[k] * w).sum() for k, w in weights.items()).backward()
+    sum((want[k] * w).sum() for k, w in weights.items()).backward()
+    # sums over the levels in another order: float32 rounding, relative to the largest value
+    pairs = [(a.grad, b.grad) for a, b in zip(ours.parameters(), theirs.parameters())]
+    pairs += [(a.grad, b.grad) for a, b in zip(inputs["ours"], inputs["theirs"])]
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("levels", ["odd", "square", "canvas after a large level"])
+def test_float64_canvas_outputs_and_gradients_equal_each_level_alone(levels):
+    """levels_forward's canvas in float64 (the head runs it on float32 only): outputs and every gradient
+    equal the branch run on each level alone."""
+    shapes = LEVELS_512 if levels.startswith("canvas") else LEVELS[levels]
+    ours, _ = build_pair("v1")
+    branch = ours.double().classification_head
+    x = features(shapes, batch=4, dtype=torch.float64)
+    inputs = {name: [f.clone().requires_grad_() for f in x] for name in ("canvas", "alone")}
+    got = conv_layers.levels_forward(branch.conv, branch.cls_logits, inputs["canvas"])
+    want = [branch.cls_logits(branch.conv(f)) for f in inputs["alone"]]
+    grads = []
+    for outputs in (got, want):
+        branch.zero_grad()
+        sum((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+            for out in outputs).backward()
+        grads.append([p.grad.clone() for p in branch.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(inputs["canvas"], inputs["alone"]):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["v2 (GroupNorm)", "forward hook", "no autograd", "one small level"])
+def test_canvas_only_where_every_layer_computes_as_on_each_level(case, monkeypatch):
+    """A norm layer (its statistics are per level), a hook (it would see the canvas), inference and a single
+    small level run level by level."""
+    canvases = []
+    on_canvas = conv_layers._on_canvas
+    monkeypatch.setattr(conv_layers, "_on_canvas", lambda *args: canvases.append(1) or on_canvas(*args))
+    ours, theirs = build_pair("v2" if case.startswith("v2") else "v1")
+    if case == "forward hook":
+        ours.classification_head.conv[1][0].register_forward_hook(lambda module, args, out: None)
+    shapes = [(16, 16), (8, 8)] if case == "one small level" else LEVELS_512
+    x = features(shapes, batch=4)
+    with torch.set_grad_enabled(case != "no autograd"):
+        got, want = ours(x), theirs(x)
+    assert_same_outputs(got, want, rtol=1e-5, atol=1e-5)
+    assert len(canvases) == (1 if case == "forward hook" else 0)  # the regression branch still uses it

@@ -12,7 +12,9 @@ they run as the conv tables of fastbb.ops.conv_bn_relu choose:
   replaced. Levels under 8x8 run torchvision's convs (oneDNN's direct conv is 4x faster at 4x4).
   (fastbb.nn.conv_layers runs the layers; the FPN's output convs run the same way.)
 - under autograd (training): the training-conv table (the Winograd conv with both gradients on 256 channels from
-  2x32x32 outputs up, e.g. P3 and P4 at batch 2 at 512x512), then the layer's norm and ReLU modules.
+  2x32x32 outputs up, e.g. P3 and P4 at batch 2 at 512x512), then the layer's norm and ReLU modules; without a
+  norm (v1) the small levels (under 512 output positions over the batch) share one call per conv on one
+  zero-separated canvas (fastbb.nn.conv_layers.levels_forward), which saves oneDNN's fixed cost per call.
 Other dtypes and devices, autocast, torch.compile, torch.export and TorchScript / torch.fx tracing compute as
 torchvision's.
 """
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import retinanet as tv_retinanet
 
 from fastbb._tracing import not_scriptable
-from fastbb.nn.conv_layers import layer_forward, layers_forward, runs_fused_convs
+from fastbb.nn.conv_layers import levels_forward, runs_fused_convs
 
 __all__ = ["RetinaNetClassificationHead", "RetinaNetHead", "RetinaNetRegressionHead"]
 
@@ -41,12 +43,9 @@ def _branch_forward(stack: nn.Module, last: nn.Module, columns: int, features: l
     Returns:
         Tensor[N, sum(H * W * A), columns]: the levels' outputs in torchvision's (level, h, w, anchor) order.
     """
-    outputs = []
-    for x in features:
-        out = layer_forward(last, layers_forward(stack, x))
-        # (N, A * columns, H, W) -> (N, H * W * A, columns)
-        outputs.append(out.permute(0, 2, 3, 1).reshape(out.shape[0], -1, columns))
-    return torch.cat(outputs, dim=1)
+    # (N, A * columns, H, W) -> (N, H * W * A, columns)
+    return torch.cat([out.permute(0, 2, 3, 1).reshape(out.shape[0], -1, columns)
+                      for out in levels_forward(stack, last, features)], dim=1)
 
 
 @not_scriptable
