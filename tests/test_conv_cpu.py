@@ -1,5 +1,5 @@
-"""The CPU convs of conv_bn_relu beyond oneDNN: the Winograd F(2x2, 3x3) kernels against F.conv2d in float64
-(eval, and training with its input gradient), the 1x1 eval conv as a GEMM, and when conv_bn_relu uses each."""
+"""The CPU convs of conv_bn_relu beyond oneDNN: the Winograd F(2x2, 3x3) and F(4x4, 3x3) kernels against
+F.conv2d in float64 (eval, and training with both gradients), the 1x1 eval conv as a GEMM, and when conv_bn_relu uses each."""
 import contextlib
 import copy
 
@@ -132,6 +132,111 @@ def test_kernel_rejects_what_it_cannot_do():
         torch.ops.fastbb_C.winograd_conv2d(x, u, shift, torch.randn(1, 5, 7, 8), True, 1, 1, 1, 1)
     with pytest.raises(RuntimeError, match="output would be empty"):
         torch.ops.fastbb_C.winograd_conv2d(torch.randn(1, 4, 2, 2), u, shift, None, True, 0, 0, 1, 1)
+
+
+# F(4x4, 3x3)'s float32 error against float64, as a multiple of eager PyTorch's (a direct conv's): about 30x
+# (its transforms multiply by up to 8 and 1/24 and sum 6 terms twice); bound set over a seed sweep
+# (tests/seed_sweep.py) above the largest ratio seen.
+_F4_ERROR_FACTOR = 60.0
+
+_F4_SHAPES = [
+    (2, 3, 5, 7, 9, (1, 1)),      # odd sizes: the last tile row and column partly outside the output
+    (1, 3, 2, 9, 9, (0, 0)),      # no padding: the output shrinks by 2
+    (1, 2, 3, 12, 8, (2, 1)),     # padding differs between the dimensions
+    (1, 2, 2, 3, 3, (0, 0)),      # a 1x1 output
+    (3, 8, 8, 40, 40, (1, 1)),    # several images in a chunk
+    (2, 64, 64, 96, 96, (1, 1)),  # several chunks of tile rows
+]
+
+
+@pytest.mark.parametrize("n, c, k, h, w, padding", _F4_SHAPES)
+def test_f4_kernel_matches_conv2d(n, c, k, h, w, padding):
+    """F(4x4, 3x3) (36-plane u): conv + shift + residual + ReLU within _F4_ERROR_FACTOR times eager's error."""
+    x, weight, shift = torch.randn(n, c, h, w), torch.randn(k, c, 3, 3), torch.randn(k)
+    exact = F.conv2d(x.double(), weight.double(), shift.double(), 1, padding)
+    res = torch.randn(exact.shape)
+    exact = (exact + res.double()).relu()
+    eager = (F.conv2d(x, weight, shift, 1, padding) + res).relu()
+    u = winograd_weight(weight, 4)
+    assert u.shape == (36, k, c)
+    got = torch.ops.fastbb_C.winograd_conv2d(x, u, shift, res, True, *padding, 1, 1)
+    assert got.shape == exact.shape and got.is_contiguous()
+    assert_error_within(got, eager, exact, _F4_ERROR_FACTOR, slack=_SLACK, name="out")
+
+
+@pytest.mark.parametrize("n, c, k, h, w, padding", _F4_SHAPES)
+def test_f4_backward_matches_conv2d(n, c, k, h, w, padding):
+    """winograd_backward: the input gradient (grad_V = u^T grad_M mapped back onto the patches) and the weight's
+    (through winograd_weight_backward) within _F4_ERROR_FACTOR times eager's error; the input gradient also
+    through the conv of the output gradient (winograd_weight_of_input_gradient), and the weight gradient of
+    winograd_weight_gradient equal to winograd_backward's; the same bits again."""
+    x = torch.randn(n, c, h, w, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(k, c, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x, weight, None, 1, padding)
+    grad_y = torch.randn(y.shape)
+    exact = torch.autograd.grad(y, [x, weight], grad_y.double())
+    x32, w32 = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    eager = torch.autograd.grad(F.conv2d(x32, w32, None, 1, padding), [x32, w32], grad_y)
+    grad_x, grad_u = torch.ops.fastbb_C.winograd_backward(x32.detach(), grad_y, winograd_weight(w32.detach(), 4),
+                                                          *padding)
+    grad_w = winograd_weight_backward(grad_u)
+    assert grad_x.shape == x.shape and grad_w.shape == weight.shape
+    assert_error_within(grad_x, eager[0], exact[0], _F4_ERROR_FACTOR, slack=_SLACK, name="grad x")
+    assert_error_within(grad_w, eager[1], exact[1], _F4_ERROR_FACTOR, slack=_SLACK, name="grad weight")
+    back_padding = [2 - p for p in padding]
+    if min(back_padding) >= 0:
+        through_conv = torch.ops.fastbb_C.winograd_conv2d(grad_y, winograd_weight_of_input_gradient(w32.detach(), 4),
+                                                          None, None, False, *back_padding, 1, 1)
+        assert_error_within(through_conv, eager[0], exact[0], _F4_ERROR_FACTOR, slack=_SLACK, name="grad x by the conv")
+    assert torch.equal(torch.ops.fastbb_C.winograd_weight_gradient(x32.detach(), grad_y, *padding, 1, 1, 4), grad_u)
+    again = torch.ops.fastbb_C.winograd_backward(x32.detach(), grad_y, winograd_weight(w32.detach(), 4), *padding)
+    assert torch.equal(again[0], grad_x) and torch.equal(again[1], grad_u)
+
+
+def test_f4_weight_transforms_match_reference():
+    """u within one float32 rounding of the float64 einsum (both round a float64 sum once; the sums' order
+    differs); the backward transform is its adjoint."""
+    weight = torch.randn(7, 5, 3, 3)
+    want = winograd_weight_reference(weight, 4)
+    torch.testing.assert_close(winograd_weight(weight, 4), want, rtol=2.5e-7, atol=1e-7 * float(want.abs().max()))
+    flipped = winograd_weight_reference(weight.flip(2, 3).transpose(0, 1), 4)
+    torch.testing.assert_close(winograd_weight_of_input_gradient(weight, 4), flipped, rtol=2.5e-7,
+                               atol=1e-7 * float(flipped.abs().max()))
+    weight64 = weight.double().requires_grad_()
+    grad_u = torch.randn(36, 7, 5, dtype=torch.float64)
+    exact, = torch.autograd.grad(winograd_weight_reference(weight64, 4), weight64, grad_u)
+    torch.testing.assert_close(winograd_weight_backward(grad_u), exact)
+
+
+def test_f4_kernels_reject_what_they_cannot_do():
+    x, weight, grad_y = torch.randn(1, 4, 8, 8), torch.randn(5, 4, 3, 3), torch.randn(1, 5, 8, 8)
+    u = winograd_weight(weight, 4)
+    with pytest.raises(RuntimeError, match="tile must be 2 or 4"):
+        winograd_weight(weight, 3)
+    with pytest.raises(RuntimeError, match="dilation 1 only"):
+        torch.ops.fastbb_C.winograd_conv2d(x, u, None, None, False, 2, 2, 2, 2)
+    with pytest.raises(RuntimeError, match="dilation 1 only"):
+        torch.ops.fastbb_C.winograd_weight_gradient(x, torch.randn(1, 5, 8, 8), 2, 2, 2, 2, 4)
+    with pytest.raises(RuntimeError, match=r"u must be a contiguous \(36, K, C\)"):
+        torch.ops.fastbb_C.winograd_backward(x, grad_y, winograd_weight(weight), 1, 1)
+    with pytest.raises(RuntimeError, match="grad_y must be"):
+        torch.ops.fastbb_C.winograd_backward(x, grad_y[..., :7], u, 1, 1)
+
+
+@pytest.mark.parametrize("shape, padding, dilation, tile", [
+    ((4, 256, 16, 16), 1, 1, 4),     # 64 4x4 tiles: F(4x4)
+    ((2, 256, 16, 16), 1, 1, None),  # 32: oneDNN's conv
+    ((1, 512, 32, 32), 1, 1, 4),
+    ((1, 512, 28, 28), 1, 1, None),  # 49 tiles
+    ((1, 128, 64, 64), 1, 1, None),  # under 256 channels
+    ((1, 256, 48, 48), 2, 2, 2),     # dilated: F(2x2) from 2^25 multiplies per pass
+    ((1, 256, 40, 40), 2, 2, None),
+])
+def test_training_winograd_tile_rule(shape, padding, dilation, tile):
+    x, weight = torch.randn(shape), torch.randn(shape[1], shape[1], 3, 3)
+    assert cpu_conv._train_tile(x, weight, (padding, padding), (dilation, dilation)) == tile
+    assert cpu_conv.winograd_train_applies(x, weight, None, (1, 1), (padding, padding), (dilation, dilation),
+                                           1) == (tile is not None)
 
 
 def _bn(channels):
@@ -414,8 +519,8 @@ def test_frozen_bn_training_runs_the_training_convs(monkeypatch, kernel, backend
 def test_other_training_convs_do_not_run_winograd(winograd_train_calls, case):
     channels = 128 if case == "128 channels" else 256
     conv, bn = _train_modules(channels, channels, 1, 1, False)
-    # 256 x 256 x 506 tiles multiplies (under 2^25) for "few positions"; else 529 tiles (128 channels: 2116)
-    size = {"few positions": (44, 46), "128 channels": (92, 92)}.get(case, (46, 46))
+    # 49 4x4 tiles (under 64) for "few positions"; else 144 (128 channels: 529)
+    size = {"few positions": (28, 28), "128 channels": (92, 92)}.get(case, (48, 48))
     x = torch.randn(1, channels, *size)
     dtype = torch.float64 if case == "float64" else torch.float32
     conv, bn, x = conv.to(dtype), bn.to(dtype), x.to(dtype)

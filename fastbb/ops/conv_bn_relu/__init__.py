@@ -127,7 +127,8 @@ TRAIN_CONV_TABLE = _backend.OpTable("conv_bn_relu.train_conv", [
     _backend.Implementation("cpp", cpu_conv.winograd_train_conv, devices=("cpu",), kernel=cpu_conv.WINOGRAD_KERNEL,
                             applies=cpu_conv.winograd_train_applies,
                             what="the C++ Winograd conv, forward and both gradients (3x3 stride-1 float32 NCHW, "
-                                 "256+ channels, 2^25+ multiplies per pass)"),
+                                 "256+ channels: F(4x4, 3x3) over 64+ 4x4 tiles, dilated F(2x2, 3x3) at 2^25+ "
+                                 "multiplies per pass)"),
     _backend.Implementation("mkl", cpu_conv.pointwise_gemm_train_conv, devices=("cpu",),
                             applies=cpu_conv.pointwise_gemm_train_applies,
                             what="a 1x1 stride-1 float32 NCHW conv over 196+ pixels as one batched MKL GEMM, "
