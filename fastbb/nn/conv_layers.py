@@ -172,7 +172,7 @@ def _on_canvas(stack: nn.Module, last: nn.Module, features: list[Tensor]) -> lis
     on_maps = first.new_zeros(height, width)
     for x, (top, left) in zip(features, corners):
         canvas[:, :, top:top + x.shape[2], left:left + x.shape[3]] = x
-        on_maps[top:top + x.shape[2], left:left + x.shape[3]] = 1
+        on_maps[top:top + x.shape[2], left:left + x.shape[3]].fill_(1)
     for layer in stack:
         canvas = layer_forward(layer, canvas) * on_maps
     out = layer_forward(last, canvas)
