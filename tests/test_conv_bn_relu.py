@@ -368,7 +368,7 @@ def test_forced_backend_runs_what_it_says_in_training(monkeypatch, forced, kerne
     """Training: the conv stage and the fused BN (forward and backward) each run the forced backend where
     they have it and it applies, their reference elsewhere; the output and every gradient within twice
     eager's float32 error of the float64 run (4x for the 1x1 convs: see below)."""
-    channels = 256 if kernel == 3 else 8  # the training Winograd conv: 256+ channels, 2^25+ multiplies per pass
+    channels = 256 if kernel == 3 else 8  # the training Winograd conv: 256+ channels, 64+ 4x4 tiles
     conv, bn = _modules(c_in=channels, c_out=channels, kernel=kernel, dtype=torch.float32)
     x = torch.randn(1, channels, 64, 64)
     chosen = record_choices(monkeypatch, TRAIN_CONV_TABLE, FORWARD_TABLE, BACKWARD_TABLE)

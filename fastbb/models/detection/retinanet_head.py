@@ -11,8 +11,9 @@ they run as the conv tables of fastbb.ops.conv_bn_relu choose:
   against float64. Each conv's Winograd weight is made once and kept until the weight changes in place or is
   replaced. Levels under 8x8 run torchvision's convs (oneDNN's direct conv is 4x faster at 4x4).
   (fastbb.nn.conv_layers runs the layers; the FPN's output convs run the same way.)
-- under autograd (training): the training-conv table (the Winograd conv with both gradients on 256 channels from
-  2x32x32 outputs up, e.g. P3 and P4 at batch 2 at 512x512), then the layer's norm and ReLU modules; without a
+- under autograd (training): the training-conv table (the Winograd F(4x4, 3x3) conv with both gradients on 256
+  channels over 64+ 4x4 output tiles, e.g. 4x16x16, or P3 and P4 at batch 2 at 512x512), then the layer's norm
+  and ReLU modules; without a
   norm (v1) the small levels (under 512 output positions over the batch) share one call per conv on one
   zero-separated canvas (fastbb.nn.conv_layers.levels_forward), which saves oneDNN's fixed cost per call.
 Other dtypes and devices, autocast, torch.compile, torch.export and TorchScript / torch.fx tracing compute as

@@ -1,8 +1,9 @@
 """conv_bn_relu's CPU convs beside the plain F.conv2d, each with the predicate saying which calls it takes
 (its table's `applies`):
-- "cpp": the Winograd F(2x2, 3x3) conv (fastbb_C::winograd_*, csrc/winograd_conv2d/) for 3x3 stride-1
-  convs with enough channels: eval, with the shift, residual and ReLU in its output transform on a
-  weight transformed once per folded weight; and training, forward and both gradients.
+- "cpp": the Winograd convs (fastbb_C::winograd_*, csrc/winograd_conv2d/) for 3x3 stride-1 convs with
+  enough channels: eval, F(2x2, 3x3) with the shift, residual and ReLU in its output transform on a weight
+  transformed once per folded weight; and training, forward and both gradients, F(4x4, 3x3) (F(2x2, 3x3)
+  when dilated).
 - "mkl": a 1x1 stride-1 conv as MKL's GEMM per image (fastbb/ops/_pointwise_gemm.py), eval and training.
 - "onednn": the eval conv as oneDNN's conv with the ReLU (and a channels_last residual) as post-ops, on
   the folded weight packed once for the input's shape.
