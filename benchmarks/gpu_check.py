@@ -55,6 +55,7 @@ TEST_PLAN = [
     ("ResNet", "tests/test_resnet.py", 40, 0),
     ("ResNet", "tests/test_autocast_resnet.py", 45, 0),
     ("RetinaNet", "tests/test_retinanet.py", 30, 0),
+    ("RetinaNet", "tests/test_retinanet_loss.py", 20, 0),
 ]
 # All test files together get at most this share of the overall limit, so the benchmarks always run.
 TESTS_SHARE = 0.45

@@ -173,6 +173,24 @@ def test_match_anchors_mixed_and_16_bit_dtypes(backend):
             assert torch.equal(got[i], expected), (anchors_dtype, gt_dtype, i)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("allow_low_quality", (True, False))
+def test_cuda_match_anchors_is_torchvisions_matcher(dtype, allow_low_quality):
+    """Every CUDA backend (the Triton kernels) on a real device: the matches of torchvision's Matcher, ties and
+    IoUs of exactly 0.4 / 0.5 included (no fused multiply-add, correctly rounded division)."""
+    anchors = tv_anchors(4, dtype)[0]
+    counts = (7, 0, 1, 12)
+    boxes = tied_targets(counts, anchors, dtype)
+    gt, gt_counts = padded(boxes, num_gt=15)
+    for backend in backends("cuda"):
+        with fastbb.use_backend(backend):
+            got = fastbb.ops.match_anchors(anchors.cuda(), gt.cuda(), gt_counts.cuda(), 0.5, 0.4,
+                                           allow_low_quality).cpu()
+        for i in range(len(counts)):
+            assert torch.equal(got[i], torchvision_matches(anchors, boxes[i], 0.5, 0.4, allow_low_quality)), (backend, i)
+
+
 def test_match_anchors_empty_shapes():
     anchors = tv_anchors(1, torch.float32)[0]
     assert torch.equal(fastbb.ops.match_anchors(anchors, torch.zeros(3, 0, 4), torch.zeros(3, dtype=torch.int64)),

@@ -24,7 +24,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
 ]
 
-KERNEL_MODULES = ("nms", "focal_loss", "box_decode", "upsample_nearest_add", "fpn_merge", "bn_relu", "conv2d_epilogue")
+KERNEL_MODULES = ("nms", "focal_loss", "box_decode", "upsample_nearest_add", "fpn_merge", "bn_relu", "conv2d_epilogue",
+                  "match_anchors")
 
 
 def kernel_modules():
@@ -54,6 +55,7 @@ def run_every_launcher():
     from fastbb.ops.focal_loss import sigmoid_focal_loss
     from fastbb.ops.fpn_merge import fpn_merge
     from fastbb.ops.nms import nms_sorted_padded
+    from fastbb.ops.retinanet_loss import match_anchors
     from fastbb.ops.upsample_nearest_add import upsample_nearest_add
 
     with fastbb.use_backend("triton"):
@@ -65,6 +67,8 @@ def run_every_launcher():
         sigmoid_focal_loss(logits, (torch.rand(4, 3) < 0.3).float(), reduction="sum").backward()
 
         decode_boxes(torch.rand(6, 4) * 10 + torch.tensor([0.0, 0.0, 20.0, 20.0]), torch.randn(2, 6, 4))
+
+        match_anchors(boxes[0], boxes[:, :5], torch.tensor([5, 2]))  # the low-quality rule: both kernels
 
         top = torch.randn(2, 3, 4, 5, requires_grad=True)
         upsample_nearest_add(top, torch.randn(2, 3, 7, 9)).sum().backward()

@@ -55,8 +55,8 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from fastbb.kernels import (_common, bn_relu, box_decode, conv2d_epilogue, focal_loss, fpn_merge, nms,  # noqa: E402
-                            upsample_nearest_add)
+from fastbb.kernels import (_common, bn_relu, box_decode, conv2d_epilogue, focal_loss, fpn_merge,  # noqa: E402
+                            match_anchors, nms, upsample_nearest_add)
 
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
 # Shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin: A100 163 KiB, H100/H200
@@ -203,8 +203,20 @@ def _nms_cases():
     yield "reduce", False, lambda: nms.reduce_mask(meta((2, 1000, 16), torch.int64), meta((2,), torch.int64))
 
 
+def _match_anchors_cases():
+    # 16 images of a 1024x1024 batch (196,416 anchors each), 100 boxes per image; shared and per-image anchors.
+    for dtype in (torch.float32, torch.float64):
+        gt, counts = meta((16, 100, 4), dtype), meta((16,), torch.int64)
+        for per_image in (False, True):
+            anchors = meta((16 if per_image else 1, 196416, 4), dtype)
+            for low_quality in (True, False):
+                yield f"{SHORT[dtype]} {'per-image' if per_image else 'shared'} anchors low-quality {low_quality}", \
+                    False, lambda a=anchors, g=gt, c=counts, q=low_quality: match_anchors.match_anchors(
+                        a, g, c, 0.5, 0.4, q)
+
+
 CASES = [_upsample_nearest_add_cases, _fpn_merge_cases, _conv_cases, _bn_cases, _focal_loss_cases, _box_decode_cases,
-         _nms_cases]
+         _nms_cases, _match_anchors_cases]
 
 
 # ---------------------------------------------------------------------------------------------------

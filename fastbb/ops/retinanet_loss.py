@@ -4,9 +4,10 @@ the box regression loss, as torchvision's ``RetinaNet.compute_loss`` computes th
 - `match_anchors(anchors, gt_boxes, gt_counts, ...)`: torchvision's ``Matcher`` on ``box_iou(gt, anchors)``
   for every image of a padded batch, as one op. The IoU is computed with torchvision's operations in its
   order, so the values, the thresholds and the ties (the first gt of the maximum, as ``torch.max`` over the
-  gt dimension picks it) agree bit for bit. The compiled kernel never holds the (G, A) IoU matrix: a first
-  pass finds each gt's best IoU over the anchors, a second one each anchor's best gt, its thresholds and
-  whether it is the best anchor of some gt (the low-quality rule, which restores the anchor's own best gt).
+  gt dimension picks it) agree bit for bit. The compiled kernels (C++ on the CPU, Triton on the GPU) never
+  hold the (G, A) IoU matrix: a first pass finds each gt's best IoU over the anchors, a second one each
+  anchor's best gt, its thresholds and whether it is the best anchor of some gt (the low-quality rule, which
+  restores the anchor's own best gt).
 - `retinanet_loss(...)`: the two losses of ``RetinaNet.compute_loss`` from padded targets. No Python loop
   over images and nothing that waits for the device (no ``.item()``, no boolean indexing, no
   data-dependent shapes): foreground anchors are selected by masks and per-image weights, so a training step
@@ -104,7 +105,15 @@ def _compiled_applies(anchors, gt_boxes, *_):
     return gt_boxes.dtype in (torch.float32, torch.float64)
 
 
+def _triton_match(*args):
+    from fastbb.kernels import match_anchors
+    return match_anchors.match_anchors(*args)
+
+
 MATCH_TABLE = _backend.OpTable("match_anchors", [
+    _backend.Implementation("triton", _triton_match, devices=("cuda",), applies=_compiled_applies,
+                            what="two Triton launches over blocks of anchors (per-gt best IoU per block, then "
+                                 "per-anchor best gt), no IoU matrix kept"),
     _backend.Implementation("cpp", _compiled_match, devices=("cpu",), kernel="fastbb_C::match_anchors",
                             applies=_compiled_applies,
                             what="two C++ passes per image (per-gt best IoU, then per-anchor best gt), no IoU "
