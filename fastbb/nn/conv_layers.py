@@ -200,7 +200,9 @@ def levels_forward(stack: nn.Module, last: nn.Module, features: list[Tensor]) ->
     if needs_grad and _canvas_layer(stack) and _canvas_layer(last) and isinstance(stack, nn.Sequential):
         small = [i for i, x in enumerate(features)
                  if 0 < x.shape[0] * x.shape[2] * x.shape[3] < _CANVAS_MAX_POSITIONS and x.shape[1] > 0]
-        if (len(small) < 2 or any(features[i].shape[:2] != features[small[0]].shape[:2] for i in small)
+        first = features[small[0]] if small else None
+        if (len(small) < 2 or any(features[i].shape[:2] != first.shape[:2] or features[i].dtype != first.dtype
+                                  for i in small)
                 or canvas_corners([tuple(features[i].shape[-2:]) for i in small]) is None):
             small = []
     outputs = [None if i in small else layer_forward(last, layers_forward(stack, x)) for i, x in enumerate(features)]
