@@ -101,8 +101,24 @@ void input_transform_row(const float* plane, int64_t H, int64_t W, int64_t pad_h
   }
 }
 
-// The outputs of one (n, k, tile row): y = A^T m A per tile into two row buffers, then shift, residual and
-// ReLU row by row into out.
+// The epilogue of both tile sizes: rows_out output rows from the row buffers (width apart) into out
+// (out_row_stride apart), plus shift (and residual), then ReLU.
+FASTBB_AVX2_CLONES
+void write_output_rows(const float* rows, int64_t width, int64_t Wo, int64_t rows_out, float shift,
+                       const float* residual, int64_t out_row_stride, bool relu, float* out) {
+  for (int64_t a = 0; a < rows_out; ++a) {
+    const float* r = rows + a * width;
+    float* o = out + a * out_row_stride;
+    const float* res = residual == nullptr ? nullptr : residual + a * out_row_stride;
+    for (int64_t j = 0; j < Wo; ++j) {
+      float value = r[j] + shift;
+      if (res != nullptr) value += res[j];
+      o[j] = relu ? std::max(value, 0.0f) : value;
+    }
+  }
+}
+
+// The outputs of one (n, k, tile row): y = A^T m A per tile into two row buffers, then write_output_rows.
 FASTBB_AVX2_CLONES
 void output_transform_row(const float* m, int64_t stride_a, const int64_t* origins_x, int64_t TX, int64_t dw,
                           float* rows, int64_t width, int64_t Wo, int64_t rows_out, float shift,
@@ -123,16 +139,7 @@ void output_transform_row(const float* m, int64_t stride_a, const int64_t* origi
     r1[ox] = s[1][0] + s[1][1] + s[1][2];
     r1[ox + dw] = s[1][1] - s[1][2] - s[1][3];
   }
-  for (int64_t a = 0; a < rows_out; ++a) {
-    const float* r = rows + a * width;
-    float* o = out + a * out_row_stride;
-    const float* res = residual == nullptr ? nullptr : residual + a * out_row_stride;
-    for (int64_t j = 0; j < Wo; ++j) {
-      float value = r[j] + shift;
-      if (res != nullptr) value += res[j];
-      o[j] = relu ? std::max(value, 0.0f) : value;
-    }
-  }
+  write_output_rows(rows, width, Wo, rows_out, shift, residual, out_row_stride, relu, out);
 }
 
 // grad_M = A grad_y A^T of each tile of one (n, k, tile row), the adjoint of output_transform_row: the
@@ -234,8 +241,7 @@ void f4_input_transform_row(const float* plane, int64_t H, int64_t W, int64_t pa
   }
 }
 
-// The outputs of one (n, k, tile row): y = A^T m A per tile into four row buffers, then shift, residual and
-// ReLU row by row into out.
+// The outputs of one (n, k, tile row): y = A^T m A per tile into four row buffers, then write_output_rows.
 FASTBB_AVX2_CLONES
 void f4_output_transform_row(const float* m, int64_t stride_a, const int64_t* origins_x, int64_t TX, int64_t,
                              float* rows, int64_t width, int64_t Wo, int64_t rows_out, float shift,
@@ -252,16 +258,7 @@ void f4_output_transform_row(const float* m, int64_t stride_a, const int64_t* or
     const int64_t ox = origins_x[t];
     for (int i = 0; i < 4; ++i) f4_output_combine(s[i], rows + i * width + ox);
   }
-  for (int64_t a = 0; a < rows_out; ++a) {
-    const float* r = rows + a * width;
-    float* o = out + a * out_row_stride;
-    const float* res = residual == nullptr ? nullptr : residual + a * out_row_stride;
-    for (int64_t j = 0; j < Wo; ++j) {
-      float value = r[j] + shift;
-      if (res != nullptr) value += res[j];
-      o[j] = relu ? std::max(value, 0.0f) : value;
-    }
-  }
+  write_output_rows(rows, width, Wo, rows_out, shift, residual, out_row_stride, relu, out);
 }
 
 // grad_M = A grad_y A^T of each tile of one (n, k, tile row), the adjoint of f4_output_transform_row.

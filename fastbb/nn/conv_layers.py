@@ -162,11 +162,12 @@ def canvas_corners(shapes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]]
     return corners, size
 
 
-def _on_canvas(stack: nn.Module, last: nn.Module, features: list[Tensor]) -> list[Tensor]:
+def _on_canvas(stack: nn.Module, last: nn.Module, features: list[Tensor], layout) -> list[Tensor]:
     """last(stack(x)) for every x in features (same batch and channels, non-increasing sizes), each conv
-    once over one canvas holding them all: after every layer the gaps are zeroed again, so that every
-    conv reads zeros around each map, as its padding; the outputs are cut back out."""
-    corners, (height, width) = canvas_corners([tuple(f.shape[-2:]) for f in features])
+    once over one canvas holding them all, laid out as canvas_corners' layout says: after every layer the
+    gaps are zeroed again, so that every conv reads zeros around each map, as its padding; the outputs are
+    cut back out."""
+    corners, (height, width) = layout
     first = features[0]
     canvas = first.new_zeros(first.shape[0], first.shape[1], height, width)
     on_maps = first.new_zeros(height, width)
@@ -194,19 +195,20 @@ def levels_forward(stack: nn.Module, last: nn.Module, features: list[Tensor]) ->
     Returns:
         List[Tensor[N, C_out, H, W]]: last(stack(x)) of each level, in the levels' order.
     """
-    small = []
+    small, layout = [], None
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*features, *stack.parameters(), *last.parameters()))
     if needs_grad and _canvas_layer(stack) and _canvas_layer(last) and isinstance(stack, nn.Sequential):
         small = [i for i, x in enumerate(features)
                  if 0 < x.shape[0] * x.shape[2] * x.shape[3] < _CANVAS_MAX_POSITIONS and x.shape[1] > 0]
         first = features[small[0]] if small else None
-        if (len(small) < 2 or any(features[i].shape[:2] != first.shape[:2] or features[i].dtype != first.dtype
-                                  for i in small)
-                or canvas_corners([tuple(features[i].shape[-2:]) for i in small]) is None):
+        if len(small) >= 2 and all(features[i].shape[:2] == first.shape[:2] and features[i].dtype == first.dtype
+                                   for i in small):
+            layout = canvas_corners([tuple(features[i].shape[-2:]) for i in small])
+        if layout is None:
             small = []
     outputs = [None if i in small else layer_forward(last, layers_forward(stack, x)) for i, x in enumerate(features)]
     if small:
-        for i, out in zip(small, _on_canvas(stack, last, [features[i] for i in small])):
+        for i, out in zip(small, _on_canvas(stack, last, [features[i] for i in small], layout)):
             outputs[i] = out
     return outputs

@@ -143,7 +143,8 @@ class _WinogradTrainConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, padding, dilation, tile):
         u = winograd_weight(weight, tile)
-        ctx.save_for_backward(x, weight, u)
+        # F(4x4)'s backward maps the output gradient back through u itself; F(2x2)'s does not need it.
+        ctx.save_for_backward(x, weight, u if tile == 4 else None)
         ctx.padding, ctx.dilation, ctx.has_bias, ctx.tile = padding, dilation, bias is not None, tile
         return torch.ops.fastbb_C.winograd_conv2d(x, u, bias, None, False, *padding, *dilation)
 
