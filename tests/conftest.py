@@ -101,6 +101,14 @@ def assert_error_within(got, original, exact, factor=2.0, *, slack=0.0, name="")
                             f"{original_error:.3g} + slack")
 
 
+@pytest.fixture
+def without_openmmlab(monkeypatch):
+    """The OpenMMLab packages look not installed to fastbb's fallbacks (fastbb._fallback): a drop-in given a
+    valid option it cannot fuse then raises, naming the option, instead of building the original."""
+    import fastbb._fallback
+    monkeypatch.setattr(fastbb._fallback, "original_class", lambda path: None)
+
+
 def cache_torchvision_weights(monkeypatch, tmp_path, weights, model):
     """model's state_dict where torchvision's weights API finds `weights` (torch.hub's cache under a
     temporary $TORCH_HOME, under the URL's file name), so that nothing is downloaded."""

@@ -182,7 +182,7 @@ def test_delta_xywh_coder_attributes_and_build():
     assert isinstance(fastbb.build(dict(type="BoxCoder", weights=(1.0, 1.0, 1.0, 1.0))), BoxCoder)
 
 
-def test_delta_xywh_coder_errors():
+def test_delta_xywh_coder_errors(without_openmmlab):
     with pytest.raises(ValueError, match="HorizontalBoxes"):
         DeltaXYWHBBoxCoder(use_box_type=True)
     coder = DeltaXYWHBBoxCoder()

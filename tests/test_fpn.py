@@ -205,7 +205,7 @@ def test_mmdet_retinanet_fpn_equals_torchvision_p6p7():
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
-def test_mmdet_fpn_build_and_bad_config():
+def test_mmdet_fpn_build_and_bad_config(without_openmmlab):
     fpn = fastbb.build(dict(type="FPN", in_channels=[4, 8, 16], out_channels=8, num_outs=5))
     assert isinstance(fpn, FPN) and len(fpn(tuple(_features(channels=[4, 8, 16]).values()))) == 5
     with pytest.raises(ValueError, match="add_extra_convs"):

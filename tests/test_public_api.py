@@ -185,7 +185,7 @@ def test_feature_pyramid_network_block_accessors_are_torchvisions():
                                    theirs.get_result_from_layer_blocks(y, idx), rtol=0, atol=0)
 
 
-def test_focal_loss_refuses_probabilities():
+def test_focal_loss_refuses_probabilities(without_openmmlab):
     with pytest.raises(ValueError, match="activated=True"):
         fastbb.nn.FocalLoss(activated=True)
 
@@ -246,7 +246,7 @@ BAD_CALLS = [
 
 
 @pytest.mark.parametrize("source, name, error, call", BAD_CALLS, ids=[f"{b[0]}:{b[1]}" for b in BAD_CALLS])
-def test_errors_start_with_the_name_called(source, name, error, call):
+def test_errors_start_with_the_name_called(source, name, error, call, without_openmmlab):
     with pytest.raises(error, match=rf"^{re.escape(name)}: "):
         call()
 

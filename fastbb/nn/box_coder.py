@@ -5,6 +5,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fastbb._fallback import FallsBackToOriginal, NotFusedError
 from fastbb._registry import register
 from fastbb._tracing import fx_leaf, not_scriptable, traced
 from fastbb.ops._common import TypeAssertionError, ValueAssertionError
@@ -121,9 +122,10 @@ def _promote_deltas(bboxes: Tensor, pred_bboxes: Tensor) -> Tensor:
     return pred_bboxes
 
 
-@register("DeltaXYWHBBoxCoder")
+@register("DeltaXYWHBBoxCoder", scopes=("mmdet",))
 @not_scriptable
-class DeltaXYWHBBoxCoder:
+class DeltaXYWHBBoxCoder(metaclass=FallsBackToOriginal,
+                         original="mmdet.models.task_modules.coders.delta_xywh_bbox_coder.DeltaXYWHBBoxCoder"):
     """
     mmdet 3.x ``DeltaXYWHBBoxCoder``, decoding with the fused :func:`fastbb.ops.decode_boxes`: deltas
     (dx, dy, dw, dh) normalised by ``target_means`` / ``target_stds``, dw and dh clamped at
@@ -150,7 +152,7 @@ class DeltaXYWHBBoxCoder:
                  target_stds: Sequence[float] = (1., 1., 1., 1.), clip_border: bool = True,
                  add_ctr_clamp: bool = False, ctr_clamp: int = 32, use_box_type: bool = False) -> None:
         if use_box_type:
-            raise ValueError("fastbb.nn.DeltaXYWHBBoxCoder: use_box_type=True (HorizontalBoxes outputs) is not "
+            raise NotFusedError("fastbb.nn.DeltaXYWHBBoxCoder: use_box_type=True (HorizontalBoxes outputs) is not "
                              "supported; decode returns plain (..., 4) tensors")
         self.means = target_means
         self.stds = target_stds

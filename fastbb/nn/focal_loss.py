@@ -1,6 +1,7 @@
 """Focal loss modules with torchvision's and mmdet's interfaces, on the fused fastbb.ops focal loss."""
 from torch import Tensor, nn
 
+from fastbb._fallback import FallsBackToOriginal, NotFusedError
 from fastbb._registry import register
 from fastbb._tracing import fx_leaf, not_scriptable
 from fastbb.ops._common import ValueAssertionError
@@ -55,9 +56,9 @@ def _focal_loss(pred, target, weight, gamma, alpha, reduction, avg_factor):
                                       avg_factor, -100)
 
 
-@register("FocalLoss")
+@register("FocalLoss", scopes=("mmdet",))
 @not_scriptable
-class FocalLoss(nn.Module):
+class FocalLoss(nn.Module, metaclass=FallsBackToOriginal, original="mmdet.models.losses.focal_loss.FocalLoss"):
     """
     mmdet's ``FocalLoss`` (sigmoid form), on the fused focal loss.
 
@@ -75,11 +76,11 @@ class FocalLoss(nn.Module):
                  loss_weight: float = 1.0, activated: bool = False) -> None:
         super().__init__()
         if not use_sigmoid:
-            raise ValueError(f"{_FOCAL_LOSS}: use_sigmoid must be True (only the sigmoid focal loss exists, as in "
-                             f"mmdet)")
+            raise ValueAssertionError(f"{_FOCAL_LOSS}: use_sigmoid must be True (only the sigmoid focal loss "
+                                      f"exists, as in mmdet)")
         if activated:
-            raise ValueError(f"{_FOCAL_LOSS}: activated=True (probabilities as predictions) is not supported; "
-                             f"pass logits with activated=False")
+            raise NotFusedError(f"{_FOCAL_LOSS}: activated=True (probabilities as predictions) is not supported; "
+                                f"pass logits with activated=False")
         self.use_sigmoid = use_sigmoid
         self.gamma = gamma
         self.alpha = alpha

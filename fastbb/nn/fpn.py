@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastbb._fallback import FallsBackToOriginal, NotFusedError
 from fastbb._registry import register
 from fastbb._tracing import not_scriptable
 from fastbb.nn.conv_layers import layer_forward, runs_fused_convs
@@ -269,7 +270,8 @@ def _norm_module(norm_cfg, channels):
             raise ValueError("fastbb.nn.FPN: norm_cfg of type 'GN' needs num_groups")
         norm = nn.GroupNorm(num_channels=channels, **cfg)
     else:
-        raise ValueError(f"fastbb.nn.FPN: norm_cfg type {kind!r} is not supported; supported: {sorted(_NORM_NAMES)}")
+        raise NotFusedError(f"fastbb.nn.FPN: norm_cfg type {kind!r} is not supported; supported: "
+                            f"{sorted(_NORM_NAMES)}")
     for p in norm.parameters():
         p.requires_grad = requires_grad
     return norm
@@ -286,7 +288,7 @@ class ConvModule(nn.Module):
                  act_cfg=None):
         super().__init__()
         if conv_cfg is not None and dict(conv_cfg).get("type") not in ("Conv2d", "Conv"):
-            raise ValueError(f"fastbb.nn.FPN: conv_cfg {conv_cfg!r} is not supported; only None or type 'Conv2d'")
+            raise NotFusedError(f"fastbb.nn.FPN: conv_cfg {conv_cfg!r} is not supported; only None or type 'Conv2d'")
         self.norm_name = None
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=norm_cfg is None)
         if norm_cfg is not None:
@@ -297,7 +299,7 @@ class ConvModule(nn.Module):
             cfg = dict(act_cfg)
             kind = cfg.pop("type", None)
             if kind not in _ACTIVATIONS:
-                raise ValueError(f"fastbb.nn.FPN: act_cfg type {kind!r} is not supported; "
+                raise NotFusedError(f"fastbb.nn.FPN: act_cfg type {kind!r} is not supported; "
                                  f"supported: {sorted(_ACTIVATIONS)}")
             cfg.pop("inplace", None)  # mmdet's FPN builds its activations with inplace=False
             self.activate = _ACTIVATIONS[kind](**cfg)
@@ -315,9 +317,9 @@ class ConvModule(nn.Module):
         return x
 
 
-@register("FPN")
+@register("FPN", scopes=("mmdet",))
 @not_scriptable
-class FPN(nn.Module):
+class FPN(nn.Module, metaclass=FallsBackToOriginal, original="mmdet.models.necks.fpn.FPN"):
     """
     mmdet.models.necks.FPN with fused top-down merges: same arguments, state_dict keys and outputs (a
     tuple), the Feature Pyramid Network of `"Feature Pyramid Networks for Object Detection"
