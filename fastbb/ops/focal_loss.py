@@ -391,9 +391,13 @@ def sigmoid_focal_loss_labels(logits: torch.Tensor, labels: torch.Tensor, gamma:
                               ignore_index: int = -100) -> torch.Tensor:
     """
     Sigmoid focal loss of logits against class labels, as mmdet's ``FocalLoss`` computes it on labels, in
-    one pass. The arguments are those of ``mmcv.ops.sigmoid_focal_loss(input, target, gamma, alpha, weight,
-    reduction)`` in its order, then mmdet's ``avg_factor`` and ``ignore_index``; ``'mean'`` is mmdet's
-    (over every element), where mmcv's op divides the sum by the number of rows.
+    one pass. The arguments come in the order of ``mmcv.ops.sigmoid_focal_loss(input, target, gamma, alpha,
+    weight, reduction)``, then mmdet's ``avg_factor`` and ``ignore_index``, but the semantics are this
+    function's own, not mmcv's op's: ``'mean'`` averages over every element (mmcv's op divides the sum by the
+    number of rows), alpha < 0 turns the alpha weighting off (mmcv's op applies alpha as given), labels may
+    be -1 or ``ignore_index``, and a ``(C,)`` weight scales each class's column (mmcv's scales each row by
+    the weight of its label). ``fastbb.mm._ext`` provides mmcv's op with mmcv's semantics, on the same
+    kernels.
 
     Labels outside [-1, C] other than ``ignore_index`` raise on CPU; on CUDA that check would wait for the
     device, so it is not made and such labels count as background.
@@ -407,7 +411,8 @@ def sigmoid_focal_loss_labels(logits: torch.Tensor, labels: torch.Tensor, gamma:
         alpha (float): Weighting factor of the positive class in [0, 1], or a negative value for no
             weighting. Default: ``0.25``.
         weight (Tensor, optional): per anchor ``(...)`` or ``(..., 1)``, per class ``(C,)``, or any shape
-            broadcastable to logits; floating point.
+            broadcastable to logits; floating point. Where the per-anchor and per-class shapes coincide
+            (logits ``(C, C)``) it is per anchor.
         reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. ``'mean'`` averages over all ``(..., C)``
             elements, as torchvision does on the one-hot targets (the sum divided by ``avg_factor`` when
             given). Default: ``'mean'``.
