@@ -19,9 +19,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastbb  # noqa: E402
-from mm_support import install_stand_in_ext  # noqa: E402
+from mm_support import install_torchvision_ext  # noqa: E402
 
-install_stand_in_ext()
+install_torchvision_ext()
 
 # Tolerances by dtype, for comparing a kernel against its reference computed in the same dtype.
 TOLERANCES = {
