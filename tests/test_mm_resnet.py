@@ -1,8 +1,9 @@
-"""fastbb.models.MMResNet / ResNetV1c / ResNetV1d: mmdet / mmseg's ResNet backbones.
+"""fastbb.models.MMResNet / ResNetV1c / ResNetV1d (mmdet) and MMSegResNet (mmseg): the ResNet backbones.
 
 Checked against torchvision where the two coincide (mmdet's ResNet-50 is torchvision's without fc; mmseg's
 contract_dilation ResNet-50 is torchvision's replace_stride_with_dilation=[False, True, True]), and every
-variant against an unfused run of its own modules written as mmdet's forward.
+variant against an unfused run of its own modules written as mmdet's forward. The comparisons with the real
+OpenMMLab classes are in test_mm_real_resnet.py.
 """
 import copy
 
@@ -13,7 +14,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import fastbb
-from fastbb.models import MMResNet, ResNetV1c, ResNetV1d, resnet50
+from fastbb.models import MMResNet, MMSegResNet, MMSegResNetV1c, ResNetV1c, ResNetV1d, resnet50
 
 from conftest import assert_error_within, randomize_bn
 
@@ -73,7 +74,7 @@ def test_mmseg_contract_dilation_equals_torchvision_dilated_resnet50(mode):
     torchvision state_dict is torchvision's resnet50(replace_stride_with_dilation=[False, True, True])."""
     theirs = randomize_bn(torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True]))
     state = {k: v for k, v in theirs.state_dict().items() if not k.startswith("fc.")}
-    ours = MMResNet(depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True, norm_eval=False)
+    ours = MMSegResNet(depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True)
     ours.load_state_dict(state)
     dilated = resnet50(weights=theirs.state_dict(), replace_stride_with_dilation=[False, True, True])
     conv_dilations = [(n, m.dilation, m.stride) for n, m in ours.named_modules() if isinstance(m, nn.Conv2d)]
@@ -92,6 +93,7 @@ def test_mmseg_contract_dilation_equals_torchvision_dilated_resnet50(mode):
         assert torch.equal(g, s)  # the very same fused computation as fastbb's torchvision-style ResNet
 
 
+# (multi_grid and contract_dilation are mmseg's: MMSegResNet)
 VARIANTS = [
     dict(depth=18),
     dict(depth=18, dilations=(1, 1, 2, 2), strides=(1, 2, 1, 1)),
@@ -99,6 +101,7 @@ VARIANTS = [
     dict(depth=50, deep_stem=True, stem_channels=32, base_channels=16),
     dict(depth=50, deep_stem=True, avg_down=True, base_channels=16),
     dict(depth=50, base_channels=16, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), multi_grid=(1, 2, 4)),
+    dict(depth=50, base_channels=16, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True),
     dict(depth=34, num_stages=3, strides=(1, 2, 2), dilations=(1, 1, 1), out_indices=(2,), base_channels=16),
 ]
 
@@ -106,7 +109,8 @@ VARIANTS = [
 @pytest.mark.parametrize("kwargs", VARIANTS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_variants_match_their_unfused_modules(kwargs, mode):
-    model = randomize_bn(MMResNet(norm_eval=False, **kwargs)).double()
+    cls = MMSegResNet if "multi_grid" in kwargs or "contract_dilation" in kwargs else MMResNet
+    model = randomize_bn(cls(norm_eval=False, **kwargs)).double()
     reference = copy.deepcopy(model)
     model.train(mode == "train")
     reference.train(mode == "train")
@@ -139,13 +143,18 @@ def test_structure_follows_mmdet():
         assert isinstance(pool, nn.AvgPool2d) and pool.ceil_mode and not pool.count_include_pad
         assert pool.stride == (1 if i == 1 else 2) and conv.stride == (1, 1)
     assert "layer1.0.downsample.1.weight" in v1d.state_dict() and "layer1.0.downsample.2.running_var" in v1d.state_dict()
-    grid = MMResNet(depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True, multi_grid=(1, 2, 4))
+    grid = MMSegResNet(depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True,
+                       multi_grid=(1, 2, 4))
     assert [b.conv2.dilation[0] for b in grid.layer4] == [1, 2, 4]
     assert [b.conv2.dilation[0] for b in grid.layer3] == [1] + [2] * 5  # contracted first block
     basic = MMResNet(depth=18, dilations=(1, 1, 1, 2), strides=(1, 2, 2, 1))
     assert basic.layer4[1].conv1.dilation == (2, 2) and basic.layer4[1].conv2.dilation == (1, 1)
-    assert MMResNet(depth=50).layer1[0].bn3.weight.abs().sum() == 0  # zero_init_residual
-    assert MMResNet(depth=50, zero_init_residual=False).layer1[0].bn3.weight.abs().sum() > 0
+    # As mmdet, init_weights (which mmengine's runner calls) initialises: zero_init_residual zeroes the last BNs.
+    for zero_init_residual in (True, False):
+        model = MMResNet(depth=50, zero_init_residual=zero_init_residual)
+        assert model.layer1[0].bn3.weight.abs().sum() > 0
+        model.init_weights()
+        assert (model.layer1[0].bn3.weight.abs().sum() == 0) == zero_init_residual
     assert MMResNet(depth=101).feat_dim == 2048 and len(MMResNet(depth=152).layer3) == 36
 
 
@@ -183,41 +192,46 @@ def test_build_from_configs():
         (c5,) = backbone.eval()(torch.randn(1, 3, 64, 64))
     assert c5.shape == (1, 2048, 2, 2)
     v1c = fastbb.build(dict(type="ResNetV1c", depth=18, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1),
-                            norm_cfg=dict(type="SyncBN", requires_grad=True), norm_eval=False, contract_dilation=True))
-    assert isinstance(v1c, ResNetV1c) and isinstance(v1c.stem[1], nn.SyncBatchNorm)
+                            norm_cfg=dict(type="SyncBN", requires_grad=True), norm_eval=False, contract_dilation=True),
+                       scope="mmseg")
+    assert isinstance(v1c, MMSegResNetV1c) and isinstance(v1c.stem[1], nn.SyncBatchNorm)
+    assert isinstance(fastbb.build(dict(type="ResNetV1c", depth=18)), ResNetV1c)
     assert isinstance(fastbb.build(dict(type="ResNetV1d", depth=18)), ResNetV1d)
     frozen_bn = fastbb.build(dict(type="ResNet", depth=18, norm_cfg=dict(type="BN", requires_grad=False, eps=1e-3)))
     assert frozen_bn.bn1.eps == 1e-3 and not frozen_bn.bn1.weight.requires_grad
 
 
+@pytest.mark.filterwarnings("ignore:.*pretrained is deprecated")
 def test_pretrained_local_checkpoint(tmp_path):
+    """A checkpoint named by pretrained or init_cfg loads in init_weights (a classifier's keys ignored)."""
     source = randomize_bn(MMResNet(depth=18))
     path = tmp_path / "r18.pth"
     torch.save({"state_dict": {**source.state_dict(), "fc.weight": torch.zeros(2, 512)}}, path)
     for model in (MMResNet(depth=18, pretrained=str(path)),
                   MMResNet(depth=18, init_cfg=dict(type="Pretrained", checkpoint=str(path)))):
+        assert not torch.equal(model.state_dict()["conv1.weight"], source.state_dict()["conv1.weight"])
+        model.init_weights()
         for name, value in source.state_dict().items():
             assert torch.equal(model.state_dict()[name], value), name
-    with pytest.raises(ValueError, match="local file"):
-        MMResNet(depth=18, init_cfg=dict(type="Pretrained", checkpoint="torchvision://resnet18"))
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(depth=42), KeyError, "invalid depth 42"),
-    (dict(depth=50, num_stages=5, strides=(1,) * 5, dilations=(1,) * 5), ValueError, "num_stages"),
-    (dict(depth=50, strides=(1, 2, 2)), ValueError, "strides and dilations"),
-    (dict(depth=50, out_indices=(4,)), ValueError, "out_indices"),
-    (dict(depth=50, style="tf"), ValueError, "style"),
-    (dict(depth=50, norm_cfg=dict(type="GN", num_groups=32)), ValueError, "norm_cfg type 'GN'"),
-    (dict(depth=50, norm_cfg=dict(type="BN", foo=1)), ValueError, r"norm_cfg key\(s\) \['foo'\]"),
-    (dict(depth=50, conv_cfg=dict(type="ConvWS")), ValueError, "conv_cfg"),
-    (dict(depth=50, dcn=dict(type="DCNv2"), stage_with_dcn=(False, True, True, True)), ValueError, "dcn"),
-    (dict(depth=50, plugins=[dict(cfg=dict(type="ContextBlock"))]), ValueError, "plugins"),
-    (dict(depth=50, multi_grid=(1, 2)), ValueError, "multi_grid"),
+# (the options fastbb does not fuse, GN, dcn, plugins, other convs, build the original class: see
+# test_mm_real_resnet.py)
+@pytest.mark.parametrize("cls, kwargs, error, match", [
+    (MMResNet, dict(depth=42), KeyError, "invalid depth 42"),
+    (MMResNet, dict(depth=50, num_stages=5, strides=(1,) * 5, dilations=(1,) * 5), ValueError, "num_stages"),
+    (MMResNet, dict(depth=50, strides=(1, 2, 2)), ValueError, "strides and dilations"),
+    (MMResNet, dict(depth=50, out_indices=(4,)), ValueError, "out_indices"),
+    (MMResNet, dict(depth=50, style="tf"), ValueError, "style"),
+    (MMResNet, dict(depth=50, norm_cfg="BN"), TypeError, "norm_cfg must be a dict"),
+    (MMResNet, dict(depth=50, norm_cfg=dict(type="BN", foo=1)), TypeError, "norm_cfg .*'foo'"),
+    (MMResNet, dict(depth=50, conv_cfg="Conv2d"), TypeError, "conv_cfg must be a dict"),
+    (MMResNet, dict(depth=50, pretrained=3), TypeError, "pretrained must be a str or None"),
+    (MMSegResNet, dict(depth=50, multi_grid=(1, 2)), ValueError, "multi_grid"),
 ])
-def test_bad_configs_name_the_option(kwargs, error, match):
+def test_bad_configs_name_the_option(cls, kwargs, error, match):
     with pytest.raises(error, match=match):
-        MMResNet(**kwargs)
+        cls(**kwargs)
 
 
 def test_state_dict_mismatch_is_the_usual_error():
