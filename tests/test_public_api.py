@@ -154,8 +154,6 @@ MMDET_DIFFERENCES = {
     # mmdet's coders pass **kwargs to BaseBBoxCoder, which takes use_box_type and ignores the rest; fastbb
     # takes use_box_type alone, so that a misspelt config key raises (tests/test_registry.py).
     "DeltaXYWHBBoxCoder": ([("kwargs", REQUIRED)], [("use_box_type", False)]),
-    # mmseg's two options, in mmseg's place (mmseg's ResNet is mmdet's with these two before with_cp).
-    "ResNet": ([("with_cp", False)], [("multi_grid", None), ("contract_dilation", False), ("with_cp", False)]),
 }
 
 
@@ -239,9 +237,9 @@ BAD_CALLS = [
     ("models/resnet.py", "fastbb.models.ResNet", ValueError,
      lambda: fastbb.models.ResNet(fastbb.models.BasicBlock, [1, 1, 1, 1], replace_stride_with_dilation=[True])),
     ("models/resnet.py", "fastbb.models.BasicBlock", ValueError, lambda: fastbb.models.BasicBlock(4, 4, groups=2)),
-    ("models/mm_resnet.py", "fastbb.models.MMResNet", ValueError, lambda: fastbb.models.MMResNet(18, style="tf")),
-    ("models/mm_resnet.py", "fastbb.models.ResNetV1d", ValueError,
-     lambda: fastbb.models.ResNetV1d(depth=18, norm_cfg=dict(type="GN"))),
+    ("models/mm_resnet.py", "fastbb.models.MMResNet", ValueError, lambda: fastbb.models.MMResNet(50, style="tf")),
+    ("models/mm_resnet.py", "fastbb.models.ResNetV1d", TypeError,
+     lambda: fastbb.models.ResNetV1d(depth=18, norm_cfg="BN")),
 ]
 
 
@@ -326,7 +324,7 @@ MMDET_BAD_CALLS = {
                           ValueError, "num_stages"),
     "ResNet strides": (lambda: fastbb.models.MMResNet(50, strides=(1, 2, 2)), ValueError, "strides"),
     "ResNet out_indices": (lambda: fastbb.models.MMResNet(50, out_indices=(4,)), ValueError, "out_indices"),
-    "ResNet style": (lambda: fastbb.models.MMResNet(18, style="tf"), ValueError, "style"),
+    "ResNet style": (lambda: fastbb.models.MMResNet(50, style="tf"), ValueError, "style"),
     "coder per-image max_shape vs batch": (
         lambda: fastbb.nn.DeltaXYWHBBoxCoder().decode(_ROIS[None], _DELTAS[None], max_shape=[(8, 8), (8, 8)]),
         ValueError, "max_shape"),

@@ -25,7 +25,6 @@ an mmpretrain block activation other than ReLU) builds the package's original cl
 a warning; only where that package is not installed does it raise, naming the option.
 """
 import copy
-import importlib
 import importlib.util
 import inspect
 import math
@@ -38,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import checkpoint
 
+from fastbb._fallback import NotFusedError, original_class
 from fastbb._registry import register
 from fastbb._tracing import not_scriptable
 from fastbb.models.resnet import _basic_block_forward, _bottleneck_forward, _shortcut
@@ -131,7 +131,9 @@ def _conv(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=
 class _FallsBack:
     """Construction of a fastbb class with an option fastbb does not fuse builds the package's original class
     instead (``__new__`` returns it, so the fastbb ``__init__`` does not run); fastbb.build and mmengine's
-    Registry.build both get it. Subclasses set ``_original`` (module, class name), optionally
+    Registry.build both get it. Deciding before anything is built (rather than catching fastbb._fallback's
+    NotFusedError from ``__init__``) draws no random numbers, so the same seed gives the original's weights,
+    and lets mmdet's ResNetV1c, which mmdet lacks, build mmdet's ResNet with the deep stem. Subclasses set ``_original`` (module, class name), optionally
     ``_original_args`` (arguments added for the original, where it is a more general class), ``_variant``
     (the arguments a ResNetV1c / V1d fixes) and ``_unfused(arguments)`` (the option, or None)."""
 
@@ -175,14 +177,10 @@ class _FallsBack:
         module_name, class_name = cls._original
         package = module_name.split(".")[0]
         name = cls._public_name()
-        if not _installed(package):
-            raise ValueError(f"{name}: {option} is not fused by fastbb, and {package}, whose {class_name} would run "
-                             f"it unfused, is not installed")
-        try:
-            original = getattr(importlib.import_module(module_name), class_name)
-        except ImportError as error:
-            raise ValueError(f"{name}: {option} is not fused by fastbb, and importing {package}'s {class_name} to "
-                             f"run it unfused failed: {error}") from error
+        original = original_class(f"{module_name}.{class_name}")
+        if original is None:
+            raise NotFusedError(f"{name}: {option} is not fused by fastbb, and {package}, whose {class_name} would "
+                                f"run it unfused, is not installed")
         warnings.warn(f"{name}: {option} is not fused by fastbb; building {package}'s original {class_name}, which "
                       f"runs unfused", stacklevel=3)
         return original(*args, **kwargs, **cls._original_args)
