@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastbb._registry import build, register, registered
-from fastbb.models.mm_resnet import _load_local_checkpoint
+from fastbb.models.mm_resnet import _init_cfgs, _is_pretrained, _load_local_checkpoint
 from fastbb.ops._common import ValueAssertionError
 
 SCOPE = "mmpretrain"
@@ -86,16 +86,6 @@ def _weight_init():
         return importlib.import_module("mmengine.model.weight_init")
     except ImportError:
         return None
-
-
-def _init_cfgs(init_cfg):
-    if not init_cfg:
-        return []
-    return [init_cfg] if isinstance(init_cfg, dict) else list(init_cfg)
-
-
-def _is_pretrained(cfg):
-    return isinstance(cfg, dict) and cfg.get("type") == "Pretrained"
 
 
 def _native_normal(cfg):
