@@ -128,6 +128,21 @@ def test_variants_match_their_unfused_modules(kwargs, mode):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)  # running statistics moved alike
 
 
+@pytest.mark.parametrize("training, grad", [(True, True), (True, False), (False, True), (False, False)])
+def test_training_runs_channels_last_inside(training, grad):
+    """A training forward with autograd of NCHW float32 images on the CPU runs channels_last inside
+    (fastbb.models.resnet.runs_channels_last), and every output comes back contiguous as x; the other modes
+    keep x's layout throughout. The values are tested against the real classes (test_mm_real_resnet.py)."""
+    model = MMResNet(18).train(training)
+    layouts = []
+    model.layer1.register_forward_hook(lambda module, inputs, output: layouts.append(
+        output.is_contiguous(memory_format=torch.channels_last) and not output.is_contiguous()))
+    with torch.set_grad_enabled(grad):
+        outs = model(torch.randn(2, 3, 32, 32))
+    assert layouts == [training and grad]
+    assert len(outs) == 4 and all(out.is_contiguous() for out in outs)
+
+
 def test_structure_follows_mmdet():
     caffe = MMResNet(depth=50, style="caffe")
     assert caffe.layer2[0].conv1.stride == (2, 2) and caffe.layer2[0].conv2.stride == (1, 1)

@@ -157,7 +157,7 @@ def _unfused_calls(module, graph, fused):
     return found
 
 
-def _assert_same(got, expected):
+def _assert_same(got, expected, rtol=1e-5):
     """The same computation up to float32 rounding: the eager call may run a fused kernel where the traced
     or exported one runs the op's plain-PyTorch path (its error is bounded against the original in the
     op's own tests)."""
@@ -168,7 +168,13 @@ def _assert_same(got, expected):
     assert got_structure == expected_structure
     for a, b in zip(got_leaves, expected_leaves):
         assert a.shape == b.shape and a.dtype == b.dtype
-        assert error_norm(a, b) <= 1e-5 * float(b.double().norm()), error_norm(a, b)
+        assert error_norm(a, b) <= rtol * float(b.double().norm()), error_norm(a, b)
+
+
+# A ResNet's eager training forward runs channels_last inside (fastbb.models.resnet.runs_channels_last), its
+# traced or exported graph the caller's NCHW: oneDNN's convs round differently in the two layouts (the
+# mmdet-style ResNets here: 1.2e-5 to 1.6e-5 of the output's norm).
+TRAIN_RTOL = 1e-4
 
 
 def _assert_same_state(module, expected):
@@ -214,7 +220,7 @@ def test_fx_trace_in_training_mode(name):
     assert fused <= _fastbb_calls(traced.graph)
     for _ in range(2):
         inputs = make_inputs()
-        _assert_same(traced(*inputs), eager(*inputs))
+        _assert_same(traced(*inputs), eager(*inputs), TRAIN_RTOL)
     _assert_same_state(module, eager)
     assert all(bn.num_batches_tracked.item() == 2 for bn in module.modules() if isinstance(bn, nn.BatchNorm2d))
 
@@ -452,5 +458,5 @@ def test_export_train(name):
     exported = torch.export.export(module, inputs)
     assert "bn_relu_train" in _custom_ops(exported) or name == "FPN-norm"
     program = exported.module()
-    _assert_same(program(*inputs), eager(*inputs))
+    _assert_same(program(*inputs), eager(*inputs), TRAIN_RTOL)
     _assert_same_state(program, eager)

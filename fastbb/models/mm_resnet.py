@@ -40,7 +40,7 @@ from torch.utils import checkpoint
 from fastbb._fallback import NotFusedError, original_class
 from fastbb._registry import register
 from fastbb._tracing import not_scriptable
-from fastbb.models.resnet import _basic_block_forward, _bottleneck_forward, _shortcut
+from fastbb.models.resnet import _basic_block_forward, _bottleneck_forward, _shortcut, runs_channels_last
 from fastbb.nn.conv_bn_relu import _fused_conv_bn
 from fastbb.ops._common import ValueAssertionError
 
@@ -885,8 +885,15 @@ class _ResNetBackbone(_FallsBack, nn.Module):
             x (Tensor[N, C, H, W]): the images.
 
         Returns:
-            Tuple[Tensor]: the outputs of the stages in ``out_indices``, in stage order.
+            Tuple[Tensor]: the outputs of the stages in ``out_indices``, in stage order, in x's layout.
         """
+        if self.training and runs_channels_last(self, x):
+            # Training runs channels_last inside (see runs_channels_last); the outputs come back as the
+            # caller laid x out.
+            return tuple(out.contiguous() for out in self._forward(x.contiguous(memory_format=torch.channels_last)))
+        return self._forward(x)
+
+    def _forward(self, x):
         if self.deep_stem:
             for conv, bn in self._stem_pairs():
                 x = _fused_conv_bn(conv, bn, x)
