@@ -517,7 +517,7 @@ def test_unfused_options_build_the_original(package, name, args, option):
     torch.manual_seed(0)
     real = _real(package, name, **args)
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match=rf"{option}.* is not fused by fastbb; building {package}'s original"):
+    with pytest.warns(UserWarning, match=rf"{option}.* is not fused by fastbb; built {package}\.models\.backbones\.resnet\."):
         model = _ours(package, name, **args)
     assert type(model) is type(real)
     assert getattr(model, "deep_stem", False) == (name != "ResNet")

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import checkpoint
 
-from fastbb._fallback import NotFusedError, original_class
+from fastbb._fallback import FallsBackBeforeInit
 from fastbb._registry import register
 from fastbb._tracing import not_scriptable
 from fastbb.models.resnet import _basic_block_forward, _bottleneck_forward, _shortcut, runs_channels_last
@@ -128,69 +128,11 @@ def _conv(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=
                      bias=False)
 
 
-class _FallsBack:
-    """Construction of a fastbb class with an option fastbb does not fuse builds the package's original class
-    instead (``__new__`` returns it, so the fastbb ``__init__`` does not run); fastbb.build and mmengine's
-    Registry.build both get it. Deciding before anything is built (rather than catching fastbb._fallback's
-    NotFusedError from ``__init__``) draws no random numbers, so the same seed gives the original's weights,
-    and lets mmdet's ResNetV1c, which mmdet lacks, build mmdet's ResNet with the deep stem. Subclasses set ``_original`` (module, class name), optionally
-    ``_original_args`` (arguments added for the original, where it is a more general class), ``_variant``
-    (the arguments a ResNetV1c / V1d fixes) and ``_unfused(arguments)`` (the option, or None)."""
-
-    _original: tuple[str, str]
-    _original_args: dict = {}
-    _variant: dict = {}
-    _signature: inspect.Signature | None = None
-    _public_module = "fastbb.models"
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        init = vars(cls).get("__init__")
-        if init is not None:
-            parameters = inspect.signature(init).parameters.values()
-            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-                cls._signature = inspect.signature(init)  # the full signature a V1c / V1d subclass binds to
-
-    def __new__(cls, *args, **kwargs):
-        # copy.deepcopy and pickle call __new__ without arguments, to fill the object in themselves.
-        if args or kwargs:
-            option = cls._option_of(args, kwargs)
-            if option is not None:
-                return cls._build_original(option, args, kwargs)
-        return super().__new__(cls)
-
-    @classmethod
-    def _option_of(cls, args, kwargs):
-        try:
-            bound = cls._signature.bind(None, *args, **kwargs, **cls._variant)
-        except TypeError:
-            return None  # the constructor raises the TypeError itself
-        bound.apply_defaults()
-        return cls._unfused(bound.arguments)
-
-    @classmethod
-    def _public_name(cls):
-        return f"{cls._public_module}.{cls.__name__}"
-
-    @classmethod
-    def _build_original(cls, option, args, kwargs):
-        module_name, class_name = cls._original
-        package = module_name.split(".")[0]
-        name = cls._public_name()
-        original = original_class(f"{module_name}.{class_name}")
-        if original is None:
-            raise NotFusedError(f"{name}: {option} is not fused by fastbb, and {package}, whose {class_name} would "
-                                f"run it unfused, is not installed")
-        warnings.warn(f"{name}: {option} is not fused by fastbb; building {package}'s original {class_name}, which "
-                      f"runs unfused", stacklevel=3)
-        return original(*args, **kwargs, **cls._original_args)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Blocks
 
 @not_scriptable
-class _Block(_FallsBack, nn.Module):
+class _Block(FallsBackBeforeInit, nn.Module):
     """What every fused block shares: mmdet's checkpointing (with_cp: the block recomputed in backward
     instead of keeping its activations) and the norm accessors. The recomputation runs the whole block
     (early_stop=False), so that a training-mode BN updates its running statistics a second time, every one of
@@ -260,7 +202,7 @@ class MMBasicBlock(_MMDetBlock):
 
     Other norms, convs, dcn and plugins build mmdet's BasicBlock (see the module docstring).
     """
-    _original = ("mmdet.models.backbones.resnet", "BasicBlock")
+    _original = "mmdet.models.backbones.resnet.BasicBlock"
     expansion: int = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
@@ -304,7 +246,7 @@ class MMBottleneck(_MMDetBlock):
         plugins (list[dict], optional): None (plugins build mmdet's Bottleneck). Default: None.
         init_cfg (dict, optional): kept as ``init_cfg``, as mmengine's BaseModule does. Default: None.
     """
-    _original = ("mmdet.models.backbones.resnet", "Bottleneck")
+    _original = "mmdet.models.backbones.resnet.Bottleneck"
     expansion: int = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
@@ -433,7 +375,7 @@ class MMPretrainBasicBlock(_MMPretrainBlock):
         act_cfg (dict): the activation: type 'ReLU'. Default: dict(type='ReLU', inplace=True).
         init_cfg (dict, optional): kept as ``init_cfg``, as mmengine's BaseModule does. Default: None.
     """
-    _original = ("mmpretrain.models.backbones.resnet", "BasicBlock")
+    _original = "mmpretrain.models.backbones.resnet.BasicBlock"
 
     def __init__(self, in_channels: int, out_channels: int, expansion: int = 1, stride: int = 1, dilation: int = 1,
                  downsample: nn.Module | None = None, style: str = "pytorch", with_cp: bool = False,
@@ -479,7 +421,7 @@ class MMPretrainBottleneck(_MMPretrainBlock):
         drop_path_rate (float): the stochastic depth rate of the residual branch. Default: 0.0.
         init_cfg (dict, optional): kept as ``init_cfg``, as mmengine's BaseModule does. Default: None.
     """
-    _original = ("mmpretrain.models.backbones.resnet", "Bottleneck")
+    _original = "mmpretrain.models.backbones.resnet.Bottleneck"
 
     def __init__(self, in_channels: int, out_channels: int, expansion: int = 4, stride: int = 1, dilation: int = 1,
                  downsample: nn.Module | None = None, style: str = "pytorch", with_cp: bool = False,
@@ -735,7 +677,7 @@ def _backbone_doc(package, **fields):
 
 
 @not_scriptable
-class _ResNetBackbone(_FallsBack, nn.Module):
+class _ResNetBackbone(FallsBackBeforeInit, nn.Module):
     """What the three packages' ResNets share: the stem, freezing, norm_eval, init_weights and the forward.
     Subclasses build the stages (_setup)."""
 
@@ -1011,7 +953,7 @@ class MMResNet(_MMDetStyleResNet):
     ``forward(x)`` returns the tuple of the ``out_indices`` stage outputs.
 """ + _backbone_doc("mmdet")
     _package = "mmdet"
-    _original = ("mmdet.models.backbones.resnet", "ResNet")
+    _original = "mmdet.models.backbones.resnet.ResNet"
 
     def __init__(self, depth: int, in_channels: int = 3, stem_channels: int | None = None, base_channels: int = 64,
                  num_stages: int = 4, strides: Sequence[int] = (1, 2, 2, 2), dilations: Sequence[int] = (1, 1, 1, 1),
@@ -1054,7 +996,7 @@ class ResNetV1d(MMResNet):
     Args:
         **kwargs: :class:`MMResNet`'s arguments other than ``deep_stem`` and ``avg_down``.
     """
-    _original = ("mmdet.models.backbones.resnet", "ResNetV1d")
+    _original = "mmdet.models.backbones.resnet.ResNetV1d"
     _variant = dict(deep_stem=True, avg_down=True)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -1069,7 +1011,7 @@ class MMSegResNet(_MMDetStyleResNet):
     ``forward(x)`` returns the tuple of the ``out_indices`` stage outputs.
 """ + _backbone_doc("mmseg")
     _package = "mmseg"
-    _original = ("mmseg.models.backbones.resnet", "ResNet")
+    _original = "mmseg.models.backbones.resnet.ResNet"
 
     def __init__(self, depth: int, in_channels: int = 3, stem_channels: int = 64, base_channels: int = 64,
                  num_stages: int = 4, strides: Sequence[int] = (1, 2, 2, 2), dilations: Sequence[int] = (1, 1, 1, 1),
@@ -1096,7 +1038,7 @@ class MMSegResNetV1c(MMSegResNet):
     Args:
         **kwargs: :class:`MMSegResNet`'s arguments other than ``deep_stem`` and ``avg_down``.
     """
-    _original = ("mmseg.models.backbones.resnet", "ResNetV1c")
+    _original = "mmseg.models.backbones.resnet.ResNetV1c"
     _variant = dict(deep_stem=True, avg_down=False)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -1111,7 +1053,7 @@ class MMSegResNetV1d(MMSegResNet):
     Args:
         **kwargs: :class:`MMSegResNet`'s arguments other than ``deep_stem`` and ``avg_down``.
     """
-    _original = ("mmseg.models.backbones.resnet", "ResNetV1d")
+    _original = "mmseg.models.backbones.resnet.ResNetV1d"
     _variant = dict(deep_stem=True, avg_down=True)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -1131,7 +1073,7 @@ class MMPretrainResNet(_ResNetBackbone):
     ``forward(x)`` returns the tuple of the ``out_indices`` stage outputs.
 """ + _backbone_doc("mmpretrain")
     _package = "mmpretrain"
-    _original = ("mmpretrain.models.backbones.resnet", "ResNet")
+    _original = "mmpretrain.models.backbones.resnet.ResNet"
     arch_settings = {
         18: (MMPretrainBasicBlock, (2, 2, 2, 2)),
         34: (MMPretrainBasicBlock, (3, 4, 6, 3)),
@@ -1264,7 +1206,7 @@ class MMPretrainResNetV1c(MMPretrainResNet):
     Args:
         **kwargs: :class:`MMPretrainResNet`'s arguments other than ``deep_stem`` and ``avg_down``.
     """
-    _original = ("mmpretrain.models.backbones.resnet", "ResNetV1c")
+    _original = "mmpretrain.models.backbones.resnet.ResNetV1c"
     _variant = dict(deep_stem=True, avg_down=False)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -1280,7 +1222,7 @@ class MMPretrainResNetV1d(MMPretrainResNet):
     Args:
         **kwargs: :class:`MMPretrainResNet`'s arguments other than ``deep_stem`` and ``avg_down``.
     """
-    _original = ("mmpretrain.models.backbones.resnet", "ResNetV1d")
+    _original = "mmpretrain.models.backbones.resnet.ResNetV1d"
     _variant = dict(deep_stem=True, avg_down=True)
 
     def __init__(self, **kwargs: Any) -> None:
