@@ -26,7 +26,6 @@ a warning; only where that package is not installed does it raise, naming the op
 """
 import copy
 import importlib.util
-import inspect
 import math
 import os
 import warnings
